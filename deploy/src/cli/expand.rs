@@ -1,0 +1,126 @@
+//! `gridq expand`: print the jobs a sweep file expands to.
+
+use std::io::{self, BufWriter, Write};
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use gridq_master::sweep::{self, Job, LoadOptions, Sweep, SweepError};
+
+use super::Failure;
+
+#[derive(Debug, Args)]
+pub(crate) struct ExpandArgs {
+    /// The sweep file (gridq format, or a bare mlframework parameters.yml).
+    sweep: PathBuf,
+    /// The command to run; required for bare parameters files, overrides the file's `command`.
+    #[arg(long, short = 'c')]
+    command: Option<String>,
+    /// Output format.
+    #[arg(long, short = 'f', value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Produce only the first N jobs.
+    #[arg(long, short = 'n', value_name = "N")]
+    limit: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// One line per job: the id, then the argv quoted for a shell. The count goes to stderr.
+    Text,
+    /// One JSON object per line: {"id", "index", "params", "argv"}.
+    Json,
+    /// The number of jobs alone; expands nothing, so it works above max_jobs.
+    Count,
+}
+
+pub(crate) fn run(args: &ExpandArgs) -> Result<(), Failure> {
+    let options = LoadOptions {
+        command: args.command.clone(),
+    };
+    let loaded = sweep::load_path(&args.sweep, &options).map_err(usage)?;
+    for warning in &loaded.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let sweep = &loaded.sweep;
+    if args.format == Format::Count {
+        let count = sweep.count();
+        if count.upper_bound {
+            eprintln!(
+                "warning: {}: this sweep can render duplicate combinations and is too large to expand for an exact count; {} is an upper bound",
+                sweep.source(),
+                count.jobs
+            );
+        }
+        return write_ignoring_broken_pipe(|out| writeln!(out, "{}", count.jobs));
+    }
+    let mut jobs = sweep.expand().map_err(usage)?;
+    let limit = args.limit.unwrap_or(u64::MAX);
+    let mut produced = 0u64;
+    write_ignoring_broken_pipe(|out| {
+        let mut line = Vec::with_capacity(512);
+        for job in jobs.by_ref() {
+            if produced == limit {
+                break;
+            }
+            line.clear();
+            match args.format {
+                Format::Json => write_json(&mut line, &job, sweep)?,
+                Format::Text | Format::Count => write_text(&mut line, &job),
+            }
+            out.write_all(&line)?;
+            produced += 1;
+        }
+        Ok(())
+    })?;
+    if jobs.duplicates() > 0 {
+        eprintln!(
+            "warning: {}: {} combinations rendered the same argv as an earlier job and were expanded once, e.g. {}",
+            sweep.source(),
+            jobs.duplicates(),
+            jobs.duplicate_examples()
+                .first()
+                .map(shell_words::join)
+                .unwrap_or_default()
+        );
+    }
+    if args.format == Format::Text {
+        eprintln!("{produced} job{}", if produced == 1 { "" } else { "s" });
+    }
+    Ok(())
+}
+
+fn usage(e: SweepError) -> Failure {
+    Failure::Usage(e.to_string())
+}
+
+fn write_json(line: &mut Vec<u8>, job: &Job, sweep: &Sweep) -> io::Result<()> {
+    serde_json::to_writer(&mut *line, &job.record(sweep))?;
+    line.push(b'\n');
+    Ok(())
+}
+
+fn write_text(line: &mut Vec<u8>, job: &Job) {
+    let mut hex = [0u8; 32];
+    job.id.encode_hex(&mut hex);
+    line.extend_from_slice(&hex);
+    line.push(b' ');
+    for arg in &job.argv {
+        line.push(b' ');
+        line.extend_from_slice(shell_words::quote(arg).as_bytes());
+    }
+    line.push(b'\n');
+}
+
+/// Runs `f` against a buffered stdout; a closed pipe (`gridq expand | head`) ends quietly.
+fn write_ignoring_broken_pipe(
+    f: impl FnOnce(&mut BufWriter<io::StdoutLock<'static>>) -> io::Result<()>,
+) -> Result<(), Failure> {
+    let mut out = BufWriter::with_capacity(1 << 16, io::stdout().lock());
+    match f(&mut out).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Failure::Other(
+            anyhow::Error::new(e).context("cannot write to stdout"),
+        )),
+    }
+}
