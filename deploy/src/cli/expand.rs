@@ -54,14 +54,13 @@ pub(crate) fn run(args: &ExpandArgs) -> Result<(), Failure> {
         return write_ignoring_broken_pipe(|out| writeln!(out, "{}", count.jobs));
     }
     let mut jobs = sweep.expand().map_err(usage)?;
-    let limit = args.limit.unwrap_or(u64::MAX);
+    let limit = args
+        .limit
+        .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
     let mut produced = 0u64;
     write_ignoring_broken_pipe(|out| {
         let mut line = Vec::with_capacity(512);
-        for job in jobs.by_ref() {
-            if produced == limit {
-                break;
-            }
+        for job in jobs.by_ref().take(limit) {
             line.clear();
             match args.format {
                 Format::Json => write_json(&mut line, &job, sweep)?,

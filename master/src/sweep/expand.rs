@@ -14,9 +14,10 @@
 //!
 //! # Identity
 //! A job id is the first 16 bytes of the BLAKE3 hash of:
-//! `"gridq/job/v1\n"`, then the argv as a u64-LE count followed by each element as a u64-LE byte
-//! length and its UTF-8 bytes, then the environment in the same form (a count, then name and
-//! value of each variable, sorted by name). The environment is the sweep's `env`, plus
+//! the version tag `gq1`, then the argv as a count followed by each element as its byte length
+//! and its UTF-8 bytes, then the environment in the same form (a count, then name and value of
+//! each variable, sorted by name). Counts and lengths are unsigned LEB128, so the encoding is
+//! unambiguous and short: most jobs hash in two BLAKE3 blocks. The environment is the sweep's `env`, plus
 //! `GRIDQ_REPEAT=r` for repetition r > 0, so the first repetition keeps the id the job has
 //! without `repeat`. Nothing else (sweep name, host, date) enters the hash: the same sweep gives
 //! the same ids anywhere, any day.
@@ -392,7 +393,7 @@ pub struct Jobs<'s> {
     duplicate_examples: Vec<Vec<String>>,
     scratch: Vec<u8>,
     env_bytes: Vec<u8>,
-    env_len: u64,
+    env_len: usize,
 }
 
 impl<'s> Jobs<'s> {
@@ -414,7 +415,7 @@ impl<'s> Jobs<'s> {
             duplicate_examples: Vec::new(),
             scratch: Vec::with_capacity(256),
             env_bytes,
-            env_len: sweep.options.env.len() as u64,
+            env_len: sweep.options.env.len(),
         }
     }
 
@@ -517,13 +518,13 @@ impl<'s> Jobs<'s> {
     fn hash(&mut self, argv: &[Arc<str>], repeat: u32) -> JobId {
         let buf = &mut self.scratch;
         buf.clear();
-        buf.extend_from_slice(b"gridq/job/v1\n");
-        buf.extend_from_slice(&(argv.len() as u64).to_le_bytes());
+        buf.extend_from_slice(b"gq1");
+        push_len(buf, argv.len());
         for a in argv {
             push_field(buf, a.as_bytes());
         }
         if repeat == 0 {
-            buf.extend_from_slice(&self.env_len.to_le_bytes());
+            push_len(buf, self.env_len);
             buf.extend_from_slice(&self.env_bytes);
         } else {
             // GRIDQ_REPEAT sorts after any user variable (GRIDQ_* names are reserved), but
@@ -537,7 +538,7 @@ impl<'s> Jobs<'s> {
                 .collect();
             env.push((b"GRIDQ_REPEAT", repeat.to_string().into_bytes()));
             env.sort();
-            buf.extend_from_slice(&(env.len() as u64).to_le_bytes());
+            push_len(buf, env.len());
             for (k, v) in &env {
                 push_field(buf, k);
                 push_field(buf, v);
@@ -602,6 +603,33 @@ impl Iterator for Jobs<'_> {
 }
 
 fn push_field(buf: &mut Vec<u8>, bytes: &[u8]) {
-    buf.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+    push_len(buf, bytes.len());
     buf.extend_from_slice(bytes);
+}
+
+/// Unsigned LEB128: seven bits a byte, low bits first, high bit set on all but the last byte.
+fn push_len(buf: &mut Vec<u8>, len: usize) {
+    let mut n = len as u64;
+    while n >= 0x80 {
+        buf.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    buf.push(n as u8);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_are_leb128() {
+        let mut buf = Vec::new();
+        for n in [0usize, 1, 127, 128, 300, 16_384] {
+            push_len(&mut buf, n);
+        }
+        assert_eq!(
+            buf,
+            [0x00, 0x01, 0x7f, 0x80, 0x01, 0xac, 0x02, 0x80, 0x80, 0x01]
+        );
+    }
 }
