@@ -192,7 +192,7 @@ impl Sweep {
         };
         let lens: Vec<u64> = self.axes.iter().map(|a| a.len).collect();
         let boxes: Vec<&ExcludeBox> = self.exclude.iter().collect();
-        let combos = product - union_count(&lens, 0, &boxes);
+        let combos = product.saturating_sub(union_count(&lens, 0, &boxes));
         let repeat = u128::from(self.repeat);
         if !self.collision_prone {
             return Count {

@@ -113,9 +113,9 @@ pub(crate) fn parse_decimal(text: &str) -> Option<Decimal> {
         _ => (false, text),
     };
     let value = if let Some(hex) = body.strip_prefix("0x") {
-        Decimal::from_i128_with_scale(i128::from_str_radix(hex, 16).ok()?, 0)
+        Decimal::try_from_i128_with_scale(i128::from_str_radix(hex, 16).ok()?, 0).ok()?
     } else if let Some(oct) = body.strip_prefix("0o") {
-        Decimal::from_i128_with_scale(i128::from_str_radix(oct, 8).ok()?, 0)
+        Decimal::try_from_i128_with_scale(i128::from_str_radix(oct, 8).ok()?, 0).ok()?
     } else if body.contains(['e', 'E']) {
         let (mantissa, exp) = body.split_once(['e', 'E'])?;
         let mantissa = Decimal::from_str(&fix_decimal_text(mantissa)).ok()?;
@@ -219,12 +219,20 @@ impl Interval {
             return Err("step must not be 0".into());
         }
         let len = arange_len(start.value, end.value, step.value)
-            .ok_or_else(|| "interval bounds are too large to compute exactly".to_string())?;
+            .ok_or_else(|| "interval is too large: its bounds or element count exceed what gridq computes exactly".to_string())?;
         if len == 0 {
             return Err(format!(
                 "interval [{}, {}) with step {} yields no values",
                 start.value, end.value, step.value
             ));
+        }
+        // Every element lies between start and the last one, so if the last one computes
+        // without overflow, all do.
+        let last = Decimal::from(len - 1)
+            .checked_mul(step.value)
+            .and_then(|offset| start.value.checked_add(offset));
+        if last.is_none() {
+            return Err("interval bounds are too large to compute exactly".into());
         }
         Ok(Self {
             kind: IntervalKind::Range {
@@ -240,7 +248,10 @@ impl Interval {
         if num == 0 {
             return Err("linspace with num 0 yields no values".into());
         }
-        let span = stop.value - start.value;
+        let span = stop
+            .value
+            .checked_sub(start.value)
+            .ok_or_else(|| "linspace bounds are too large to compute exactly".to_string())?;
         let integer =
             start.is_int && stop.is_int && (num == 1 || (span % Decimal::from(num - 1)).is_zero());
         Ok(Self {
@@ -333,7 +344,7 @@ impl Interval {
     pub(crate) fn index_of(&self, value: Decimal) -> Option<u64> {
         match &self.kind {
             IntervalKind::Range { start, step } => {
-                let offset = (value - *start).checked_div(*step)?;
+                let offset = value.checked_sub(*start)?.checked_div(*step)?;
                 if !offset.fract().is_zero() || offset.is_sign_negative() && !offset.is_zero() {
                     return None;
                 }
@@ -351,7 +362,8 @@ fn round_sig(v: Decimal) -> Decimal {
         .normalize()
 }
 
-/// `max(0, ceil((end - start) / step))`, computed exactly on integer mantissas.
+/// `max(0, ceil((end - start) / step))`, computed exactly on integer mantissas; `None` when it
+/// does not fit the arithmetic or a u64.
 fn arange_len(start: Decimal, end: Decimal, step: Decimal) -> Option<u64> {
     let scale = start.scale().max(end.scale()).max(step.scale());
     let as_int = |d: Decimal| -> Option<i128> {
@@ -368,7 +380,7 @@ fn arange_len(start: Decimal, end: Decimal, step: Decimal) -> Option<u64> {
     } else {
         q
     };
-    Some(u64::try_from(ceil.max(0)).unwrap_or(u64::MAX))
+    u64::try_from(ceil.max(0)).ok()
 }
 
 #[cfg(test)]
@@ -419,6 +431,7 @@ mod tests {
         assert_eq!(parse_decimal("0x1F").unwrap().to_string(), "31");
         assert_eq!(parse_decimal("-0o17").unwrap().to_string(), "-15");
         assert_eq!(parse_decimal("1e400"), None);
+        assert_eq!(parse_decimal("0xFFFFFFFFFFFFFFFFFFFFFFFFFF"), None);
         assert_eq!(parse_decimal(".inf"), None);
     }
 
@@ -453,6 +466,13 @@ mod tests {
                 .contains("yields no values")
         );
         assert!(Interval::range(b("0"), b("0"), b("1")).is_err());
+        // Bounds at the edge of the decimal range are refused, never a panic.
+        let e = Interval::range(b("-7e28"), b("7e28"), b("1e27")).unwrap_err();
+        assert_eq!(e, "interval bounds are too large to compute exactly");
+        assert!(Interval::range(b("0"), b("1e20"), b("1e-8")).is_err());
+        assert!(Interval::linspace(b("-7e28"), b("7e28"), 3).is_err());
+        let r = Interval::range(b("-7e28"), b("-6e28"), b("1e27")).unwrap();
+        assert_eq!(r.index_of(parse_decimal("7e28").unwrap()), None);
     }
 
     #[test]
