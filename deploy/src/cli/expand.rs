@@ -1,5 +1,6 @@
 //! `gridq expand`: print the jobs a sweep file expands to.
 
+use std::borrow::Cow;
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 
@@ -51,7 +52,10 @@ pub(crate) fn run(args: &ExpandArgs) -> Result<(), Failure> {
                 count.jobs
             );
         }
-        return write_ignoring_broken_pipe(|out| writeln!(out, "{}", count.jobs));
+        let jobs = args
+            .limit
+            .map_or(count.jobs, |n| count.jobs.min(u128::from(n)));
+        return write_ignoring_broken_pipe(|out| writeln!(out, "{jobs}"));
     }
     let mut jobs = sweep.expand().map_err(usage)?;
     let limit = args
@@ -105,9 +109,37 @@ fn write_text(line: &mut Vec<u8>, job: &Job) {
     line.push(b' ');
     for arg in &job.argv {
         line.push(b' ');
-        line.extend_from_slice(shell_words::quote(arg).as_bytes());
+        line.extend_from_slice(quote_arg(arg).as_bytes());
     }
     line.push(b'\n');
+}
+
+/// Quotes one argument for a shell. Arguments holding control characters (a newline, say) use
+/// `$'...'` quoting (POSIX.1-2024, bash, zsh, ksh), so that every job stays on one line.
+fn quote_arg(arg: &str) -> Cow<'_, str> {
+    if !arg.chars().any(char::is_control) {
+        return shell_words::quote(arg);
+    }
+    let mut quoted = String::with_capacity(arg.len() + 8);
+    quoted.push_str("$'");
+    for c in arg.chars() {
+        match c {
+            '\\' => quoted.push_str("\\\\"),
+            '\'' => quoted.push_str("\\'"),
+            '\n' => quoted.push_str("\\n"),
+            '\t' => quoted.push_str("\\t"),
+            '\r' => quoted.push_str("\\r"),
+            c if c.is_control() => {
+                let mut buf = [0u8; 4];
+                for byte in c.encode_utf8(&mut buf).bytes() {
+                    quoted.push_str(&format!("\\x{byte:02x}"));
+                }
+            }
+            c => quoted.push(c),
+        }
+    }
+    quoted.push('\'');
+    Cow::Owned(quoted)
 }
 
 /// Runs `f` against a buffered stdout; a closed pipe (`gridq expand | head`) ends quietly.

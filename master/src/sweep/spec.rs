@@ -31,6 +31,9 @@ pub const DEFAULT_MAX_JOBS: u64 = 100_000;
 
 /// Intervals up to this many elements are prepared at load time, like lists.
 const MATERIALIZE_INTERVAL: u64 = 4096;
+/// The most points a linspace or geomspace may have (their rounded points are checked for
+/// collisions one by one).
+const MAX_ROUNDED_POINTS: u64 = 1_000_000;
 
 /// Options that come from outside the file.
 #[derive(Debug, Clone, Default)]
@@ -477,7 +480,7 @@ impl Loader {
         // Values become prepared, deduplicated value sets.
         let mut values = Vec::with_capacity(params.len());
         for (param, raw) in params.iter().zip(raw_values) {
-            values.push(self.prepare(param, raw, parts.arg_style));
+            values.push(self.prepare(param, raw, parts.arg_style)?);
         }
 
         // Axes: every parameter is its own axis unless it belongs to a zip group.
@@ -552,7 +555,10 @@ impl Loader {
         if node.tag == Some(Tag::PythonTuple) {
             return self
                 .tuple(name, node, "!!python/tuple")
-                .map(RawValues::Interval);
+                .map(|interval| RawValues::Interval {
+                    interval,
+                    pos: node.pos,
+                });
         }
         match &node.kind {
             Kind::Scalar { .. } => Ok(RawValues::List(vec![self.scalar(name, node)?])),
@@ -591,9 +597,18 @@ impl Loader {
                     ));
                 };
                 match key_text(k) {
-                    "range" => self.tuple(name, v, "range").map(RawValues::Interval),
+                    "range" => self
+                        .tuple(name, v, "range")
+                        .map(|interval| RawValues::Interval {
+                            interval,
+                            pos: v.pos,
+                        }),
                     form @ ("linspace" | "geomspace") => {
-                        self.spaced(name, v, form).map(RawValues::Interval)
+                        self.spaced(name, v, form)
+                            .map(|interval| RawValues::Interval {
+                                interval,
+                                pos: v.pos,
+                            })
                     }
                     other => Err(self.rep.error(
                         k.pos,
@@ -640,6 +655,13 @@ impl Loader {
                 }
             },
         };
+        if text.contains('\0') {
+            return Err(self.rep.error(
+                node.pos,
+                Some(name),
+                "the value contains a NUL byte, which no program can receive as an argument",
+            ));
+        }
         Ok(RawValue {
             kind,
             text: text.to_owned(),
@@ -766,26 +788,69 @@ impl Loader {
 
     /// Turns raw values into the parameter's prepared value set, dropping values that render
     /// like an earlier one (with a warning that names them).
-    fn prepare(&mut self, param: &Param, raw: RawValues, style: ArgStyle) -> Values {
+    fn prepare(&mut self, param: &Param, raw: RawValues, style: ArgStyle) -> Result<Values> {
         match raw {
             // Small intervals are prepared once, like lists; large ones are computed lazily so
             // memory stays bounded.
-            RawValues::Interval(interval) if interval.len() <= MATERIALIZE_INTERVAL => {
-                Values::List(
-                    (0..interval.len())
-                        .map(|i| {
-                            Arc::new(interval_value(
-                                &interval,
-                                i,
-                                &param.name,
-                                style,
-                                param.placeholder,
-                            ))
-                        })
-                        .collect(),
-                )
+            RawValues::Interval { interval, pos } if interval.len() <= MATERIALIZE_INTERVAL => {
+                let mut seen = std::collections::HashSet::new();
+                let mut out = Vec::new();
+                let mut dropped = Vec::new();
+                for i in 0..interval.len() {
+                    let v = interval_value(&interval, i, &param.name, style, param.placeholder);
+                    if seen.insert(v.render_key(param.placeholder)) {
+                        out.push(Arc::new(v));
+                    } else {
+                        dropped.push(v.text.to_string());
+                    }
+                }
+                if let Some(first) = dropped.first() {
+                    self.warn(
+                        pos,
+                        Some(&param.name),
+                        format!(
+                            "`{}` yields {} value{} that render{} the same as an earlier one (e.g. `{first}`); each is expanded once",
+                            interval.form(),
+                            dropped.len(),
+                            if dropped.len() == 1 { "" } else { "s" },
+                            if dropped.len() == 1 { "s" } else { "" },
+                        ),
+                    );
+                }
+                Ok(Values::List(out))
             }
-            RawValues::Interval(interval) => Values::Interval(interval),
+            RawValues::Interval { interval, .. } if interval.distinct_by_construction() => {
+                Ok(Values::Interval(interval))
+            }
+            RawValues::Interval { interval, pos } => {
+                // Rounded points are monotonic, so collisions are neighbours.
+                if interval.len() > MAX_ROUNDED_POINTS {
+                    return Err(self.rep.error(
+                        pos,
+                        Some(&param.name),
+                        format!(
+                            "`{}` with more than {MAX_ROUNDED_POINTS} points is not supported",
+                            interval.form()
+                        ),
+                    ));
+                }
+                let mut prev = interval.render_at(0);
+                for i in 1..interval.len() {
+                    let text = interval.render_at(i);
+                    if text == prev {
+                        return Err(self.rep.error(
+                            pos,
+                            Some(&param.name),
+                            format!(
+                                "`{}` points collide after rounding to 15 significant digits (`{text}` twice); use fewer points",
+                                interval.form()
+                            ),
+                        ));
+                    }
+                    prev = text;
+                }
+                Ok(Values::Interval(interval))
+            }
             RawValues::List(list) => {
                 let mut seen: HashMap<Vec<Arc<str>>, Pos> = HashMap::new();
                 let mut out = Vec::with_capacity(list.len());
@@ -812,7 +877,7 @@ impl Loader {
                     seen.insert(key, raw.pos);
                     out.push(Arc::new(v));
                 }
-                Values::List(out)
+                Ok(Values::List(out))
             }
         }
     }
@@ -1144,7 +1209,7 @@ struct RawValue {
 
 enum RawValues {
     List(Vec<RawValue>),
-    Interval(Interval),
+    Interval { interval: Interval, pos: Pos },
 }
 
 fn describe_value(node: &Node) -> String {

@@ -248,10 +248,14 @@ impl Interval {
         if num == 0 {
             return Err("linspace with num 0 yields no values".into());
         }
-        let span = stop
-            .value
-            .checked_sub(start.value)
-            .ok_or_else(|| "linspace bounds are too large to compute exactly".to_string())?;
+        let too_large = || "linspace bounds are too large to compute exactly".to_string();
+        let span = stop.value.checked_sub(start.value).ok_or_else(too_large)?;
+        // Element i is (start*(num-1-i) + stop*i) / (num-1): both terms, and their sum, stay
+        // within twice the larger bound times num-1.
+        Decimal::from(num - 1)
+            .checked_mul(start.value.abs().max(stop.value.abs()))
+            .and_then(|m| m.checked_mul(Decimal::TWO))
+            .ok_or_else(too_large)?;
         let integer =
             start.is_int && stop.is_int && (num == 1 || (span % Decimal::from(num - 1)).is_zero());
         Ok(Self {
@@ -297,6 +301,21 @@ impl Interval {
         self.len
     }
 
+    /// The form's name, for messages.
+    pub(crate) fn form(&self) -> &'static str {
+        match self.kind {
+            IntervalKind::Range { .. } => "range",
+            IntervalKind::Linspace { .. } => "linspace",
+            IntervalKind::Geomspace { .. } => "geomspace",
+        }
+    }
+
+    /// Whether every element is distinct by construction (exact ranges are; rounded linspace
+    /// and geomspace points may collide).
+    pub(crate) fn distinct_by_construction(&self) -> bool {
+        matches!(self.kind, IntervalKind::Range { .. })
+    }
+
     /// The exact value of element `i` (`i < len`).
     pub(crate) fn decimal_at(&self, i: u64) -> Decimal {
         match &self.kind {
@@ -308,8 +327,10 @@ impl Interval {
                 if i == 0 || self.len == 1 {
                     return *start;
                 }
-                let frac = Decimal::from(i) / Decimal::from(self.len - 1);
-                round_sig(*start + (*stop - *start) * frac)
+                // Weighted so that exact points (0 in [-1, 2]) come out exact.
+                let n = self.len - 1;
+                let sum = *start * Decimal::from(n - i) + *stop * Decimal::from(i);
+                round_sig(sum / Decimal::from(n))
             }
             IntervalKind::Geomspace {
                 start,
