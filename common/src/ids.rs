@@ -148,3 +148,107 @@ mod tests {
         assert!(serde_json::from_str::<JobId>("\"zz\"").is_err());
     }
 }
+
+/// A sweep's identity: its validated name (letters, digits, `-`, `_`, `.`; at most 128).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SweepId(String);
+
+/// A worker's identity: `host-pid-random`, unique per worker process.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct WorkerId(String);
+
+/// Why a string is not a valid sweep or worker id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} `{input}`: expected 1 to 128 letters, digits, `-`, `_` or `.`")]
+pub struct InvalidName {
+    what: &'static str,
+    input: String,
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+macro_rules! name_id {
+    ($ty:ident, $what:literal) => {
+        impl $ty {
+            /// Validates and wraps a name.
+            pub fn new(name: impl Into<String>) -> Result<Self, InvalidName> {
+                let name = name.into();
+                if valid_name(&name) {
+                    Ok(Self(name))
+                } else {
+                    Err(InvalidName {
+                        what: $what,
+                        input: name.chars().take(64).collect(),
+                    })
+                }
+            }
+
+            /// The name.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $ty {
+            type Error = InvalidName;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                Self::new(s)
+            }
+        }
+
+        impl From<$ty> for String {
+            fn from(id: $ty) -> String {
+                id.0
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = InvalidName;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::new(s)
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($ty), self.0)
+            }
+        }
+    };
+}
+
+name_id!(SweepId, "sweep name");
+name_id!(WorkerId, "worker id");
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        assert_eq!(SweepId::new("train-1.a_b").unwrap().as_str(), "train-1.a_b");
+        assert_eq!(
+            SweepId::new("a b").unwrap_err().to_string(),
+            "invalid sweep name `a b`: expected 1 to 128 letters, digits, `-`, `_` or `.`"
+        );
+        assert!(WorkerId::new("").is_err());
+        assert!(serde_json::from_str::<SweepId>("\"x/y\"").is_err());
+        assert_eq!(
+            serde_json::to_string(&WorkerId::new("h-1").unwrap()).unwrap(),
+            "\"h-1\""
+        );
+    }
+}

@@ -1,8 +1,14 @@
 //! Types shared by every gridq component.
 //!
 //! # Layout
-//! - [`ids`]: identifier newtypes (`JobId`, ...), so that ids are never bare strings.
+//! - [`ids`]: identifier newtypes (`JobId`, `SweepId`, `WorkerId`), never bare strings.
+//! - [`wire`]: the messages that cross the broker, with their schema and kind headers.
+//! - [`topology`]: the AMQP exchanges and queues, declared in one place.
+//! - [`amqp`]: connecting to the broker, with redacted URLs and reconnection backoff.
 
+pub mod amqp;
 pub mod ids;
+pub mod topology;
+pub mod wire;
 
-pub use ids::{JobId, ParseIdError};
+pub use ids::{InvalidName, JobId, ParseIdError, SweepId, WorkerId};

@@ -1,0 +1,155 @@
+//! The AMQP topology, declared in one place.
+//!
+//! | name | type | declared by | what |
+//! |---|---|---|---|
+//! | `gridq.jobs.<queue>` | quorum queue | master | job messages; `x-delivery-limit` bounds redeliveries, then dead-letters |
+//! | `gridq.events` | quorum queue | master | everything workers send the master |
+//! | `gridq.dlx` | fanout exchange | master | dead letters, from the broker or from a consumer that refused a message |
+//! | `gridq.dead` | quorum queue | master | bound to `gridq.dlx`; the master records and acks what arrives |
+//! | `gridq.worker.<id>` | classic, exclusive, auto-delete | that worker | grants, denials, cancels for one worker |
+//!
+//! Workers declare only their own queue; the master owns everything durable. Quorum queues are
+//! durable and replicated once the broker is a cluster. Isolation between deployments (or
+//! tests) is by vhost.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// The events queue.
+pub const EVENTS_QUEUE: &str = "gridq.events";
+/// The dead-letter exchange.
+pub const DEAD_LETTER_EXCHANGE: &str = "gridq.dlx";
+/// The dead-letter queue.
+pub const DEAD_QUEUE: &str = "gridq.dead";
+/// The queue jobs go to when a sweep names none.
+pub const DEFAULT_QUEUE: &str = "default";
+/// How many times a job message is delivered before the broker dead-letters it, by default.
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
+
+/// The broker queue that holds the jobs of the user-facing queue `name`.
+pub fn jobs_queue(name: &str) -> String {
+    format!("gridq.jobs.{name}")
+}
+
+/// A worker's own queue.
+pub fn worker_queue(worker: &crate::WorkerId) -> String {
+    format!("gridq.worker.{worker}")
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Declares what the master owns: the events queue and the dead-letter exchange and queue.
+///
+/// # Errors
+/// The broker's error, e.g. when a queue exists with other arguments.
+pub async fn declare_master(channel: &Channel) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            DEAD_LETTER_EXCHANGE.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(DEAD_QUEUE.into(), durable(), quorum_args())
+        .await?;
+    channel
+        .queue_bind(
+            DEAD_QUEUE.into(),
+            DEAD_LETTER_EXCHANGE.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(EVENTS_QUEUE.into(), durable(), quorum_args())
+        .await?;
+    Ok(())
+}
+
+/// Declares the job queue for the user-facing queue `name`.
+///
+/// # Errors
+/// The broker's error.
+pub async fn declare_jobs_queue(
+    channel: &Channel,
+    name: &str,
+    delivery_limit: u32,
+) -> Result<String, lapin::Error> {
+    let queue = jobs_queue(name);
+    let mut args = quorum_args();
+    args.insert(
+        ShortString::from("x-delivery-limit"),
+        AMQPValue::LongLongInt(i64::from(delivery_limit)),
+    );
+    args.insert(
+        ShortString::from("x-dead-letter-exchange"),
+        AMQPValue::LongString(DEAD_LETTER_EXCHANGE.into()),
+    );
+    channel
+        .queue_declare(queue.as_str().into(), durable(), args)
+        .await?;
+    Ok(queue)
+}
+
+/// Declares a worker's own queue: exclusive to its connection, gone with it.
+///
+/// # Errors
+/// The broker's error.
+pub async fn declare_worker_queue(
+    channel: &Channel,
+    worker: &crate::WorkerId,
+) -> Result<String, lapin::Error> {
+    let queue = worker_queue(worker);
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(queue)
+}
+
+/// Checks that a queue exists without declaring it (`passive`); a missing queue closes the
+/// channel with 404, which the caller reports as "is the master running?".
+///
+/// # Errors
+/// The broker's error.
+pub async fn check_queue(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let q = channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(q.message_count())
+}

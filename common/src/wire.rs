@@ -1,0 +1,461 @@
+//! Messages that cross the broker, named by direction, and their envelope.
+//!
+//! Every message is a JSON body with two AMQP headers: `gridq-schema` (the schema version, an
+//! integer) and `gridq-kind` (what the body is). A consumer checks both headers before it looks
+//! at the body, so a message from a newer gridq, or no gridq at all, is refused with a reason
+//! (and dead-lettered by the caller) instead of being half-understood. Fields added later carry
+//! `#[serde(default)]`, so an older body still decodes.
+//!
+//! - [`JobMessage`]: master → workers, on a job queue (kind `job`).
+//! - [`FromWorker`]: workers → master, on the events queue (kinds `claim`, `output`,
+//!   `finished`, `heartbeat`, `stopped`).
+//! - [`ToWorker`]: master → one worker, on that worker's own queue (kinds `grant`, `deny`,
+//!   `cancel`, `drain`).
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::{JobId, SweepId, WorkerId};
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Header carrying the schema version.
+pub const HEADER_SCHEMA: &str = "gridq-schema";
+/// Header carrying the message kind.
+pub const HEADER_KIND: &str = "gridq-kind";
+/// Header a consumer adds when it dead-letters a message it cannot use.
+pub const HEADER_DEAD_REASON: &str = "gridq-dead-reason";
+
+/// Persistent delivery mode.
+const PERSISTENT: u8 = 2;
+
+/// One job attempt to run. Master → workers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobMessage {
+    pub sweep: SweepId,
+    pub job: JobId,
+    /// 1 for the first run; each new attempt (retry, lost worker) adds one.
+    pub attempt: u32,
+    pub argv: Vec<String>,
+    /// The job's own environment (the sweep's `env`, `GRIDQ_REPEAT`).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Parameter name and rendered value, exported as `GRIDQ_PARAM_<NAME>`.
+    #[serde(default)]
+    pub params: Vec<(String, String)>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub gpus: u32,
+}
+
+/// A reference to one attempt of one job.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AttemptRef {
+    pub sweep: SweepId,
+    pub job: JobId,
+    pub attempt: u32,
+}
+
+/// Workers → master.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FromWorker {
+    /// A worker holds a delivery of this attempt and asks to run it.
+    Claim(Claim),
+    /// Output lines of a running attempt.
+    Output(OutputBatch),
+    /// An attempt ended.
+    Finished(Box<Finished>),
+    /// The worker is alive; what it runs and what it has.
+    Heartbeat(Box<Heartbeat>),
+    /// The worker stopped cleanly.
+    Stopped(Stopped),
+}
+
+/// A request to run one delivered attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claim {
+    pub worker: WorkerId,
+    #[serde(flatten)]
+    pub attempt: AttemptRef,
+    /// Echoed in the reply, so the worker can match it to the delivery it holds.
+    pub token: u64,
+}
+
+/// Which stream a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// One line of output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub stream: Stream,
+    pub line: String,
+    pub ts_ms: u64,
+}
+
+/// A batch of output lines, numbered from `first_seq` so the master can store them idempotently.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputBatch {
+    pub worker: WorkerId,
+    #[serde(flatten)]
+    pub attempt: AttemptRef,
+    pub first_seq: u64,
+    pub lines: Vec<LogLine>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Exit code 0.
+    Succeeded,
+    /// Non-zero exit, or a signal the worker did not send.
+    Failed,
+    /// The sweep's `timeout` was exceeded.
+    TimedOut,
+    /// Killed because the job or sweep was canceled.
+    Canceled,
+    /// The worker stopped and gave the attempt back without a verdict.
+    HandedBack,
+    /// The program could not be started (not found, bad workdir, ...).
+    SpawnFailed,
+}
+
+/// The end of one attempt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finished {
+    pub worker: WorkerId,
+    pub host: String,
+    #[serde(flatten)]
+    pub attempt: AttemptRef,
+    pub outcome: Outcome,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub signal: Option<i32>,
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    /// The JSON object the job wrote to `GRIDQ_RESULT`.
+    #[serde(default)]
+    pub result: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Why a result file was ignored, or why the job could not start.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// GPUs the attempt was pinned to.
+    #[serde(default)]
+    pub gpus: Vec<u32>,
+    /// Output lines sent for this attempt (so the master knows when the log is complete).
+    #[serde(default)]
+    pub lines: u64,
+}
+
+/// One GPU as `nvidia-smi` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuStat {
+    pub index: u32,
+    pub name: String,
+    pub utilization: f64,
+    pub memory_used_mb: u64,
+    pub memory_total_mb: u64,
+}
+
+/// A worker's periodic sign of life.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub worker: WorkerId,
+    pub host: String,
+    pub pid: u32,
+    pub version: String,
+    pub slots: u32,
+    pub queues: Vec<String>,
+    pub running: Vec<AttemptRef>,
+    pub cpus: u32,
+    #[serde(default)]
+    pub load1: f64,
+    #[serde(default)]
+    pub mem_total_mb: u64,
+    #[serde(default)]
+    pub mem_used_mb: u64,
+    #[serde(default)]
+    pub gpus: Vec<GpuStat>,
+    #[serde(default)]
+    pub draining: bool,
+    pub ts_ms: u64,
+    /// Seconds between heartbeats, so the master can judge when one is missed.
+    pub interval_ms: u64,
+}
+
+/// A worker's clean stop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stopped {
+    pub worker: WorkerId,
+    pub reason: String,
+    /// Attempts it stopped without finishing; the master runs them again without counting a
+    /// failure.
+    #[serde(default)]
+    pub handed_back: Vec<AttemptRef>,
+}
+
+/// Master → one worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ToWorker {
+    /// Run it: the master recorded the lease.
+    Grant {
+        #[serde(flatten)]
+        attempt: AttemptRef,
+        token: u64,
+    },
+    /// Do not run it (canceled, already running or done elsewhere, superseded).
+    Deny {
+        #[serde(flatten)]
+        attempt: AttemptRef,
+        token: u64,
+        reason: String,
+    },
+    /// Kill this running attempt.
+    Cancel {
+        #[serde(flatten)]
+        attempt: AttemptRef,
+    },
+    /// Stop taking jobs and exit once the running ones are done.
+    Drain,
+}
+
+/// A message type with a kind header.
+pub trait Kind {
+    /// The `gridq-kind` header value of this message.
+    fn kind(&self) -> &'static str;
+    /// Every kind this type decodes.
+    const KINDS: &'static [&'static str];
+}
+
+impl Kind for JobMessage {
+    fn kind(&self) -> &'static str {
+        "job"
+    }
+    const KINDS: &'static [&'static str] = &["job"];
+}
+
+impl Kind for FromWorker {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Claim(_) => "claim",
+            Self::Output(_) => "output",
+            Self::Finished(_) => "finished",
+            Self::Heartbeat(_) => "heartbeat",
+            Self::Stopped(_) => "stopped",
+        }
+    }
+    const KINDS: &'static [&'static str] = &["claim", "output", "finished", "heartbeat", "stopped"];
+}
+
+impl Kind for ToWorker {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Grant { .. } => "grant",
+            Self::Deny { .. } => "deny",
+            Self::Cancel { .. } => "cancel",
+            Self::Drain => "drain",
+        }
+    }
+    const KINDS: &'static [&'static str] = &["grant", "deny", "cancel", "drain"];
+}
+
+/// Why a message was refused. Never worth retrying: the message is dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("missing header `{HEADER_SCHEMA}`")]
+    MissingSchema,
+    #[error("unknown schema version {found} (this gridq reads version {SCHEMA_VERSION})")]
+    UnknownSchema { found: String },
+    #[error("missing header `{HEADER_KIND}`")]
+    MissingKind,
+    #[error("unexpected message kind `{found}` (expected one of: {expected})")]
+    UnexpectedKind { found: String, expected: String },
+    #[error("invalid `{kind}` body: {message}")]
+    Body { kind: String, message: String },
+}
+
+/// The body and properties of a message ready to publish.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+}
+
+/// Encodes a message with its headers, as a persistent JSON message.
+pub fn encode<T: Serialize + Kind>(message: &T) -> Encoded {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from(HEADER_SCHEMA),
+        AMQPValue::LongUInt(SCHEMA_VERSION),
+    );
+    headers.insert(
+        ShortString::from(HEADER_KIND),
+        AMQPValue::LongString(message.kind().into()),
+    );
+    // Serializing these types cannot fail: no maps with non-string keys, no custom errors.
+    let body = serde_json::to_vec(message).unwrap_or_default();
+    Encoded {
+        body,
+        properties: BasicProperties::default()
+            .with_content_type(ShortString::from("application/json"))
+            .with_delivery_mode(PERSISTENT)
+            .with_headers(headers),
+    }
+}
+
+/// Reads the kind header, after checking the schema version.
+pub fn kind_of(properties: &BasicProperties) -> Result<String, DecodeError> {
+    let headers = properties.headers().as_ref();
+    let schema = headers
+        .and_then(|h| h.inner().get(HEADER_SCHEMA))
+        .ok_or(DecodeError::MissingSchema)?;
+    let version = match schema {
+        AMQPValue::LongUInt(v) => Some(u64::from(*v)),
+        AMQPValue::LongLongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::LongInt(v) => u64::try_from(*v).ok(),
+        AMQPValue::ShortUInt(v) => Some(u64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(u64::from(*v)),
+        _ => None,
+    };
+    if version != Some(u64::from(SCHEMA_VERSION)) {
+        return Err(DecodeError::UnknownSchema {
+            found: version.map_or_else(|| format!("{schema:?}"), |v| v.to_string()),
+        });
+    }
+    let kind = headers
+        .and_then(|h| h.inner().get(HEADER_KIND))
+        .ok_or(DecodeError::MissingKind)?;
+    match kind {
+        AMQPValue::LongString(s) => Ok(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Ok(s.as_str().to_owned()),
+        other => Ok(format!("{other:?}")),
+    }
+}
+
+/// Decodes a message: headers first, then the body, whose own kind must match the header.
+pub fn decode<T: DeserializeOwned + Kind>(
+    properties: &BasicProperties,
+    body: &[u8],
+) -> Result<T, DecodeError> {
+    let kind = kind_of(properties)?;
+    if !T::KINDS.contains(&kind.as_str()) {
+        return Err(DecodeError::UnexpectedKind {
+            found: kind.chars().take(64).collect(),
+            expected: T::KINDS.join(", "),
+        });
+    }
+    let message: T = serde_json::from_slice(body).map_err(|e| DecodeError::Body {
+        kind: kind.clone(),
+        message: e.to_string(),
+    })?;
+    if message.kind() != kind {
+        return Err(DecodeError::Body {
+            message: format!("the body is a `{}` message", message.kind()),
+            kind,
+        });
+    }
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt() -> AttemptRef {
+        AttemptRef {
+            sweep: SweepId::new("s").unwrap(),
+            job: JobId::from_bytes([7; 16]),
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn round_trip_with_headers() {
+        let msg = FromWorker::Claim(Claim {
+            worker: WorkerId::new("w1").unwrap(),
+            attempt: attempt(),
+            token: 9,
+        });
+        let enc = encode(&msg);
+        assert_eq!(kind_of(&enc.properties).unwrap(), "claim");
+        assert_eq!(
+            decode::<FromWorker>(&enc.properties, &enc.body).unwrap(),
+            msg
+        );
+        let json: serde_json::Value = serde_json::from_slice(&enc.body).unwrap();
+        assert_eq!(json["kind"], "claim");
+        assert_eq!(json["job"], "07".repeat(16));
+    }
+
+    #[test]
+    fn refuses_unknown_schema_kind_and_bad_bodies() {
+        let enc = encode(&ToWorker::Drain);
+        let mut props = enc.properties.clone();
+        let mut headers = props.headers().clone().unwrap();
+        headers.insert(HEADER_SCHEMA.into(), AMQPValue::LongUInt(9));
+        props = props.with_headers(headers);
+        assert_eq!(
+            decode::<ToWorker>(&props, &enc.body)
+                .unwrap_err()
+                .to_string(),
+            "unknown schema version 9 (this gridq reads version 1)"
+        );
+        assert_eq!(
+            decode::<FromWorker>(&enc.properties, &enc.body)
+                .unwrap_err()
+                .to_string(),
+            "unexpected message kind `drain` (expected one of: claim, output, finished, heartbeat, stopped)"
+        );
+        assert_eq!(
+            decode::<ToWorker>(&BasicProperties::default(), b"{}").unwrap_err(),
+            DecodeError::MissingSchema
+        );
+        let err = decode::<ToWorker>(&enc.properties, b"not json").unwrap_err();
+        assert!(
+            err.to_string().starts_with("invalid `drain` body: "),
+            "{err}"
+        );
+        // A body whose own kind disagrees with the header is refused.
+        let grant = encode(&ToWorker::Grant {
+            attempt: attempt(),
+            token: 1,
+        });
+        let err = decode::<ToWorker>(&enc.properties, &grant.body).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid `drain` body: the body is a `grant` message"
+        );
+    }
+
+    #[test]
+    fn later_fields_default() {
+        let body = br#"{"sweep":"s","job":"07070707070707070707070707070707","attempt":1,"argv":["true"]}"#;
+        let enc = encode(&JobMessage {
+            sweep: SweepId::new("s").unwrap(),
+            job: JobId::from_bytes([7; 16]),
+            attempt: 1,
+            argv: vec!["true".into()],
+            env: vec![],
+            params: vec![],
+            workdir: None,
+            timeout_ms: None,
+            gpus: 0,
+        });
+        let job: JobMessage = decode(&enc.properties, body).unwrap();
+        assert_eq!(job.argv, ["true"]);
+        assert_eq!(job.timeout_ms, None);
+    }
+}
