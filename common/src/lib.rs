@@ -5,9 +5,11 @@
 //! - [`wire`]: the messages that cross the broker, with their schema and kind headers.
 //! - [`topology`]: the AMQP exchanges and queues, declared in one place.
 //! - [`amqp`]: connecting to the broker, with redacted URLs and reconnection backoff.
+//! - [`rabbit_node`]: a private RabbitMQ node that gridq starts itself (local mode, tests).
 
 pub mod amqp;
 pub mod ids;
+pub mod rabbit_node;
 pub mod topology;
 pub mod wire;
 

@@ -3,5 +3,13 @@
 //! # Layout
 //! - [`sweep`]: the sweep language. A YAML file is loaded into a validated [`sweep::Sweep`],
 //!   which expands lazily into [`sweep::Job`]s with stable content-addressed ids.
+//! - [`store`]: the embedded SQLite store of sweeps, jobs, attempts, results, logs, workers.
+//! - [`broker`]: the AMQP session (consumers, confirmed publishing, dead letters).
+//! - [`service`]: the core loop, the lease protocol, and [`service::start`].
+//! - [`http`]: the JSON API under `/api/v1`.
 
+pub mod broker;
+pub mod http;
+pub mod service;
+pub mod store;
 pub mod sweep;

@@ -1,5 +1,10 @@
-//! The gridq worker, as a library: it will consume jobs from RabbitMQ, run them as subprocesses
-//! and report output, results and heartbeats (issue: the job pipeline).
+//! The gridq worker, as a library: it consumes jobs from RabbitMQ, claims them from the master,
+//! runs them as subprocesses and reports output, results and heartbeats.
 //!
 //! # Layout
-//! Nothing yet beyond the crate itself: the sweep language comes first.
+//! - [`agent`]: the worker service: slots, the claim/grant protocol, the outbox, heartbeats,
+//!   graceful stop.
+//! - [`runner`]: runs one job as a subprocess (process group, timeout, kill, output lines, result).
+
+pub mod agent;
+pub mod runner;

@@ -1,8 +1,13 @@
 //! The `gridq` command line: clap definitions and dispatch.
 //!
-//! Exit codes: 0 on success, 2 for bad input (a bad sweep file, bad flags), 1 for anything else.
+//! Exit codes: 0 on success, 2 for bad input (a bad sweep file, bad flags, a request the master
+//! refused as invalid), 1 for anything else (including a sweep with failed jobs).
 
+mod client;
+mod context;
 mod expand;
+mod local;
+mod services;
 
 use std::process::ExitCode;
 
@@ -20,6 +25,26 @@ pub struct Cli {
 enum Command {
     /// Expand a sweep file into its jobs, without running anything.
     Expand(expand::ExpandArgs),
+    /// Run a sweep on this machine: a master, local workers and a local broker.
+    Run(local::RunArgs),
+    /// The master service: store, broker session, API.
+    Master(services::MasterArgs),
+    /// The worker service: runs jobs from the broker.
+    Worker(services::WorkerArgs),
+    /// Submit a sweep to a master.
+    Submit(client::SubmitArgs),
+    /// Sweeps with their progress, and workers.
+    Status(client::StatusArgs),
+    /// List jobs.
+    Jobs(client::JobsArgs),
+    /// Print a job's output.
+    Logs(client::LogsArgs),
+    /// Cancel a sweep or a job.
+    Cancel(client::CancelArgs),
+    /// Run a sweep's failed jobs again.
+    Retry(client::RetryArgs),
+    /// A sweep's results as CSV or JSON lines.
+    Results(client::ResultsArgs),
 }
 
 /// A failure with the exit code it maps to.
@@ -29,6 +54,8 @@ pub(crate) enum Failure {
     Usage(String),
     /// Anything else: exit 1.
     Other(anyhow::Error),
+    /// Already reported: exit with this code.
+    Silent(u8),
 }
 
 impl From<anyhow::Error> for Failure {
@@ -41,8 +68,18 @@ impl From<anyhow::Error> for Failure {
 pub fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
-    let outcome = match cli.command {
-        Command::Expand(args) => expand::run(&args),
+    let outcome = match &cli.command {
+        Command::Expand(args) => expand::run(args),
+        Command::Run(args) => local::run(args),
+        Command::Master(args) => services::master(args),
+        Command::Worker(args) => services::worker(args),
+        Command::Submit(args) => client::submit(args),
+        Command::Status(args) => client::status(args),
+        Command::Jobs(args) => client::jobs(args),
+        Command::Logs(args) => client::logs(args),
+        Command::Cancel(args) => client::cancel(args),
+        Command::Retry(args) => client::retry(args),
+        Command::Results(args) => client::results(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,12 +91,14 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
+        Err(Failure::Silent(code)) => ExitCode::from(code),
     }
 }
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,lapin=off"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1,0 +1,310 @@
+//! `gridq run SWEEP --local`: the master and N workers on this machine, against a local
+//! RabbitMQ (started privately when none answers), then `results.csv`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use gridq_common::amqp;
+use gridq_common::rabbit_node::{NodeOptions, RabbitNode};
+use gridq_master::service::{self, MasterConfig};
+use gridq_master::sweep::{self, LoadOptions};
+use tokio::process::{Child, Command};
+
+use super::Failure;
+use super::client::{self, Client};
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// The sweep file.
+    sweep: PathBuf,
+    /// Run everything on this machine (the only mode for now; deployed clusters use `submit`).
+    #[arg(long, required = true)]
+    local: bool,
+    /// Worker processes to start (default: the number of CPUs).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// The command, for bare parameters files.
+    #[arg(long, short = 'c')]
+    command: Option<String>,
+    /// The broker; default: amqp://127.0.0.1:5672 if it answers, else a private node.
+    #[arg(long, env = "GRIDQ_BROKER", hide_env_values = true)]
+    broker: Option<String>,
+    /// Where the store, token, private broker and results live.
+    #[arg(long, env = "GRIDQ_STATE_DIR", default_value = ".gridq")]
+    state_dir: PathBuf,
+    /// Run every job again, even those that succeeded in an earlier run.
+    #[arg(long)]
+    rerun: bool,
+}
+
+pub(crate) fn run(args: &RunArgs) -> Result<(), Failure> {
+    let _ = args.local;
+    // Validate the sweep before starting anything: bad input exits 2 and changes nothing.
+    let yaml = std::fs::read_to_string(&args.sweep)
+        .map_err(|e| Failure::Usage(format!("{}: {e}", args.sweep.display())))?;
+    let source = args.sweep.display().to_string();
+    let stem = args
+        .sweep
+        .file_stem()
+        .map_or_else(|| "sweep".to_owned(), |s| s.to_string_lossy().into_owned());
+    let options = LoadOptions {
+        command: args.command.clone(),
+    };
+    let loaded = sweep::load_str(&yaml, &source, &stem, &options)
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let (record, jobs) = service::plan_submission(&loaded.sweep, &yaml)
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    let project = args
+        .sweep
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .unwrap_or(Path::new("."));
+    let project = std::fs::canonicalize(project)
+        .map_err(|e| Failure::Other(anyhow::anyhow!("{}: {e}", project.display())))?;
+    if args.workers == Some(0) {
+        return Err(Failure::Usage("--workers: must be at least 1".into()));
+    }
+    let n_workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let state_dir = absolute(&args.state_dir).map_err(Failure::Other)?;
+
+    let rt = super::services::runtime()?;
+    let outcome = rt.block_on(async {
+        let mut stop = super::services::stop_signals()?;
+        let mut node = None;
+        let broker = match &args.broker {
+            Some(url) => url.clone(),
+            None => match probe(amqp::DEFAULT_BROKER).await {
+                true => amqp::DEFAULT_BROKER.to_owned(),
+                false => {
+                    let n = start_private_broker(&state_dir).await?;
+                    let url = n.amqp_url("/");
+                    node = Some(n);
+                    url
+                }
+            },
+        };
+        let result = session(
+            &state_dir, &broker, &project, n_workers, record, jobs, args.rerun, &mut stop,
+        )
+        .await;
+        if let Some(mut n) = node {
+            let _ = n.stop().await;
+        }
+        result
+    });
+    match outcome {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Failure::Silent(1)),
+        Err(e) => Err(Failure::Other(e)),
+    }
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+    std::fs::canonicalize(p).with_context(|| format!("resolving {}", p.display()))
+}
+
+/// Whether a broker answers at `url` (an AMQP handshake, within 2 s).
+async fn probe(url: &str) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), amqp::connect(url, "gridq-probe")).await,
+        Ok(Ok(_))
+    )
+}
+
+async fn start_private_broker(state_dir: &Path) -> anyhow::Result<RabbitNode> {
+    if let Err(e) = gridq_common::rabbit_node::locate_server() {
+        bail!("no broker answers at {} and {e}", amqp::DEFAULT_BROKER);
+    }
+    eprintln!(
+        "no broker at {}; starting a private RabbitMQ node under {}",
+        amqp::DEFAULT_BROKER,
+        state_dir.join("broker").display()
+    );
+    let options = NodeOptions::new(state_dir.join("broker"));
+    RabbitNode::start(options)
+        .await
+        .context("starting the private RabbitMQ node")
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    state_dir: &Path,
+    broker: &str,
+    project: &Path,
+    n_workers: usize,
+    record: gridq_master::store::SweepRecord,
+    jobs: Vec<gridq_master::store::NewJob>,
+    rerun: bool,
+    stop: &mut tokio::sync::watch::Receiver<u32>,
+) -> anyhow::Result<bool> {
+    let (master_stop_tx, master_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut config = MasterConfig::new(state_dir.to_path_buf(), broker.to_owned());
+    config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    config.heartbeat_timeout = Duration::from_secs(10);
+    let (handle, master_task) = service::start(config, async move {
+        let _ = master_stop_rx.await;
+    })
+    .await?;
+    let url = format!("http://{}", handle.addr);
+    super::context::save(&url, &handle.token).context("saving the CLI context")?;
+    let logs = state_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let mut workers = Vec::new();
+    for i in 0..n_workers {
+        workers.push(spawn_worker(broker, project, &logs, i)?);
+    }
+    let name = record.name.to_string();
+    let summary = handle
+        .submit(record, jobs, rerun)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "sweep {name}: {} jobs ({} new, {} to run again, {} already succeeded); {n_workers} local workers; monitor API at {url}",
+        summary.total, summary.added, summary.rerun, summary.skipped
+    );
+    let client = Client::new(url, handle.token.to_string());
+    let all_ok = tokio::select! {
+        r = client::watch(&client, &name, true) => r?,
+        _ = stop.wait_for(|n| *n >= 1) => {
+            eprintln!("interrupted: canceling sweep {name}");
+            let _ = handle.cancel_sweep(gridq_common::SweepId::new(&name).map_err(anyhow::Error::msg)?).await;
+            false
+        }
+    };
+    // Results, then teardown.
+    let csv = client
+        .get_text(&format!(
+            "/sweeps/{}/results?format=csv",
+            gridq_common::rabbit_node::percent_encode(&name)
+        ))
+        .await?;
+    let results_dir = state_dir.join("results");
+    std::fs::create_dir_all(&results_dir)?;
+    let path = results_dir.join(format!("{name}.csv"));
+    std::fs::write(&path, &csv).with_context(|| format!("writing {}", path.display()))?;
+    print_table(&csv);
+    eprintln!("results: {}", path.display());
+    stop_workers(workers).await;
+    let _ = master_stop_tx.send(());
+    let _ = master_task.await;
+    Ok(all_ok)
+}
+
+fn spawn_worker(broker: &str, project: &Path, logs: &Path, i: usize) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("locating the gridq binary")?;
+    let log = std::fs::File::create(logs.join(format!("worker-{i}.log")))?;
+    let child = Command::new(exe)
+        .arg("worker")
+        .arg("--slots")
+        .arg("1")
+        .arg("--heartbeat")
+        .arg("1s")
+        .arg("--project")
+        .arg(project)
+        // The URL carries the password: pass it in the environment, not on the command line.
+        .env("GRIDQ_BROKER", broker)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting a worker process")?;
+    Ok(child)
+}
+
+async fn stop_workers(mut workers: Vec<Child>) {
+    for w in &workers {
+        if let Some(pid) = w.id() {
+            let _ = nix_kill(pid);
+        }
+    }
+    for w in &mut workers {
+        if tokio::time::timeout(Duration::from_secs(15), w.wait())
+            .await
+            .is_err()
+        {
+            let _ = w.kill().await;
+        }
+    }
+}
+
+/// SIGTERM: the worker finishes its job (none runs once the sweep is done) and exits.
+fn nix_kill(pid: u32) -> nix::Result<()> {
+    let pid = i32::try_from(pid).map_err(|_| nix::errno::Errno::EINVAL)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+}
+
+/// Prints the results CSV as an aligned table (first 50 rows).
+fn print_table(csv_text: &str) {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_reader(csv_text.as_bytes());
+    let rows: Vec<Vec<String>> = reader
+        .records()
+        .filter_map(Result::ok)
+        .map(|r| r.iter().map(|f| f.to_owned()).collect())
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let shown: Vec<Vec<String>> = rows
+        .iter()
+        .take(51)
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    if i == 0 && f.len() > 12 {
+                        f[..12].to_owned()
+                    } else {
+                        f.clone()
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let cols = shown.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            shown
+                .iter()
+                .filter_map(|r| r.get(c))
+                .map(|f| f.chars().count())
+                .max()
+                .unwrap_or(0)
+                .min(24)
+        })
+        .collect();
+    for row in &shown {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(f, w)| {
+                let f: String = f.chars().take(*w).collect();
+                format!("{f:<w$}")
+            })
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    if rows.len() > 51 {
+        println!("... {} more rows in the CSV", rows.len() - 51);
+    }
+}

@@ -1,0 +1,364 @@
+//! The master's AMQP session: it declares the topology, consumes the events and dead-letter
+//! queues into the core, and publishes job messages (with publisher confirms) and worker
+//! control messages.
+//!
+//! The session is rebuilt from scratch whenever the connection drops, with backoff. Deliveries
+//! carry their acker to the core, which acks only after its transaction has committed; a
+//! delivery whose channel died is simply redelivered by the broker later, and the core's
+//! handlers are idempotent. Publishes not confirmed before a drop are reported as failed, and
+//! the core republishes them on the next session.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use gridq_common::amqp::{self, Backoff};
+use gridq_common::topology;
+use gridq_common::wire::{self, DecodeError, FromWorker, JobMessage, ToWorker};
+use lapin::Acker;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::store::Publish;
+
+/// Something the broker session hands to the core.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A decoded event; ack it after commit.
+    Event(FromWorker, Acker),
+    /// A message on the dead-letter queue; record it, then ack.
+    Dead {
+        properties: Box<BasicProperties>,
+        body: Vec<u8>,
+        acker: Acker,
+    },
+    /// These job messages are on the broker (confirmed).
+    Confirmed(Vec<Publish>),
+    /// These were not confirmed (nack or connection loss); publish them again later.
+    Unconfirmed(Vec<Publish>),
+    /// A session is up: anything pending can be published now.
+    Up,
+    /// The session is down.
+    Down(String),
+}
+
+/// A request to the publisher.
+#[derive(Debug)]
+pub enum Outbound {
+    /// Job messages to put on their queues, confirmed in order.
+    Jobs(Vec<(Publish, JobMessage)>),
+    /// A message to one worker (no confirm: a lost grant makes the worker claim again).
+    Control { queue: String, message: ToWorker },
+    /// Declare a job queue (on submit of a sweep that names a new queue).
+    DeclareQueue(String),
+}
+
+/// Settings of the session.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub url: String,
+    pub delivery_limit: u32,
+    /// Events fetched ahead of the core (bounded).
+    pub prefetch: u16,
+    pub name: String,
+}
+
+/// Runs sessions until `outbound` closes (the core stopped).
+pub async fn run(
+    config: BrokerConfig,
+    inbound: mpsc::Sender<Inbound>,
+    mut outbound: mpsc::Receiver<Outbound>,
+) {
+    let mut backoff = Backoff::default();
+    let mut queues: Vec<String> = vec![topology::DEFAULT_QUEUE.to_owned()];
+    loop {
+        let connection = match amqp::connect(&config.url, &config.name).await {
+            Ok(c) => c,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(broker = %amqp::redact(&config.url), cause = %e, retry_in = ?delay, "cannot connect to the broker");
+                if inbound.send(Inbound::Down(e.to_string())).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
+        match session(
+            &config,
+            &connection,
+            &inbound,
+            &mut outbound,
+            &mut queues,
+            &mut backoff,
+        )
+        .await
+        {
+            SessionEnd::Shutdown => {
+                let _ = connection.close(200, "master stopping".into()).await;
+                return;
+            }
+            SessionEnd::Lost(why) => {
+                warn!(cause = %why, "broker session lost; reconnecting");
+                let _ = connection.close(200, "reconnecting".into()).await;
+                if inbound.send(Inbound::Down(why)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+async fn session(
+    config: &BrokerConfig,
+    connection: &Connection,
+    inbound: &mpsc::Sender<Inbound>,
+    outbound: &mut mpsc::Receiver<Outbound>,
+    queues: &mut Vec<String>,
+    backoff: &mut Backoff,
+) -> SessionEnd {
+    let setup = async {
+        let declare = connection.create_channel().await?;
+        topology::declare_master(&declare).await?;
+        for q in queues.iter() {
+            topology::declare_jobs_queue(&declare, q, config.delivery_limit).await?;
+        }
+        let events = connection.create_channel().await?;
+        events
+            .basic_qos(config.prefetch, BasicQosOptions::default())
+            .await?;
+        let events_consumer = events
+            .basic_consume(
+                topology::EVENTS_QUEUE.into(),
+                "gridq-master-events".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let dead = connection.create_channel().await?;
+        dead.basic_qos(64, BasicQosOptions::default()).await?;
+        let dead_consumer = dead
+            .basic_consume(
+                topology::DEAD_QUEUE.into(),
+                "gridq-master-dead".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let publish = connection.create_channel().await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let control = connection.create_channel().await?;
+        Ok::<_, lapin::Error>((
+            declare,
+            events,
+            events_consumer,
+            dead_consumer,
+            publish,
+            control,
+        ))
+    };
+    let (declare, events, mut events_consumer, mut dead_consumer, publish, control) =
+        match setup.await {
+            Ok(s) => s,
+            Err(e) => return SessionEnd::Lost(format!("setting up the session: {e}")),
+        };
+    info!(broker = %amqp::redact(&config.url), "connected to the broker");
+    backoff.reset();
+    if inbound.send(Inbound::Up).await.is_err() {
+        return SessionEnd::Shutdown;
+    }
+    // Confirms are awaited off the main loop so that publishing never waits on the broker.
+    let (confirm_tx, mut confirm_rx) =
+        mpsc::channel::<Result<Vec<Publish>, (Vec<Publish>, String)>>(64);
+    loop {
+        tokio::select! {
+            delivery = events_consumer.next() => {
+                let Some(delivery) = delivery else { return SessionEnd::Lost("events consumer ended".into()) };
+                let delivery = match delivery {
+                    Ok(d) => d,
+                    Err(e) => return SessionEnd::Lost(format!("events consumer: {e}")),
+                };
+                match wire::decode::<FromWorker>(&delivery.properties, &delivery.data) {
+                    Ok(event) => {
+                        if inbound.send(Inbound::Event(event, delivery.acker)).await.is_err() {
+                            return SessionEnd::Shutdown;
+                        }
+                    }
+                    Err(e) => {
+                        if let Err(err) = dead_letter(&events, topology::EVENTS_QUEUE, &delivery.properties, &delivery.data, &e).await {
+                            return SessionEnd::Lost(format!("dead-lettering a poison event: {err}"));
+                        }
+                        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                    }
+                }
+            }
+            delivery = dead_consumer.next() => {
+                let Some(delivery) = delivery else { return SessionEnd::Lost("dead-letter consumer ended".into()) };
+                let delivery = match delivery {
+                    Ok(d) => d,
+                    Err(e) => return SessionEnd::Lost(format!("dead-letter consumer: {e}")),
+                };
+                let msg = Inbound::Dead { properties: Box::new(delivery.properties), body: delivery.data, acker: delivery.acker };
+                if inbound.send(msg).await.is_err() {
+                    return SessionEnd::Shutdown;
+                }
+            }
+            confirmed = confirm_rx.recv() => {
+                match confirmed {
+                    Some(Ok(batch)) => {
+                        let sent = inbound.send(Inbound::Confirmed(batch)).await;
+                        if sent.is_err() {
+                            return SessionEnd::Shutdown;
+                        }
+                    }
+                    Some(Err((batch, why))) => {
+                        let _ = inbound.send(Inbound::Unconfirmed(batch)).await;
+                        return SessionEnd::Lost(format!("publishing: {why}"));
+                    }
+                    None => {}
+                }
+            }
+            request = outbound.recv() => {
+                let Some(request) = request else { return SessionEnd::Shutdown };
+                match request {
+                    Outbound::Jobs(batch) => {
+                        let publishes: Vec<Publish> = batch.iter().map(|(p, _)| p.clone()).collect();
+                        match publish_jobs(&publish, batch).await {
+                            Ok(confirms) => {
+                                let tx = confirm_tx.clone();
+                                tokio::spawn(async move {
+                                    let mut failed = None;
+                                    for c in confirms {
+                                        match c.await {
+                                            Ok(conf) if conf.is_ack() => {}
+                                            Ok(_) => failed = Some("the broker refused a job message (nack)".to_string()),
+                                            Err(e) => failed = Some(e.to_string()),
+                                        }
+                                    }
+                                    let _ = tx.send(match failed {
+                                        None => Ok(publishes),
+                                        Some(why) => Err((publishes, why)),
+                                    }).await;
+                                });
+                            }
+                            Err(e) => {
+                                let _ = inbound.send(Inbound::Unconfirmed(publishes)).await;
+                                return SessionEnd::Lost(format!("publishing jobs: {e}"));
+                            }
+                        }
+                    }
+                    Outbound::Control { queue, message } => {
+                        let enc = wire::encode(&message);
+                        // A worker queue that is gone (worker dead) drops the message: fine.
+                        let props = enc.properties.with_delivery_mode(1);
+                        if let Err(e) = control.basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), &enc.body, props).await {
+                            return SessionEnd::Lost(format!("publishing to {queue}: {e}"));
+                        }
+                    }
+                    Outbound::DeclareQueue(name) => {
+                        if !queues.contains(&name) {
+                            if let Err(e) = topology::declare_jobs_queue(&declare, &name, config.delivery_limit).await {
+                                return SessionEnd::Lost(format!("declaring queue {name}: {e}"));
+                            }
+                            queues.push(name);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn publish_jobs(
+    channel: &Channel,
+    batch: Vec<(Publish, JobMessage)>,
+) -> Result<Vec<lapin::PublisherConfirm>, lapin::Error> {
+    let mut confirms = Vec::with_capacity(batch.len());
+    for (p, message) in batch {
+        let enc = wire::encode(&message);
+        let queue = topology::jobs_queue(&p.queue);
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &enc.body,
+                enc.properties,
+            )
+            .await?;
+        confirms.push(confirm);
+    }
+    debug!(n = confirms.len(), "published job messages");
+    Ok(confirms)
+}
+
+/// Sends a message this consumer cannot use to the dead-letter exchange with the reason, keeping
+/// its headers and body.
+pub async fn dead_letter(
+    channel: &Channel,
+    queue: &str,
+    properties: &BasicProperties,
+    body: &[u8],
+    reason: &DecodeError,
+) -> Result<(), lapin::Error> {
+    warn!(queue, cause = %reason, "dead-lettering a message");
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        ShortString::from(wire::HEADER_DEAD_REASON),
+        AMQPValue::LongString(reason.to_string().into()),
+    );
+    headers.insert(
+        ShortString::from("gridq-dead-queue"),
+        AMQPValue::LongString(queue.into()),
+    );
+    let props = properties.clone().with_headers(headers);
+    channel
+        .basic_publish(
+            topology::DEAD_LETTER_EXCHANGE.into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await?
+        .await?;
+    Ok(())
+}
+
+/// Reads why a dead-lettered message died: gridq's own reason header, or the broker's
+/// `x-first-death-reason` (`delivery_limit`, `rejected`, `expired`, ...).
+pub fn dead_reason(properties: &BasicProperties) -> (String, String) {
+    let headers = properties.headers().clone().unwrap_or_default();
+    let text = |key: &str| -> Option<String> {
+        match headers.inner().get(key)? {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+            _ => None,
+        }
+    };
+    let queue = text("gridq-dead-queue")
+        .or_else(|| text("x-first-death-queue"))
+        .unwrap_or_else(|| "?".into());
+    let reason = text(wire::HEADER_DEAD_REASON)
+        .or_else(|| {
+            text("x-first-death-reason").map(|r| format!("dead-lettered by the broker: {r}"))
+        })
+        .unwrap_or_else(|| "dead-lettered".into());
+    (queue, reason)
+}
+
+/// How long the core waits for a session before reporting the broker as unreachable.
+pub const CONNECT_GRACE: Duration = Duration::from_secs(10);

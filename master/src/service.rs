@@ -1,0 +1,799 @@
+//! The master service: the core loop that owns the store, the broker session and the HTTP API.
+//!
+//! # The job protocol (lease design)
+//! RabbitMQ closes a channel that holds an unacked delivery longer than `consumer_timeout`
+//! (30 minutes by default), and training jobs run for hours. So a worker never holds a delivery
+//! while a job runs:
+//!
+//! 1. The master publishes a job message for attempt *n* (persistent, confirmed). The job is
+//!    `pending` until the confirm arrives, then `queued`.
+//! 2. A worker with a free slot receives it and sends a `claim`.
+//! 3. The master decides in one transaction: it grants the attempt (recording the lease: job
+//!    `running` on that worker) or denies it (canceled, superseded, already running or done).
+//! 4. On a grant the worker stops consuming on that slot, acks the delivery and runs the job.
+//!    On a denial it acks and drops the message. Either way the delivery is held for one round
+//!    trip, not for the job.
+//! 5. The worker reports `finished` (confirmed, re-sent after reconnects). The master commits
+//!    the result, then acks the event.
+//! 6. The master watches heartbeats. When a worker misses them for `heartbeat_timeout`, each
+//!    attempt it held is published again as attempt *n+1*; after `max_lost` lost workers the
+//!    job fails with that reason. A worker that dies before its grant never acked: the broker
+//!    redelivers, and the quorum queue's delivery limit dead-letters a message that keeps
+//!    killing workers before they can claim it.
+//!
+//! Duplicates (a republished message whose first copy was in fact stored, a late `finished`
+//! from a worker thought lost) are harmless: claims of a non-current attempt are denied, and a
+//! late result is stored as a duplicate while the results table keeps one row per job.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use gridq_common::topology;
+use gridq_common::wire::{self, AttemptRef, FromWorker, JobMessage, ToWorker};
+use gridq_common::{JobId, SweepId, WorkerId};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+use crate::broker::{self, BrokerConfig, Inbound, Outbound};
+use crate::http;
+use crate::store::{
+    ClaimVerdict, FinishEffect, JobState, LostEffect, NewJob, Publish, Store, StoreError,
+    SubmitSummary, SweepRecord,
+};
+
+/// Settings of the master.
+#[derive(Debug, Clone)]
+pub struct MasterConfig {
+    /// Where the store, the token and (in local mode) the private broker live.
+    pub state_dir: PathBuf,
+    /// The broker URL (with credentials).
+    pub broker_url: String,
+    /// Where the HTTP API listens (127.0.0.1:8642 by default; port 0 picks one).
+    pub listen: SocketAddr,
+    /// A worker silent this long is lost.
+    pub heartbeat_timeout: Duration,
+    /// Lost workers after which a job fails instead of running again.
+    pub max_lost: u32,
+    /// Deliveries of one job message before the broker dead-letters it.
+    pub delivery_limit: u32,
+    /// Cap of the exponential backoff between retries.
+    pub max_retry_backoff: Duration,
+    /// A fixed token instead of the saved or generated one.
+    pub token: Option<String>,
+}
+
+impl MasterConfig {
+    /// Defaults for a state directory and broker.
+    pub fn new(state_dir: PathBuf, broker_url: String) -> Self {
+        Self {
+            state_dir,
+            broker_url,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8642)),
+            heartbeat_timeout: Duration::from_secs(15),
+            max_lost: 3,
+            delivery_limit: topology::DEFAULT_DELIVERY_LIMIT,
+            max_retry_backoff: Duration::from_secs(300),
+            token: None,
+        }
+    }
+}
+
+/// Why the master could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A command from the API (or an embedding program) to the core.
+#[derive(Debug)]
+pub enum Command {
+    Submit {
+        record: SweepRecord,
+        jobs: Vec<NewJob>,
+        rerun: bool,
+        reply: oneshot::Sender<Result<SubmitSummary, String>>,
+    },
+    CancelSweep {
+        sweep: SweepId,
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+    CancelJob {
+        sweep: SweepId,
+        job: JobId,
+        reply: oneshot::Sender<Result<bool, String>>,
+    },
+    RetryFailed {
+        sweep: SweepId,
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+}
+
+/// A handle to a running master: commands, change notifications, where it listens.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    pub commands: mpsc::Sender<Command>,
+    /// Bumped after every commit that changed something.
+    pub changes: watch::Receiver<u64>,
+    pub addr: SocketAddr,
+    pub token: Arc<str>,
+    pub db_path: PathBuf,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Loads the token from `dir/token`, or generates and saves one (mode 0600).
+///
+/// # Errors
+/// When the file cannot be read or written.
+pub fn load_or_create_token(dir: &Path) -> std::io::Result<String> {
+    let path = dir.join("token");
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(&path, &token)?;
+    Ok(token)
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
+}
+
+/// Starts the master and returns once it listens; it runs until `shutdown` resolves.
+///
+/// # Errors
+/// When the state directory, store or listener cannot be set up.
+pub async fn start(
+    config: MasterConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(Handle, tokio::task::JoinHandle<()>), MasterError> {
+    let dir = &config.state_dir;
+    std::fs::create_dir_all(dir).map_err(|source| MasterError::StateDir {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let token: Arc<str> = match &config.token {
+        Some(t) => Arc::from(t.as_str()),
+        None => Arc::from(
+            load_or_create_token(dir).map_err(|source| MasterError::StateDir {
+                path: dir.join("token").display().to_string(),
+                source,
+            })?,
+        ),
+    };
+    let db_path = dir.join("gridq.db");
+    let store = Store::open(&db_path)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| MasterError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| MasterError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let (commands_tx, commands_rx) = mpsc::channel(256);
+    let (changes_tx, changes_rx) = watch::channel(0u64);
+    let handle = Handle {
+        commands: commands_tx,
+        changes: changes_rx,
+        addr,
+        token: token.clone(),
+        db_path: db_path.clone(),
+    };
+    let (inbound_tx, inbound_rx) = mpsc::channel(4096);
+    let (outbound_tx, outbound_rx) = mpsc::channel(1024);
+    let broker_config = BrokerConfig {
+        url: config.broker_url.clone(),
+        delivery_limit: config.delivery_limit,
+        prefetch: 1000,
+        name: format!("gridq-master@{}", hostname()),
+    };
+    let broker_task = tokio::spawn(broker::run(broker_config, inbound_tx, outbound_rx));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        handle.clone(),
+        db_path.clone(),
+        stop_rx.clone(),
+    ));
+    info!(listen = %addr, broker = %gridq_common::amqp::redact(&config.broker_url), "master started");
+    let core = Core::new(store, config, outbound_tx, changes_tx)?;
+    let task = tokio::spawn(async move {
+        let mut stop = stop_rx;
+        tokio::select! {
+            () = core.run(inbound_rx, commands_rx, &mut stop) => {}
+            () = shutdown => {}
+        }
+        let _ = stop_tx.send(true);
+        let _ = http_task.await;
+        broker_task.abort();
+        let _ = broker_task.await;
+        info!("master stopped");
+    });
+    Ok((handle, task))
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+struct Live {
+    last_seen: Instant,
+}
+
+struct Core {
+    store: Store,
+    config: MasterConfig,
+    out: mpsc::Sender<Outbound>,
+    changes: watch::Sender<u64>,
+    broker_up: bool,
+    workers: HashMap<String, Live>,
+    queues: HashSet<String>,
+}
+
+/// What to do once a transaction has committed.
+#[derive(Default)]
+struct Effects {
+    acks: Vec<lapin::Acker>,
+    publish: Vec<Publish>,
+    control: Vec<(String, ToWorker)>,
+    replies: Vec<Box<dyn FnOnce() + Send>>,
+    changed: bool,
+}
+
+impl Core {
+    fn new(
+        store: Store,
+        config: MasterConfig,
+        out: mpsc::Sender<Outbound>,
+        changes: watch::Sender<u64>,
+    ) -> Result<Self, MasterError> {
+        // Leases survive a restart: every worker holding one gets a full timeout to show up.
+        let mut workers = HashMap::new();
+        for (worker, _) in store.running()? {
+            workers.insert(
+                worker,
+                Live {
+                    last_seen: Instant::now(),
+                },
+            );
+        }
+        Ok(Self {
+            store,
+            config,
+            out,
+            changes,
+            broker_up: false,
+            workers,
+            queues: HashSet::from([topology::DEFAULT_QUEUE.to_owned()]),
+        })
+    }
+
+    async fn run(
+        mut self,
+        mut inbound: mpsc::Receiver<Inbound>,
+        mut commands: mpsc::Receiver<Command>,
+        _stop: &mut watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut batch_in = Vec::new();
+            let mut batch_cmd = Vec::new();
+            let mut ticked = false;
+            tokio::select! {
+                msg = inbound.recv() => match msg {
+                    Some(m) => batch_in.push(m),
+                    None => return,
+                },
+                cmd = commands.recv() => match cmd {
+                    Some(c) => batch_cmd.push(c),
+                    None => return,
+                },
+                _ = tick.tick() => ticked = true,
+            }
+            while batch_in.len() < 512 {
+                match inbound.try_recv() {
+                    Ok(m) => batch_in.push(m),
+                    Err(_) => break,
+                }
+            }
+            while batch_cmd.len() < 16 {
+                match commands.try_recv() {
+                    Ok(c) => batch_cmd.push(c),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = self.step(batch_in, batch_cmd, ticked).await {
+                // A store error leaves the transaction rolled back and nothing acked: the
+                // broker redelivers. Keep going; persistent failures are logged each time.
+                error!(cause = %e, "master step failed; its messages will be redelivered");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+
+    async fn step(
+        &mut self,
+        inbound: Vec<Inbound>,
+        commands: Vec<Command>,
+        ticked: bool,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut effects = Effects::default();
+        let mut session_up = false;
+        for m in &inbound {
+            match m {
+                Inbound::Up => session_up = true,
+                Inbound::Down(_) => self.broker_up = false,
+                _ => {}
+            }
+        }
+        let due = if ticked {
+            self.store.due_retries(now)?
+        } else {
+            Vec::new()
+        };
+        let lost: Vec<String> = if ticked {
+            let limit = self.config.heartbeat_timeout;
+            self.workers
+                .iter()
+                .filter(|(_, l)| l.last_seen.elapsed() > limit)
+                .map(|(w, _)| w.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let config = self.config.clone();
+        let workers = &mut self.workers;
+        let queues = &mut self.queues;
+        let out = &self.out;
+        self.store.transaction(|tx| {
+            for m in inbound {
+                match m {
+                    Inbound::Event(event, acker) => {
+                        handle_event(tx, event, &config, workers, &mut effects, now)?;
+                        effects.acks.push(acker);
+                    }
+                    Inbound::Dead { properties, body, acker } => {
+                        let (queue, reason) = broker::dead_reason(&properties);
+                        let kind = wire::kind_of(&properties).ok();
+                        if kind.as_deref() == Some("job") {
+                            if let Ok(job) = wire::decode::<JobMessage>(&properties, &body) {
+                                let a = AttemptRef { sweep: job.sweep, job: job.job, attempt: job.attempt };
+                                let why = if reason.contains("delivery_limit") {
+                                    format!(
+                                        "delivered {} times without being claimed: it kills its worker before it can start (out of memory?)",
+                                        config.delivery_limit
+                                    )
+                                } else {
+                                    reason.clone()
+                                };
+                                if tx.job_dead_lettered(&a, &why, now)? {
+                                    effects.changed = true;
+                                }
+                            }
+                        }
+                        tx.dead_letter(&queue, kind.as_deref(), &reason, &body, now)?;
+                        effects.acks.push(acker);
+                    }
+                    Inbound::Confirmed(batch) => {
+                        tx.confirmed(&batch, now)?;
+                        effects.changed = true;
+                    }
+                    Inbound::Unconfirmed(_) | Inbound::Up | Inbound::Down(_) => {}
+                }
+            }
+            for cmd in commands {
+                handle_command(tx, cmd, queues, out, &mut effects, now)?;
+            }
+            for a in due {
+                if let Some(p) = tx.retry_due(&a, now)? {
+                    effects.publish.push(p);
+                    effects.changed = true;
+                }
+            }
+            for w in lost {
+                warn!(worker = %w, "worker lost: no heartbeat");
+                workers.remove(&w);
+                for effect in tx.worker_lost(&w, "missed heartbeats", config.max_lost, now)? {
+                    effects.changed = true;
+                    match effect {
+                        LostEffect::Requeue(p) => effects.publish.push(p),
+                        LostEffect::Failed(a) => warn!(sweep = %a.sweep, job = %a.job, "job failed: its workers keep dying"),
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        // Committed: now ack, reply, publish.
+        for acker in effects.acks {
+            let _ = acker.ack(lapin::options::BasicAckOptions::default()).await;
+        }
+        for reply in effects.replies {
+            reply();
+        }
+        if session_up {
+            self.broker_up = true;
+            for q in &self.queues {
+                let _ = self.out.send(Outbound::DeclareQueue(q.clone())).await;
+            }
+            // Everything not yet confirmed goes out again (duplicates are denied at claim time).
+            effects.publish = self.store.pending()?;
+        }
+        if self.broker_up && !effects.publish.is_empty() {
+            self.publish(effects.publish).await?;
+        }
+        for (queue, message) in effects.control {
+            let _ = self.out.send(Outbound::Control { queue, message }).await;
+        }
+        if effects.changed {
+            self.changes.send_modify(|v| *v += 1);
+        }
+        Ok(())
+    }
+
+    async fn publish(&mut self, publish: Vec<Publish>) -> Result<(), StoreError> {
+        for chunk in publish.chunks(1000) {
+            let mut batch = Vec::with_capacity(chunk.len());
+            for p in chunk {
+                if let Some(msg) = self.store.read().job_message(p)? {
+                    batch.push((p.clone(), msg));
+                }
+            }
+            if self.out.send(Outbound::Jobs(batch)).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn handle_event(
+    tx: &crate::store::Tx<'_>,
+    event: FromWorker,
+    config: &MasterConfig,
+    workers: &mut HashMap<String, Live>,
+    effects: &mut Effects,
+    now: u64,
+) -> Result<(), StoreError> {
+    fn seen(workers: &mut HashMap<String, Live>, w: &WorkerId) {
+        workers
+            .entry(w.as_str().to_owned())
+            .and_modify(|l| l.last_seen = Instant::now())
+            .or_insert(Live {
+                last_seen: Instant::now(),
+            });
+    }
+    match event {
+        FromWorker::Claim(claim) => {
+            seen(workers, &claim.worker);
+            let host = claim
+                .worker
+                .as_str()
+                .rsplitn(3, '-')
+                .nth(2)
+                .unwrap_or("")
+                .to_owned();
+            let verdict = tx.claim(&claim.attempt, &claim.worker, &host, now)?;
+            let queue = topology::worker_queue(&claim.worker);
+            let message = match verdict {
+                ClaimVerdict::Grant => {
+                    effects.changed = true;
+                    ToWorker::Grant {
+                        attempt: claim.attempt,
+                        token: claim.token,
+                    }
+                }
+                ClaimVerdict::Deny(reason) => ToWorker::Deny {
+                    attempt: claim.attempt,
+                    token: claim.token,
+                    reason,
+                },
+            };
+            effects.control.push((queue, message));
+        }
+        FromWorker::Output(batch) => {
+            tx.output(&batch.attempt, batch.first_seq, &batch.lines)?;
+            effects.changed = true;
+        }
+        FromWorker::Finished(f) => {
+            seen(workers, &f.worker);
+            match tx.finish(
+                &f,
+                u64::try_from(config.max_retry_backoff.as_millis()).unwrap_or(u64::MAX),
+                now,
+            )? {
+                FinishEffect::Requeue(p) => effects.publish.push(p),
+                FinishEffect::Duplicate => {
+                    info!(sweep = %f.attempt.sweep, job = %f.attempt.job, attempt = f.attempt.attempt, worker = %f.worker, "duplicate result stored as such");
+                }
+                FinishEffect::Applied(_) | FinishEffect::Retry { .. } => {}
+            }
+            effects.changed = true;
+        }
+        FromWorker::Heartbeat(hb) => {
+            seen(workers, &hb.worker);
+            let info = serde_json::to_value(&*hb).unwrap_or(serde_json::Value::Null);
+            let state = if hb.draining { "draining" } else { "online" };
+            tx.worker_seen(hb.worker.as_str(), &hb.host, state, None, &info, now)?;
+        }
+        FromWorker::Stopped(stopped) => {
+            workers.remove(stopped.worker.as_str());
+            let host = stopped
+                .worker
+                .as_str()
+                .rsplitn(3, '-')
+                .nth(2)
+                .unwrap_or("")
+                .to_owned();
+            tx.worker_seen(
+                stopped.worker.as_str(),
+                &host,
+                "stopped",
+                Some(&stopped.reason),
+                &serde_json::Value::Null,
+                now,
+            )?;
+            // Anything it still held (it should have handed all back) runs again.
+            for effect in tx.worker_lost(
+                stopped.worker.as_str(),
+                &format!("stopped: {}", stopped.reason),
+                u32::MAX,
+                now,
+            )? {
+                if let LostEffect::Requeue(p) = effect {
+                    effects.publish.push(p);
+                }
+            }
+            tx.worker_seen(
+                stopped.worker.as_str(),
+                &host,
+                "stopped",
+                Some(&stopped.reason),
+                &serde_json::Value::Null,
+                now,
+            )?;
+            effects.changed = true;
+        }
+    }
+    Ok(())
+}
+
+fn handle_command(
+    tx: &crate::store::Tx<'_>,
+    cmd: Command,
+    queues: &mut HashSet<String>,
+    out: &mpsc::Sender<Outbound>,
+    effects: &mut Effects,
+    now: u64,
+) -> Result<(), StoreError> {
+    match cmd {
+        Command::Submit {
+            record,
+            jobs,
+            rerun,
+            reply,
+        } => {
+            if queues.insert(record.queue.clone()) {
+                let _ = out.try_send(Outbound::DeclareQueue(record.queue.clone()));
+            }
+            let (summary, publish) = tx.submit(&record, jobs, rerun, now)?;
+            info!(sweep = %record.name, added = summary.added, rerun = summary.rerun, skipped = summary.skipped, "sweep submitted");
+            effects.publish.extend(publish);
+            effects.changed = true;
+            effects.replies.push(Box::new(move || {
+                let _ = reply.send(Ok(summary));
+            }));
+        }
+        Command::CancelSweep { sweep, reply } => {
+            if tx.view().sweep_record(&sweep)?.is_none() {
+                effects.replies.push(Box::new(move || {
+                    let _ = reply.send(Err(format!("no sweep named `{sweep}`")));
+                }));
+                return Ok(());
+            }
+            let (n, running) = tx.cancel_sweep(&sweep, now)?;
+            for (worker, attempt) in running {
+                if let Ok(w) = WorkerId::new(worker) {
+                    effects
+                        .control
+                        .push((topology::worker_queue(&w), ToWorker::Cancel { attempt }));
+                }
+            }
+            effects.changed = true;
+            effects.replies.push(Box::new(move || {
+                let _ = reply.send(Ok(n));
+            }));
+        }
+        Command::CancelJob { sweep, job, reply } => {
+            let outcome = tx.cancel_job(&sweep, &job, now)?;
+            let changed = outcome.is_some();
+            for (worker, attempt) in outcome.unwrap_or_default() {
+                if let Ok(w) = WorkerId::new(worker) {
+                    effects
+                        .control
+                        .push((topology::worker_queue(&w), ToWorker::Cancel { attempt }));
+                }
+            }
+            effects.changed |= changed;
+            effects.replies.push(Box::new(move || {
+                let _ = reply.send(Ok(changed));
+            }));
+        }
+        Command::RetryFailed { sweep, reply } => {
+            let publish = tx.retry_failed(&sweep, now)?;
+            let n = publish.len() as u64;
+            effects.publish.extend(publish);
+            effects.changed = true;
+            effects.replies.push(Box::new(move || {
+                let _ = reply.send(Ok(n));
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// Turns a loaded sweep into what the store keeps.
+///
+/// # Errors
+/// When the sweep exceeds `max_jobs` or has no command.
+pub fn plan_submission(
+    sweep: &crate::sweep::Sweep,
+    yaml: &str,
+) -> Result<(SweepRecord, Vec<NewJob>), crate::sweep::SweepError> {
+    let names: Vec<String> = sweep.param_names().map(str::to_owned).collect();
+    let mut jobs = Vec::new();
+    for job in sweep.expand()? {
+        let mut params_json = serde_json::Map::new();
+        let mut params = Vec::with_capacity(names.len());
+        for (name, value) in names.iter().zip(&job.params) {
+            let v: serde_json::Value =
+                serde_json::from_str(value.json().get()).unwrap_or(serde_json::Value::Null);
+            params_json.insert(name.clone(), v);
+            params.push((name.clone(), value.text().to_owned()));
+        }
+        jobs.push(NewJob {
+            id: job.id,
+            index: job.index,
+            argv: job.argv_strings(),
+            params,
+            params_json: serde_json::Value::Object(params_json).to_string(),
+            env: job.env(sweep),
+        });
+    }
+    let options = sweep.options();
+    let record = SweepRecord {
+        name: SweepId::new(sweep.name()).map_err(|e| {
+            crate::sweep::SweepError::Invalid(Box::new(crate::sweep::Diagnostic {
+                source: sweep.source().to_owned(),
+                pos: None,
+                param: None,
+                message: e.to_string(),
+            }))
+        })?,
+        source: sweep.source().to_owned(),
+        yaml: yaml.to_owned(),
+        param_names: names,
+        retries: options.retries,
+        timeout_ms: options
+            .timeout
+            .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        gpus: options.gpus,
+        queue: options
+            .queue
+            .clone()
+            .unwrap_or_else(|| topology::DEFAULT_QUEUE.to_owned()),
+        workdir: options.workdir.clone(),
+    };
+    Ok((record, jobs))
+}
+
+impl Handle {
+    /// Submits a sweep through the core.
+    ///
+    /// # Errors
+    /// When the core is gone or refuses.
+    pub async fn submit(
+        &self,
+        record: SweepRecord,
+        jobs: Vec<NewJob>,
+        rerun: bool,
+    ) -> Result<SubmitSummary, String> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Submit {
+                record,
+                jobs,
+                rerun,
+                reply,
+            })
+            .await
+            .map_err(|_| "the master is stopping".to_string())?;
+        rx.await.map_err(|_| "the master is stopping".to_string())?
+    }
+
+    /// Cancels a sweep; returns how many jobs were canceled.
+    ///
+    /// # Errors
+    /// When the sweep does not exist or the core is gone.
+    pub async fn cancel_sweep(&self, sweep: SweepId) -> Result<u64, String> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::CancelSweep { sweep, reply })
+            .await
+            .map_err(|_| "the master is stopping".to_string())?;
+        rx.await.map_err(|_| "the master is stopping".to_string())?
+    }
+
+    /// Cancels a job; `false` when it had already finished.
+    ///
+    /// # Errors
+    /// When the core is gone.
+    pub async fn cancel_job(&self, sweep: SweepId, job: JobId) -> Result<bool, String> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::CancelJob { sweep, job, reply })
+            .await
+            .map_err(|_| "the master is stopping".to_string())?;
+        rx.await.map_err(|_| "the master is stopping".to_string())?
+    }
+
+    /// Retries the failed jobs of a sweep; returns how many.
+    ///
+    /// # Errors
+    /// When the core is gone.
+    pub async fn retry_failed(&self, sweep: SweepId) -> Result<u64, String> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::RetryFailed { sweep, reply })
+            .await
+            .map_err(|_| "the master is stopping".to_string())?;
+        rx.await.map_err(|_| "the master is stopping".to_string())?
+    }
+}
+
+/// Whether every job of the summary's sweep is final.
+pub fn sweep_done(counts: &std::collections::BTreeMap<String, u64>) -> bool {
+    counts
+        .iter()
+        .all(|(state, n)| *n == 0 || state.parse::<JobState>().is_ok_and(JobState::is_final))
+}

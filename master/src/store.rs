@@ -1,0 +1,1593 @@
+//! The master's embedded store: sweeps, jobs, attempts, results, logs, workers, dead letters.
+//!
+//! SQLite in WAL mode with `synchronous=NORMAL`: a commit survives a crash of the master
+//! process (what a restart needs); a power cut may lose the last commits, which the broker
+//! then redelivers because their messages were not acked yet. One connection writes (the
+//! master core, in batches of one transaction); the HTTP API reads through its own connections.
+//!
+//! # Job states
+//! `pending` (stored, not yet confirmed by the broker) → `queued` (confirmed) → `running`
+//! (granted to a worker) → `succeeded` | `failed` | `timed_out` | `canceled`; a failed attempt
+//! with retries left waits in `retrying` until its backoff ends, then is `pending` again.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use gridq_common::wire::{AttemptRef, Finished, LogLine, Outcome, Stream};
+use gridq_common::{JobId, SweepId, WorkerId};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::{Deserialize, Serialize};
+
+/// Store errors. SQLite errors are not retried: the master stops and a restart resumes.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The state of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Pending,
+    Queued,
+    Running,
+    Retrying,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Canceled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 8] = [
+        Self::Pending,
+        Self::Queued,
+        Self::Running,
+        Self::Retrying,
+        Self::Succeeded,
+        Self::Failed,
+        Self::TimedOut,
+        Self::Canceled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Retrying => "retrying",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::TimedOut => "timed_out",
+            Self::Canceled => "canceled",
+        }
+    }
+
+    /// Whether the job is done (no further attempt will run on its own).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::TimedOut | Self::Canceled
+        )
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s.to_ascii_lowercase())
+            .ok_or_else(|| {
+                format!(
+                    "unknown state `{s}`; expected one of: {}",
+                    Self::ALL.map(JobState::as_str).join(", ")
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the master needs to (re)publish one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub sweep: SweepId,
+    pub job: JobId,
+    pub attempt: u32,
+    pub queue: String,
+}
+
+/// A new job, as expanded from a sweep.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: JobId,
+    pub index: u64,
+    pub argv: Vec<String>,
+    pub params: Vec<(String, String)>,
+    pub params_json: String,
+    pub env: Vec<(String, String)>,
+}
+
+/// A sweep as submitted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SweepRecord {
+    pub name: SweepId,
+    pub source: String,
+    pub yaml: String,
+    pub param_names: Vec<String>,
+    pub retries: u32,
+    pub timeout_ms: Option<u64>,
+    pub gpus: u32,
+    pub queue: String,
+    pub workdir: Option<String>,
+}
+
+/// What a submission did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitSummary {
+    /// Jobs in the sweep file.
+    pub total: u64,
+    /// Jobs stored for the first time.
+    pub added: u64,
+    /// Jobs that ran again (failed, canceled or timed out before; or all with `rerun`).
+    pub rerun: u64,
+    /// Jobs skipped because they already succeeded.
+    pub skipped: u64,
+    /// Jobs left alone because they are still queued or running.
+    pub in_flight: u64,
+}
+
+/// The master's answer to a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimVerdict {
+    Grant,
+    Deny(String),
+}
+
+/// What finishing an attempt did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishEffect {
+    /// The attempt was current: the job is now in this state.
+    Applied(JobState),
+    /// It will run again after a backoff (ms since the epoch).
+    Retry { at_ms: u64 },
+    /// The attempt was handed back: publish the next attempt now.
+    Requeue(Publish),
+    /// Not the current attempt (late, or already recorded): stored as a duplicate.
+    Duplicate,
+}
+
+/// A running attempt whose worker was lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LostEffect {
+    Requeue(Publish),
+    Failed(AttemptRef),
+}
+
+/// One row of the jobs listing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobRow {
+    pub sweep: SweepId,
+    pub id: JobId,
+    pub index: u64,
+    pub state: JobState,
+    pub attempt: u32,
+    pub argv: Vec<String>,
+    pub params: serde_json::Map<String, serde_json::Value>,
+    pub worker: Option<String>,
+    pub host: Option<String>,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub reason: Option<String>,
+    pub result: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// One attempt of a job.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttemptRow {
+    pub attempt: u32,
+    pub worker: Option<String>,
+    pub host: Option<String>,
+    pub gpus: Vec<u32>,
+    pub state: String,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub reason: Option<String>,
+}
+
+/// A sweep with its progress.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SweepSummary {
+    pub name: SweepId,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub total: u64,
+    pub counts: std::collections::BTreeMap<String, u64>,
+    pub canceled: bool,
+}
+
+impl SweepSummary {
+    /// Jobs in a final state.
+    pub fn done(&self) -> u64 {
+        ["succeeded", "failed", "timed_out", "canceled"]
+            .iter()
+            .map(|s| self.counts.get(*s).copied().unwrap_or(0))
+            .sum()
+    }
+}
+
+/// A message that was dead-lettered, as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub queue: String,
+    pub kind: Option<String>,
+    pub reason: String,
+    pub body: String,
+    pub received_ms: u64,
+}
+
+/// A worker as the master last saw it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WorkerRow {
+    pub id: String,
+    pub host: String,
+    pub state: String,
+    pub reason: Option<String>,
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+    pub info: serde_json::Value,
+}
+
+const SCHEMA: &str = r"
+CREATE TABLE IF NOT EXISTS sweeps(
+    name TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    yaml TEXT NOT NULL,
+    spec_json TEXT NOT NULL,
+    canceled INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs(
+    sweep TEXT NOT NULL,
+    id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    argv_json TEXT NOT NULL,
+    params_json TEXT NOT NULL,
+    env_json TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    failures INTEGER NOT NULL DEFAULT 0,
+    lost INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    host TEXT,
+    started_ms INTEGER,
+    finished_ms INTEGER,
+    exit_code INTEGER,
+    signal INTEGER,
+    reason TEXT,
+    retry_at_ms INTEGER,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY(sweep, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, sweep);
+CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs(worker) WHERE state = 'running';
+CREATE TABLE IF NOT EXISTS attempts(
+    sweep TEXT NOT NULL,
+    job TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    worker TEXT,
+    host TEXT,
+    gpus_json TEXT NOT NULL DEFAULT '[]',
+    state TEXT NOT NULL,
+    started_ms INTEGER,
+    finished_ms INTEGER,
+    exit_code INTEGER,
+    signal INTEGER,
+    reason TEXT,
+    PRIMARY KEY(sweep, job, attempt)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS results(
+    sweep TEXT NOT NULL,
+    job TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    result_json TEXT,
+    stored_ms INTEGER NOT NULL,
+    PRIMARY KEY(sweep, job)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS duplicate_results(
+    id INTEGER PRIMARY KEY,
+    sweep TEXT NOT NULL,
+    job TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    payload_json TEXT NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS logs(
+    sweep TEXT NOT NULL,
+    job TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    stream TEXT NOT NULL,
+    line TEXT NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    PRIMARY KEY(sweep, job, attempt, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS workers(
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    info_json TEXT NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS dead_letters(
+    id INTEGER PRIMARY KEY,
+    queue TEXT NOT NULL,
+    kind TEXT,
+    reason TEXT NOT NULL,
+    body TEXT NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+";
+
+fn open_connection(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    Ok(conn)
+}
+
+/// The writing side of the store.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+/// A read-only view (the HTTP API's).
+#[derive(Debug)]
+pub struct Reader {
+    conn: Connection,
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn opt_u64(v: Option<i64>) -> Option<u64> {
+    v.map(|x| u64::try_from(x).unwrap_or(0))
+}
+
+fn parse_id(s: &str) -> Result<JobId> {
+    s.parse().map_err(|e| StoreError::Corrupt(format!("{e}")))
+}
+
+fn parse_sweep(s: &str) -> Result<SweepId> {
+    SweepId::new(s).map_err(|e| StoreError::Corrupt(format!("{e}")))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{e}")))
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be opened or the schema cannot be created.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = open_connection(path)?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn })
+    }
+
+    /// A reader on the same file.
+    ///
+    /// # Errors
+    /// When the file cannot be opened.
+    pub fn reader(path: &Path) -> Result<Reader> {
+        Ok(Reader {
+            conn: open_connection(path)?,
+        })
+    }
+
+    /// Runs `f` in one transaction.
+    ///
+    /// # Errors
+    /// `f`'s error or the commit's; on error nothing is written.
+    pub fn transaction<T>(&mut self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        let tx = self.conn.transaction()?;
+        let out = f(&Tx { tx: &tx })?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Jobs stored but not confirmed on the broker, and jobs whose retry time has come: what to
+    /// publish after a (re)start. Sets nothing.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn pending(&self) -> Result<Vec<Publish>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT j.sweep, j.id, j.attempt, s.spec_json FROM jobs j JOIN sweeps s ON s.name = j.sweep
+             WHERE j.state = 'pending' ORDER BY j.sweep, j.idx",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (sweep, id, attempt, spec) = row?;
+            let spec: SweepRecord = parse_json(&spec)?;
+            out.push(Publish {
+                sweep: parse_sweep(&sweep)?,
+                job: parse_id(&id)?,
+                attempt,
+                queue: spec.queue,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Running attempts, by worker (to rebuild leases after a restart).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn running(&self) -> Result<Vec<(String, AttemptRef)>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT worker, sweep, id, attempt FROM jobs WHERE state = 'running'")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, u32>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (worker, sweep, id, attempt) = row?;
+            out.push((
+                worker,
+                AttemptRef {
+                    sweep: parse_sweep(&sweep)?,
+                    job: parse_id(&id)?,
+                    attempt,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The earliest retry time still waiting, and those due at `now_ms`.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn due_retries(&self, now_ms: u64) -> Result<Vec<AttemptRef>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT sweep, id, attempt FROM jobs WHERE state = 'retrying' AND retry_at_ms <= ?1",
+        )?;
+        let rows = stmt.query_map([to_i64(now_ms)], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (sweep, id, attempt) = row?;
+            out.push(AttemptRef {
+                sweep: parse_sweep(&sweep)?,
+                job: parse_id(&id)?,
+                attempt,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Reads with the writer's connection (used by the core for its own decisions).
+    pub fn read(&self) -> ReadView<'_> {
+        ReadView { conn: &self.conn }
+    }
+}
+
+/// Queries, on any connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadView<'c> {
+    conn: &'c Connection,
+}
+
+impl Reader {
+    pub fn view(&self) -> ReadView<'_> {
+        ReadView { conn: &self.conn }
+    }
+}
+
+/// One write transaction.
+#[derive(Debug)]
+pub struct Tx<'t> {
+    tx: &'t Transaction<'t>,
+}
+
+impl Tx<'_> {
+    pub fn view(&self) -> ReadView<'_> {
+        ReadView { conn: self.tx }
+    }
+
+    /// Stores a sweep and its jobs. New jobs are `pending`; jobs that succeeded before are
+    /// skipped unless `rerun`; failed, timed-out and canceled ones get a new attempt; queued and
+    /// running ones are left alone. Returns what to publish.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn submit(
+        &self,
+        sweep: &SweepRecord,
+        jobs: impl IntoIterator<Item = NewJob>,
+        rerun: bool,
+        now_ms: u64,
+    ) -> Result<(SubmitSummary, Vec<Publish>)> {
+        let spec_json =
+            serde_json::to_string(sweep).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.tx.execute(
+            "INSERT INTO sweeps(name, source, yaml, spec_json, canceled, created_ms, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)
+             ON CONFLICT(name) DO UPDATE SET source = ?2, yaml = ?3, spec_json = ?4, canceled = 0, updated_ms = ?5",
+            params![sweep.name.as_str(), sweep.source, sweep.yaml, spec_json, to_i64(now_ms)],
+        )?;
+        let mut existing = self
+            .tx
+            .prepare_cached("SELECT state, attempt FROM jobs WHERE sweep = ?1 AND id = ?2")?;
+        let mut insert = self.tx.prepare_cached(
+            "INSERT INTO jobs(sweep, id, idx, argv_json, params_json, env_json, state, attempt, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', 1, ?7)",
+        )?;
+        let mut again = self.tx.prepare_cached(
+            "UPDATE jobs SET state = 'pending', attempt = attempt + 1, failures = 0, lost = 0, worker = NULL,
+             host = NULL, started_ms = NULL, finished_ms = NULL, exit_code = NULL, signal = NULL,
+             reason = NULL, retry_at_ms = NULL, idx = ?3, updated_ms = ?4
+             WHERE sweep = ?1 AND id = ?2",
+        )?;
+        let mut summary = SubmitSummary::default();
+        let mut publish = Vec::new();
+        let name = sweep.name.as_str();
+        for job in jobs {
+            summary.total += 1;
+            let id = job.id.to_string();
+            let found: Option<(String, u32)> = existing
+                .query_row(params![name, id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let attempt = match found {
+                None => {
+                    insert.execute(params![
+                        name,
+                        id,
+                        to_i64(job.index),
+                        serde_json::to_string(&job.argv).unwrap_or_default(),
+                        job.params_json,
+                        serde_json::to_string(&job.env).unwrap_or_default(),
+                        to_i64(now_ms)
+                    ])?;
+                    summary.added += 1;
+                    1
+                }
+                Some((state, attempt)) => {
+                    let state = JobState::from_str(&state).map_err(StoreError::Corrupt)?;
+                    let run_again = match state {
+                        JobState::Succeeded => rerun,
+                        JobState::Failed | JobState::TimedOut | JobState::Canceled => true,
+                        JobState::Pending
+                        | JobState::Queued
+                        | JobState::Running
+                        | JobState::Retrying => false,
+                    };
+                    if !run_again {
+                        if state == JobState::Succeeded {
+                            summary.skipped += 1;
+                        } else {
+                            summary.in_flight += 1;
+                        }
+                        continue;
+                    }
+                    again.execute(params![name, id, to_i64(job.index), to_i64(now_ms)])?;
+                    summary.rerun += 1;
+                    attempt + 1
+                }
+            };
+            publish.push(Publish {
+                sweep: sweep.name.clone(),
+                job: job.id,
+                attempt,
+                queue: sweep.queue.clone(),
+            });
+        }
+        Ok((summary, publish))
+    }
+
+    /// Marks attempts confirmed by the broker as `queued` (only those still `pending` at the
+    /// same attempt).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn confirmed(&self, published: &[Publish], now_ms: u64) -> Result<()> {
+        let mut stmt = self.tx.prepare_cached(
+            "UPDATE jobs SET state = 'queued', updated_ms = ?4 WHERE sweep = ?1 AND id = ?2 AND attempt = ?3 AND state = 'pending'",
+        )?;
+        for p in published {
+            stmt.execute(params![
+                p.sweep.as_str(),
+                p.job.to_string(),
+                p.attempt,
+                to_i64(now_ms)
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Decides a claim, recording the lease when granted. Idempotent for the same worker.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn claim(
+        &self,
+        a: &AttemptRef,
+        worker: &WorkerId,
+        host: &str,
+        now_ms: u64,
+    ) -> Result<ClaimVerdict> {
+        let row: Option<(String, u32, Option<String>)> = self
+            .tx
+            .prepare_cached("SELECT state, attempt, worker FROM jobs WHERE sweep = ?1 AND id = ?2")?
+            .query_row(params![a.sweep.as_str(), a.job.to_string()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        let Some((state, attempt, holder)) = row else {
+            return Ok(ClaimVerdict::Deny("unknown job".into()));
+        };
+        let state = JobState::from_str(&state).map_err(StoreError::Corrupt)?;
+        if a.attempt != attempt {
+            return Ok(ClaimVerdict::Deny(format!(
+                "attempt {} is superseded by attempt {attempt}",
+                a.attempt
+            )));
+        }
+        match state {
+            JobState::Pending | JobState::Queued => {}
+            JobState::Running if holder.as_deref() == Some(worker.as_str()) => {
+                return Ok(ClaimVerdict::Grant);
+            }
+            JobState::Running => {
+                return Ok(ClaimVerdict::Deny(format!(
+                    "already running on {}",
+                    holder.unwrap_or_default()
+                )));
+            }
+            JobState::Canceled => return Ok(ClaimVerdict::Deny("canceled".into())),
+            other => return Ok(ClaimVerdict::Deny(format!("already {other}"))),
+        }
+        self.tx.prepare_cached(
+            "UPDATE jobs SET state = 'running', worker = ?3, host = ?4, started_ms = ?5, finished_ms = NULL,
+             exit_code = NULL, signal = NULL, reason = NULL, updated_ms = ?5 WHERE sweep = ?1 AND id = ?2",
+        )?
+        .execute(params![a.sweep.as_str(), a.job.to_string(), worker.as_str(), host, to_i64(now_ms)])?;
+        self.tx.prepare_cached(
+            "INSERT OR REPLACE INTO attempts(sweep, job, attempt, worker, host, state, started_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'running', ?6)",
+        )?
+        .execute(params![a.sweep.as_str(), a.job.to_string(), a.attempt, worker.as_str(), host, to_i64(now_ms)])?;
+        Ok(ClaimVerdict::Grant)
+    }
+
+    /// Records the end of an attempt.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn finish(
+        &self,
+        f: &Finished,
+        max_retry_backoff_ms: u64,
+        now_ms: u64,
+    ) -> Result<FinishEffect> {
+        let a = &f.attempt;
+        let row: Option<(String, u32, u32, Option<String>, String)> = self
+            .tx
+            .prepare_cached(
+                "SELECT j.state, j.attempt, j.failures, j.worker, s.spec_json FROM jobs j JOIN sweeps s ON s.name = j.sweep
+                 WHERE j.sweep = ?1 AND j.id = ?2",
+            )?
+            .query_row(params![a.sweep.as_str(), a.job.to_string()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .optional()?;
+        let Some((state, attempt, failures, holder, spec)) = row else {
+            self.duplicate(f, now_ms)?;
+            return Ok(FinishEffect::Duplicate);
+        };
+        let state = JobState::from_str(&state).map_err(StoreError::Corrupt)?;
+        let current = a.attempt == attempt
+            && (state == JobState::Running && holder.as_deref() == Some(f.worker.as_str())
+                || state == JobState::Canceled && f.outcome == Outcome::Canceled);
+        if !current {
+            self.duplicate(f, now_ms)?;
+            return Ok(FinishEffect::Duplicate);
+        }
+        let spec: SweepRecord = parse_json(&spec)?;
+        let result_json = f
+            .result
+            .as_ref()
+            .map(|r| serde_json::Value::Object(r.clone()).to_string());
+        let (attempt_state, effect) = match f.outcome {
+            Outcome::Succeeded => ("succeeded", FinishEffect::Applied(JobState::Succeeded)),
+            Outcome::Canceled => ("canceled", FinishEffect::Applied(JobState::Canceled)),
+            Outcome::HandedBack => (
+                "handed_back",
+                FinishEffect::Requeue(Publish {
+                    sweep: a.sweep.clone(),
+                    job: a.job,
+                    attempt: attempt + 1,
+                    queue: spec.queue.clone(),
+                }),
+            ),
+            Outcome::Failed | Outcome::TimedOut | Outcome::SpawnFailed => {
+                let name = if f.outcome == Outcome::TimedOut {
+                    "timed_out"
+                } else {
+                    "failed"
+                };
+                if failures < spec.retries && f.outcome != Outcome::SpawnFailed {
+                    // Exponential backoff: 1 s, 2 s, 4 s, ... capped.
+                    let backoff = 1000u64
+                        .saturating_mul(1 << failures.min(20))
+                        .min(max_retry_backoff_ms);
+                    (
+                        name,
+                        FinishEffect::Retry {
+                            at_ms: now_ms + backoff,
+                        },
+                    )
+                } else if f.outcome == Outcome::TimedOut {
+                    (name, FinishEffect::Applied(JobState::TimedOut))
+                } else {
+                    (name, FinishEffect::Applied(JobState::Failed))
+                }
+            }
+        };
+        self.tx.prepare_cached(
+            "UPDATE attempts SET state = ?4, finished_ms = ?5, exit_code = ?6, signal = ?7, reason = ?8, gpus_json = ?9,
+             started_ms = COALESCE(started_ms, ?10)
+             WHERE sweep = ?1 AND job = ?2 AND attempt = ?3",
+        )?
+        .execute(params![
+            a.sweep.as_str(),
+            a.job.to_string(),
+            a.attempt,
+            attempt_state,
+            to_i64(f.finished_ms),
+            f.exit_code,
+            f.signal,
+            f.reason,
+            serde_json::to_string(&f.gpus).unwrap_or_else(|_| "[]".into()),
+            to_i64(f.started_ms)
+        ])?;
+        match &effect {
+            FinishEffect::Applied(new_state) => {
+                self.tx.prepare_cached(
+                    "UPDATE jobs SET state = ?3, finished_ms = ?4, exit_code = ?5, signal = ?6, reason = ?7,
+                     started_ms = COALESCE(started_ms, ?8), updated_ms = ?9 WHERE sweep = ?1 AND id = ?2",
+                )?
+                .execute(params![
+                    a.sweep.as_str(),
+                    a.job.to_string(),
+                    new_state.as_str(),
+                    to_i64(f.finished_ms),
+                    f.exit_code,
+                    f.signal,
+                    f.reason,
+                    to_i64(f.started_ms),
+                    to_i64(now_ms)
+                ])?;
+                if *new_state != JobState::Canceled {
+                    self.tx.prepare_cached(
+                        "INSERT OR REPLACE INTO results(sweep, job, attempt, result_json, stored_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?
+                    .execute(params![a.sweep.as_str(), a.job.to_string(), a.attempt, result_json, to_i64(now_ms)])?;
+                }
+            }
+            FinishEffect::Retry { at_ms } => {
+                self.tx.prepare_cached(
+                    "UPDATE jobs SET state = 'retrying', failures = failures + 1, retry_at_ms = ?3, finished_ms = ?4,
+                     exit_code = ?5, signal = ?6, reason = ?7, worker = NULL, updated_ms = ?8 WHERE sweep = ?1 AND id = ?2",
+                )?
+                .execute(params![
+                    a.sweep.as_str(),
+                    a.job.to_string(),
+                    to_i64(*at_ms),
+                    to_i64(f.finished_ms),
+                    f.exit_code,
+                    f.signal,
+                    f.reason,
+                    to_i64(now_ms)
+                ])?;
+            }
+            FinishEffect::Requeue(p) => self.requeue(p, "handed back by its worker", now_ms)?,
+            FinishEffect::Duplicate => {}
+        }
+        Ok(effect)
+    }
+
+    fn requeue(&self, p: &Publish, reason: &str, now_ms: u64) -> Result<()> {
+        self.tx.prepare_cached(
+            "UPDATE jobs SET state = 'pending', attempt = ?3, worker = NULL, host = NULL, reason = ?4, retry_at_ms = NULL,
+             updated_ms = ?5 WHERE sweep = ?1 AND id = ?2",
+        )?
+        .execute(params![p.sweep.as_str(), p.job.to_string(), p.attempt, reason, to_i64(now_ms)])?;
+        Ok(())
+    }
+
+    fn duplicate(&self, f: &Finished, now_ms: u64) -> Result<()> {
+        self.tx.prepare_cached(
+            "INSERT INTO duplicate_results(sweep, job, attempt, worker, payload_json, received_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            f.attempt.sweep.as_str(),
+            f.attempt.job.to_string(),
+            f.attempt.attempt,
+            f.worker.as_str(),
+            serde_json::to_string(f).unwrap_or_default(),
+            to_i64(now_ms)
+        ])?;
+        Ok(())
+    }
+
+    /// A retry whose backoff ended: the next attempt, `pending`.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn retry_due(&self, a: &AttemptRef, now_ms: u64) -> Result<Option<Publish>> {
+        let spec: Option<(String, u32)> = self
+            .tx
+            .prepare_cached(
+                "SELECT s.spec_json, j.attempt FROM jobs j JOIN sweeps s ON s.name = j.sweep
+                 WHERE j.sweep = ?1 AND j.id = ?2 AND j.state = 'retrying' AND j.attempt = ?3",
+            )?
+            .query_row(
+                params![a.sweep.as_str(), a.job.to_string(), a.attempt],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((spec, attempt)) = spec else {
+            return Ok(None);
+        };
+        let spec: SweepRecord = parse_json(&spec)?;
+        let p = Publish {
+            sweep: a.sweep.clone(),
+            job: a.job,
+            attempt: attempt + 1,
+            queue: spec.queue,
+        };
+        self.requeue(&p, "retry", now_ms)?;
+        Ok(Some(p))
+    }
+
+    /// The worker holding these attempts is gone: each runs again, unless it has now lost
+    /// `max_lost` workers, in which case it fails with the reason.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn worker_lost(
+        &self,
+        worker: &str,
+        why: &str,
+        max_lost: u32,
+        now_ms: u64,
+    ) -> Result<Vec<LostEffect>> {
+        let running: Vec<(String, String, u32, u32, String)> = {
+            let mut stmt = self.tx.prepare_cached(
+                "SELECT j.sweep, j.id, j.attempt, j.lost, s.spec_json FROM jobs j JOIN sweeps s ON s.name = j.sweep
+                 WHERE j.state = 'running' AND j.worker = ?1",
+            )?;
+            let rows = stmt.query_map([worker], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::new();
+        for (sweep, id, attempt, lost, spec) in running {
+            let spec: SweepRecord = parse_json(&spec)?;
+            let reason = format!("worker {worker} lost ({why})");
+            self.tx.prepare_cached(
+                "UPDATE attempts SET state = 'lost', finished_ms = ?4, reason = ?5 WHERE sweep = ?1 AND job = ?2 AND attempt = ?3",
+            )?
+            .execute(params![sweep, id, attempt, to_i64(now_ms), reason])?;
+            let a = AttemptRef {
+                sweep: parse_sweep(&sweep)?,
+                job: parse_id(&id)?,
+                attempt,
+            };
+            if lost + 1 >= max_lost {
+                let reason = format!(
+                    "its worker was lost {} times while running it (last: {reason}); it may be killing its worker (out of memory?)",
+                    lost + 1
+                );
+                self.tx.prepare_cached(
+                    "UPDATE jobs SET state = 'failed', lost = lost + 1, finished_ms = ?3, reason = ?4, updated_ms = ?3
+                     WHERE sweep = ?1 AND id = ?2",
+                )?
+                .execute(params![sweep, id, to_i64(now_ms), reason])?;
+                self.tx.prepare_cached(
+                    "INSERT OR REPLACE INTO results(sweep, job, attempt, result_json, stored_ms) VALUES (?1, ?2, ?3, NULL, ?4)",
+                )?
+                .execute(params![sweep, id, attempt, to_i64(now_ms)])?;
+                out.push(LostEffect::Failed(a));
+            } else {
+                self.tx
+                    .prepare_cached("UPDATE jobs SET lost = lost + 1 WHERE sweep = ?1 AND id = ?2")?
+                    .execute(params![sweep, id])?;
+                let p = Publish {
+                    sweep: a.sweep.clone(),
+                    job: a.job,
+                    attempt: attempt + 1,
+                    queue: spec.queue,
+                };
+                self.requeue(&p, &reason, now_ms)?;
+                out.push(LostEffect::Requeue(p));
+            }
+        }
+        self.tx
+            .prepare_cached("UPDATE workers SET state = 'lost', reason = ?2 WHERE id = ?1")?
+            .execute(params![worker, why])?;
+        Ok(out)
+    }
+
+    /// A job message the broker dead-lettered: if it is the current attempt and was never
+    /// granted, the job fails with the reason.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn job_dead_lettered(&self, a: &AttemptRef, reason: &str, now_ms: u64) -> Result<bool> {
+        let n = self
+            .tx
+            .prepare_cached(
+                "UPDATE jobs SET state = 'failed', reason = ?4, finished_ms = ?5, updated_ms = ?5
+             WHERE sweep = ?1 AND id = ?2 AND attempt = ?3 AND state IN ('pending', 'queued')",
+            )?
+            .execute(params![
+                a.sweep.as_str(),
+                a.job.to_string(),
+                a.attempt,
+                reason,
+                to_i64(now_ms)
+            ])?;
+        if n > 0 {
+            self.tx.prepare_cached(
+                "INSERT OR REPLACE INTO results(sweep, job, attempt, result_json, stored_ms) VALUES (?1, ?2, ?3, NULL, ?4)",
+            )?
+            .execute(params![a.sweep.as_str(), a.job.to_string(), a.attempt, to_i64(now_ms)])?;
+        }
+        Ok(n > 0)
+    }
+
+    /// Records a dead-lettered message.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn dead_letter(
+        &self,
+        queue: &str,
+        kind: Option<&str>,
+        reason: &str,
+        body: &[u8],
+        now_ms: u64,
+    ) -> Result<()> {
+        let shown: String = String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned();
+        self.tx.prepare_cached(
+            "INSERT INTO dead_letters(queue, kind, reason, body, received_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?
+        .execute(params![queue, kind, reason, shown, to_i64(now_ms)])?;
+        Ok(())
+    }
+
+    /// Cancels a whole sweep. Returns the running attempts to kill, with their workers.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn cancel_sweep(
+        &self,
+        sweep: &SweepId,
+        now_ms: u64,
+    ) -> Result<(u64, Vec<(String, AttemptRef)>)> {
+        self.tx
+            .prepare_cached("UPDATE sweeps SET canceled = 1, updated_ms = ?2 WHERE name = ?1")?
+            .execute(params![sweep.as_str(), to_i64(now_ms)])?;
+        let running = self.running_of("sweep = ?1", params![sweep.as_str()])?;
+        let n = self.tx.prepare_cached(
+            "UPDATE jobs SET state = 'canceled', reason = 'canceled', finished_ms = ?2, updated_ms = ?2
+             WHERE sweep = ?1 AND state IN ('pending', 'queued', 'running', 'retrying')",
+        )?
+        .execute(params![sweep.as_str(), to_i64(now_ms)])?;
+        Ok((n as u64, running))
+    }
+
+    /// Cancels one job. `Ok(None)` when it had already finished (nothing changes).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn cancel_job(
+        &self,
+        sweep: &SweepId,
+        job: &JobId,
+        now_ms: u64,
+    ) -> Result<Option<Vec<(String, AttemptRef)>>> {
+        let running = self.running_of(
+            "sweep = ?1 AND id = ?2",
+            params![sweep.as_str(), job.to_string()],
+        )?;
+        let n = self.tx.prepare_cached(
+            "UPDATE jobs SET state = 'canceled', reason = 'canceled', finished_ms = ?3, updated_ms = ?3
+             WHERE sweep = ?1 AND id = ?2 AND state IN ('pending', 'queued', 'running', 'retrying')",
+        )?
+        .execute(params![sweep.as_str(), job.to_string(), to_i64(now_ms)])?;
+        Ok((n > 0).then_some(running))
+    }
+
+    fn running_of(
+        &self,
+        filter: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Vec<(String, AttemptRef)>> {
+        let sql = format!(
+            "SELECT worker, sweep, id, attempt FROM jobs WHERE state = 'running' AND {filter}"
+        );
+        let mut stmt = self.tx.prepare(&sql)?;
+        let rows = stmt.query_map(args, |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, u32>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (w, s, j, a) = row?;
+            out.push((
+                w,
+                AttemptRef {
+                    sweep: parse_sweep(&s)?,
+                    job: parse_id(&j)?,
+                    attempt: a,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Retries the failed (and timed-out) jobs of a sweep: a new attempt each.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn retry_failed(&self, sweep: &SweepId, now_ms: u64) -> Result<Vec<Publish>> {
+        let rows: Vec<(String, u32, String)> = {
+            let mut stmt = self.tx.prepare(
+                "SELECT j.id, j.attempt, s.spec_json FROM jobs j JOIN sweeps s ON s.name = j.sweep
+                 WHERE j.sweep = ?1 AND j.state IN ('failed', 'timed_out')",
+            )?;
+            let rows =
+                stmt.query_map([sweep.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::new();
+        for (id, attempt, spec) in rows {
+            let spec: SweepRecord = parse_json(&spec)?;
+            let p = Publish {
+                sweep: sweep.clone(),
+                job: parse_id(&id)?,
+                attempt: attempt + 1,
+                queue: spec.queue,
+            };
+            self.tx
+                .prepare_cached(
+                    "UPDATE jobs SET failures = 0, lost = 0 WHERE sweep = ?1 AND id = ?2",
+                )?
+                .execute(params![sweep.as_str(), id])?;
+            self.requeue(&p, "retried by the user", now_ms)?;
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    /// Stores output lines (idempotent per sequence number).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn output(&self, a: &AttemptRef, first_seq: u64, lines: &[LogLine]) -> Result<()> {
+        let mut stmt = self.tx.prepare_cached(
+            "INSERT OR IGNORE INTO logs(sweep, job, attempt, seq, stream, line, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        let job = a.job.to_string();
+        for (i, l) in lines.iter().enumerate() {
+            let stream = match l.stream {
+                Stream::Stdout => "stdout",
+                Stream::Stderr => "stderr",
+            };
+            stmt.execute(params![
+                a.sweep.as_str(),
+                job,
+                a.attempt,
+                to_i64(first_seq + i as u64),
+                stream,
+                l.line,
+                to_i64(l.ts_ms)
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Records a heartbeat (or a clean stop, with `state = "stopped"`).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn worker_seen(
+        &self,
+        id: &str,
+        host: &str,
+        state: &str,
+        reason: Option<&str>,
+        info: &serde_json::Value,
+        now_ms: u64,
+    ) -> Result<()> {
+        self.tx.prepare_cached(
+            "INSERT INTO workers(id, host, state, reason, info_json, first_seen_ms, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+             ON CONFLICT(id) DO UPDATE SET host = ?2, state = ?3, reason = ?4,
+             info_json = CASE WHEN ?5 = 'null' THEN info_json ELSE ?5 END, last_seen_ms = ?6",
+        )?
+        .execute(params![id, host, state, reason, info.to_string(), to_i64(now_ms)])?;
+        Ok(())
+    }
+}
+
+fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRowRaw, Option<String>)> {
+    Ok((
+        JobRowRaw {
+            sweep: r.get(0)?,
+            id: r.get(1)?,
+            index: r.get(2)?,
+            state: r.get(3)?,
+            attempt: r.get(4)?,
+            argv: r.get(5)?,
+            params: r.get(6)?,
+            worker: r.get(7)?,
+            host: r.get(8)?,
+            started_ms: r.get(9)?,
+            finished_ms: r.get(10)?,
+            exit_code: r.get(11)?,
+            signal: r.get(12)?,
+            reason: r.get(13)?,
+        },
+        r.get(14)?,
+    ))
+}
+
+struct JobRowRaw {
+    sweep: String,
+    id: String,
+    index: i64,
+    state: String,
+    attempt: u32,
+    argv: String,
+    params: String,
+    worker: Option<String>,
+    host: Option<String>,
+    started_ms: Option<i64>,
+    finished_ms: Option<i64>,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    reason: Option<String>,
+}
+
+impl JobRowRaw {
+    fn into_row(self, result: Option<String>) -> Result<JobRow> {
+        Ok(JobRow {
+            sweep: parse_sweep(&self.sweep)?,
+            id: parse_id(&self.id)?,
+            index: u64::try_from(self.index).unwrap_or(0),
+            state: JobState::from_str(&self.state).map_err(StoreError::Corrupt)?,
+            attempt: self.attempt,
+            argv: parse_json(&self.argv)?,
+            params: parse_json(&self.params)?,
+            worker: self.worker,
+            host: self.host,
+            started_ms: opt_u64(self.started_ms),
+            finished_ms: opt_u64(self.finished_ms),
+            exit_code: self.exit_code,
+            signal: self.signal,
+            reason: self.reason,
+            result: result.map(|r| parse_json(&r)).transpose()?,
+        })
+    }
+}
+
+const JOB_COLUMNS: &str =
+    "j.sweep, j.id, j.idx, j.state, j.attempt, j.argv_json, j.params_json, j.worker, j.host,
+    j.started_ms, j.finished_ms, j.exit_code, j.signal, j.reason, r.result_json";
+
+impl ReadView<'_> {
+    /// Every sweep with its counts by state, newest first.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn sweeps(&self) -> Result<Vec<SweepSummary>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, created_ms, updated_ms, canceled FROM sweeps ORDER BY created_ms DESC, name")?;
+        let rows: Vec<(String, i64, i64, bool)> = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (name, created, updated, canceled) in rows {
+            let id = parse_sweep(&name)?;
+            let counts = self.counts(&id)?;
+            out.push(SweepSummary {
+                total: counts.values().sum(),
+                name: id,
+                created_ms: opt_u64(Some(created)).unwrap_or(0),
+                updated_ms: opt_u64(Some(updated)).unwrap_or(0),
+                counts,
+                canceled,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One sweep's summary.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn sweep(&self, name: &SweepId) -> Result<Option<SweepSummary>> {
+        Ok(self.sweeps()?.into_iter().find(|s| &s.name == name))
+    }
+
+    /// Job counts by state for a sweep.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn counts(&self, sweep: &SweepId) -> Result<std::collections::BTreeMap<String, u64>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT state, COUNT(*) FROM jobs WHERE sweep = ?1 GROUP BY state")?;
+        let rows = stmt.query_map([sweep.as_str()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        let mut out = std::collections::BTreeMap::new();
+        for row in rows {
+            let (state, n) = row?;
+            out.insert(state, u64::try_from(n).unwrap_or(0));
+        }
+        Ok(out)
+    }
+
+    /// The jobs of a sweep (optionally in one state), in expansion order.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn jobs(
+        &self,
+        sweep: Option<&SweepId>,
+        state: Option<JobState>,
+        limit: u64,
+        offset: u64,
+    ) -> Result<Vec<JobRow>> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs j LEFT JOIN results r ON r.sweep = j.sweep AND r.job = j.id
+             WHERE (?1 IS NULL OR j.sweep = ?1) AND (?2 IS NULL OR j.state = ?2)
+             ORDER BY j.sweep, j.idx LIMIT ?3 OFFSET ?4"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(
+            params![
+                sweep.map(SweepId::as_str),
+                state.map(JobState::as_str),
+                to_i64(limit),
+                to_i64(offset)
+            ],
+            job_row,
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (raw, result) = row?;
+            out.push(raw.into_row(result)?);
+        }
+        Ok(out)
+    }
+
+    /// Jobs whose id starts with `prefix` (for `gridq logs <id prefix>`), at most `limit`.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn find_jobs(&self, prefix: &str, limit: u64) -> Result<Vec<JobRow>> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs j LEFT JOIN results r ON r.sweep = j.sweep AND r.job = j.id
+             WHERE j.id >= ?1 AND j.id < ?1 || 'g' ORDER BY j.sweep, j.idx LIMIT ?2"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params![prefix.to_ascii_lowercase(), to_i64(limit)], job_row)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (raw, result) = row?;
+            out.push(raw.into_row(result)?);
+        }
+        Ok(out)
+    }
+
+    /// One job.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn job(&self, sweep: &SweepId, id: &JobId) -> Result<Option<JobRow>> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs j LEFT JOIN results r ON r.sweep = j.sweep AND r.job = j.id
+             WHERE j.sweep = ?1 AND j.id = ?2"
+        );
+        let found = self
+            .conn
+            .prepare_cached(&sql)?
+            .query_row(params![sweep.as_str(), id.to_string()], job_row)
+            .optional()?;
+        found.map(|(raw, result)| raw.into_row(result)).transpose()
+    }
+
+    /// A job's attempts, oldest first.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn attempts(&self, sweep: &SweepId, id: &JobId) -> Result<Vec<AttemptRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT attempt, worker, host, gpus_json, state, started_ms, finished_ms, exit_code, signal, reason
+             FROM attempts WHERE sweep = ?1 AND job = ?2 ORDER BY attempt",
+        )?;
+        let rows = stmt.query_map(params![sweep.as_str(), id.to_string()], |r| {
+            Ok((
+                r.get::<_, u32>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, Option<i64>>(5)?,
+                r.get::<_, Option<i64>>(6)?,
+                r.get::<_, Option<i32>>(7)?,
+                r.get::<_, Option<i32>>(8)?,
+                r.get::<_, Option<String>>(9)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (attempt, worker, host, gpus, state, started, finished, exit_code, signal, reason) =
+                row?;
+            out.push(AttemptRow {
+                attempt,
+                worker,
+                host,
+                gpus: parse_json(&gpus)?,
+                state,
+                started_ms: opt_u64(started),
+                finished_ms: opt_u64(finished),
+                exit_code,
+                signal,
+                reason,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Log lines of a job (all attempts, or one), from `after_seq` on.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn logs(
+        &self,
+        sweep: &SweepId,
+        id: &JobId,
+        attempt: Option<u32>,
+        limit: u64,
+    ) -> Result<Vec<(u32, u64, LogLine)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT attempt, seq, stream, line, ts_ms FROM logs WHERE sweep = ?1 AND job = ?2 AND (?3 IS NULL OR attempt = ?3)
+             ORDER BY attempt, seq LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(
+            params![sweep.as_str(), id.to_string(), attempt, to_i64(limit)],
+            |r| {
+                Ok((
+                    r.get::<_, u32>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            },
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (attempt, seq, stream, line, ts) = row?;
+            out.push((
+                attempt,
+                opt_u64(Some(seq)).unwrap_or(0),
+                LogLine {
+                    stream: if stream == "stderr" {
+                        Stream::Stderr
+                    } else {
+                        Stream::Stdout
+                    },
+                    line,
+                    ts_ms: opt_u64(Some(ts)).unwrap_or(0),
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Number of duplicate results received for a job.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn duplicates(&self, sweep: &SweepId, id: &JobId) -> Result<u64> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM duplicate_results WHERE sweep = ?1 AND job = ?2",
+            params![sweep.as_str(), id.to_string()],
+            |r| r.get(0),
+        )?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Rows in the results table for a sweep (one per finished job).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn result_rows(&self, sweep: &SweepId) -> Result<u64> {
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM results WHERE sweep = ?1",
+            [sweep.as_str()],
+            |r| r.get(0),
+        )?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The sweep as stored.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn sweep_record(&self, name: &SweepId) -> Result<Option<SweepRecord>> {
+        let spec: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT spec_json FROM sweeps WHERE name = ?1",
+                [name.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        spec.map(|s| parse_json(&s)).transpose()
+    }
+
+    /// The message to publish for an attempt.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn job_message(&self, p: &Publish) -> Result<Option<gridq_common::wire::JobMessage>> {
+        let row: Option<(String, String, String, String)> = self
+            .conn
+            .prepare_cached(
+                "SELECT j.argv_json, j.env_json, j.params_json, s.spec_json FROM jobs j JOIN sweeps s ON s.name = j.sweep
+                 WHERE j.sweep = ?1 AND j.id = ?2",
+            )?
+            .query_row(params![p.sweep.as_str(), p.job.to_string()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()?;
+        let Some((argv, env, params_json, spec)) = row else {
+            return Ok(None);
+        };
+        let spec: SweepRecord = parse_json(&spec)?;
+        let params: serde_json::Map<String, serde_json::Value> = parse_json(&params_json)?;
+        Ok(Some(gridq_common::wire::JobMessage {
+            sweep: p.sweep.clone(),
+            job: p.job,
+            attempt: p.attempt,
+            argv: parse_json(&argv)?,
+            env: parse_json(&env)?,
+            params: params
+                .into_iter()
+                .map(|(k, v)| {
+                    let text = match v {
+                        serde_json::Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    (k, text)
+                })
+                .collect(),
+            workdir: spec.workdir,
+            timeout_ms: spec.timeout_ms,
+            gpus: spec.gpus,
+        }))
+    }
+
+    /// Workers, most recently seen first.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn workers(&self) -> Result<Vec<WorkerRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, host, state, reason, info_json, first_seen_ms, last_seen_ms FROM workers ORDER BY last_seen_ms DESC",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, host, state, reason, info, first, last) = row?;
+            out.push(WorkerRow {
+                id,
+                host,
+                state,
+                reason,
+                info: parse_json(&info)?,
+                first_seen_ms: opt_u64(Some(first)).unwrap_or(0),
+                last_seen_ms: opt_u64(Some(last)).unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Dead-lettered messages, newest first.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn dead_letters(&self, limit: u64) -> Result<Vec<DeadLetter>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT queue, kind, reason, body, received_ms FROM dead_letters ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([to_i64(limit)], |r| {
+            Ok(DeadLetter {
+                queue: r.get(0)?,
+                kind: r.get(1)?,
+                reason: r.get(2)?,
+                body: r.get(3)?,
+                received_ms: opt_u64(Some(r.get::<_, i64>(4)?)).unwrap_or(0),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}

@@ -1,0 +1,1019 @@
+//! The worker agent: consumes job messages, claims them from the master, runs them with the
+//! [`runner`](crate::runner), and reports output, results and heartbeats.
+//!
+//! # Slots
+//! Each slot has its own channel with a prefetch of one. A slot holds at most one delivery, and
+//! only for the claim round trip: on a grant it cancels its consumer, acks, and runs the job
+//! with no delivery outstanding (so RabbitMQ's `consumer_timeout` never applies to a running
+//! job). When the job ends the slot consumes again. With `--gpus 0,1` there is one slot per GPU
+//! and each job sees only its GPU through `CUDA_VISIBLE_DEVICES`.
+//!
+//! # Connection loss
+//! Sessions are rebuilt with backoff. Running jobs are untouched by a broker outage; their
+//! `finished` reports wait in the outbox and go out, confirmed, once a session is back.
+//! Deliveries held for a claim when the connection dropped are redelivered by the broker.
+//!
+//! # Stopping
+//! The first stop request (SIGTERM, Ctrl-C, or a `drain` from the master) stops consuming;
+//! running jobs then finish (`OnStop::Finish`, the default) or are killed and handed back to be
+//! run again without counting as a failure (`OnStop::Requeue`). A second request exits at once:
+//! the jobs die with the worker (parent-death signal) and the master redelivers them when the
+//! heartbeats stop.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use gridq_common::amqp::{self, Backoff};
+use gridq_common::topology;
+use gridq_common::wire::{
+    self, AttemptRef, Claim, FromWorker, GpuStat, Heartbeat, JobMessage, LogLine, Outcome,
+    OutputBatch, Stopped, ToWorker,
+};
+use gridq_common::{WorkerId, wire::Finished};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::runner::{self, JobSpec, KillReason, Killer, RunningJob, Termination};
+
+/// What running jobs do when the worker is asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnStop {
+    /// Let them finish, then exit.
+    #[default]
+    Finish,
+    /// Kill them and hand them back to be run elsewhere.
+    Requeue,
+}
+
+/// Settings of a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub broker_url: String,
+    /// Jobs run at once (ignored when `gpus` is set: one slot per GPU).
+    pub slots: usize,
+    pub gpus: Option<Vec<u32>>,
+    /// User-facing queue names to consume.
+    pub queues: Vec<String>,
+    /// Jobs run here (a sweep's `workdir` is relative to it).
+    pub project_dir: PathBuf,
+    /// Scratch space for result files.
+    pub scratch_dir: PathBuf,
+    pub heartbeat_interval: Duration,
+    /// How long to wait for the master's answer to a claim before giving the delivery back.
+    pub claim_timeout: Duration,
+    /// SIGTERM → SIGKILL grace for timeouts, cancels and requeues.
+    pub grace: Duration,
+    pub on_stop: OnStop,
+    pub id: Option<WorkerId>,
+}
+
+impl WorkerConfig {
+    /// Defaults: one slot per CPU, the default queue, the current directory.
+    pub fn new(broker_url: String, project_dir: PathBuf, scratch_dir: PathBuf) -> Self {
+        Self {
+            broker_url,
+            slots: std::thread::available_parallelism().map_or(1, usize::from),
+            gpus: None,
+            queues: vec![topology::DEFAULT_QUEUE.to_owned()],
+            project_dir,
+            scratch_dir,
+            heartbeat_interval: Duration::from_secs(2),
+            claim_timeout: Duration::from_secs(10),
+            grace: Duration::from_secs(10),
+            on_stop: OnStop::Finish,
+            id: None,
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// A fresh worker id: `host-pid-random`.
+pub fn new_worker_id() -> WorkerId {
+    let host: String = hostname()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    let mut r = [0u8; 2];
+    let _ = getrandom::fill(&mut r);
+    let host = if host.is_empty() {
+        "worker".to_owned()
+    } else {
+        host
+    };
+    WorkerId::new(format!(
+        "{host}-{}-{:02x}{:02x}",
+        std::process::id(),
+        r[0],
+        r[1]
+    ))
+    .expect("host name is sanitised to id characters")
+}
+
+/// Stop requests: 0 none, 1 graceful, 2 or more immediate.
+pub type StopSignal = watch::Receiver<u32>;
+
+struct Shared {
+    id: WorkerId,
+    host: String,
+    config: WorkerConfig,
+    /// Claims waiting for the master's verdict, by token.
+    claims: Mutex<HashMap<u64, oneshot::Sender<ToWorker>>>,
+    /// Running attempts and how to kill them.
+    running: Mutex<HashMap<AttemptRef, Killer>>,
+    next_token: std::sync::atomic::AtomicU64,
+    outbox: mpsc::Sender<Out>,
+    /// The current session, when connected.
+    session: watch::Receiver<Option<Arc<Session>>>,
+    draining: watch::Sender<bool>,
+}
+
+struct Session {
+    connection: Arc<Connection>,
+}
+
+/// Something to send to the master.
+struct Out {
+    message: FromWorker,
+    /// Wait for the broker's confirm, re-sending across reconnects.
+    confirmed: bool,
+}
+
+/// Runs a worker until it is stopped.
+///
+/// # Errors
+/// Only setup errors (the scratch directory); broker problems are retried forever.
+pub async fn run(config: WorkerConfig, mut stop: StopSignal) -> std::io::Result<()> {
+    std::fs::create_dir_all(&config.scratch_dir)?;
+    let id = config.id.clone().unwrap_or_else(new_worker_id);
+    let host = hostname();
+    let slots: Vec<Option<u32>> = match &config.gpus {
+        Some(gpus) => gpus.iter().map(|g| Some(*g)).collect(),
+        None => vec![None; config.slots.max(1)],
+    };
+    let (outbox_tx, outbox_rx) = mpsc::channel::<Out>(4096);
+    let (session_tx, session_rx) = watch::channel::<Option<Arc<Session>>>(None);
+    let (draining_tx, draining_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        id: id.clone(),
+        host,
+        config: config.clone(),
+        claims: Mutex::new(HashMap::new()),
+        running: Mutex::new(HashMap::new()),
+        next_token: std::sync::atomic::AtomicU64::new(1),
+        outbox: outbox_tx,
+        session: session_rx,
+        draining: draining_tx,
+    });
+    info!(worker = %id, slots = slots.len(), queues = ?config.queues, broker = %amqp::redact(&config.broker_url), "worker starting");
+
+    let sessions = tokio::spawn(sessions(shared.clone(), session_tx));
+    let outbox = tokio::spawn(outbox_loop(shared.clone(), outbox_rx));
+    let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
+    let mut slot_tasks = Vec::new();
+    for (n, gpu) in slots.into_iter().enumerate() {
+        slot_tasks.push(tokio::spawn(slot_loop(
+            shared.clone(),
+            n,
+            gpu,
+            draining_rx.clone(),
+        )));
+    }
+
+    // Wait for the first stop request (signal or drain).
+    let mut drain_seen = draining_rx.clone();
+    tokio::select! {
+        () = until(&mut stop, |n| *n >= 1) => {}
+        () = until(&mut drain_seen, |d| *d) => {}
+    }
+    let _ = shared.draining.send(true);
+    info!(worker = %id, mode = ?config.on_stop, "stopping: no new jobs");
+    if config.on_stop == OnStop::Requeue {
+        kill_all(&shared, KillReason::Shutdown);
+    }
+    // Slots end once their job (if any) is reported; a second request ends everything now.
+    let all_slots = futures_util::future::join_all(slot_tasks);
+    tokio::select! {
+        _ = all_slots => {
+            let handed_back = Vec::new();
+            let _ = shared.outbox.send(Out {
+                message: FromWorker::Stopped(Stopped { worker: id.clone(), reason: "clean stop".into(), handed_back }),
+                confirmed: true,
+            }).await;
+            // Give the outbox a bounded time to flush the final reports.
+            let flush = async {
+                while shared.outbox.capacity() < shared.outbox.max_capacity() || OUTBOX_PENDING.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(10), flush).await;
+            info!(worker = %id, "worker stopped");
+        }
+        () = until(&mut stop, |n| *n >= 2) => {
+            warn!(worker = %id, "second stop request: exiting now; running jobs are killed and will be redelivered");
+            kill_all(&shared, KillReason::Shutdown);
+        }
+    }
+    heartbeat.abort();
+    outbox.abort();
+    sessions.abort();
+    Ok(())
+}
+
+/// Waits until the watched value satisfies `f` (or its sender is gone), holding no guard.
+async fn until<T>(rx: &mut watch::Receiver<T>, f: impl FnMut(&T) -> bool) {
+    let _ = rx.wait_for(f).await.map(|_| ());
+}
+
+static OUTBOX_PENDING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn kill_all(shared: &Shared, reason: KillReason) {
+    if let Ok(running) = shared.running.lock() {
+        for killer in running.values() {
+            killer.kill(reason);
+        }
+    }
+}
+
+/// Keeps a session up: connects, declares the worker's own queue, and dispatches control
+/// messages; on loss, reconnects with backoff.
+async fn sessions(shared: Arc<Shared>, session_tx: watch::Sender<Option<Arc<Session>>>) {
+    let mut backoff = Backoff::default();
+    let name = format!("gridq-worker {}", shared.id);
+    loop {
+        let connection = match amqp::connect(&shared.config.broker_url, &name).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                warn!(cause = %e, retry_in = ?delay, "cannot connect to the broker");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+        };
+        let control = async {
+            let ch = connection.create_channel().await?;
+            let queue = topology::declare_worker_queue(&ch, &shared.id).await?;
+            let consumer = ch
+                .basic_consume(
+                    queue.as_str().into(),
+                    "control".into(),
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..BasicConsumeOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok::<_, lapin::Error>((ch, consumer))
+        };
+        let (_ch, mut consumer) = match control.await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(cause = %e, "cannot set up the worker's queue");
+                let _ = connection.close(200, "retry".into()).await;
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        info!(broker = %amqp::redact(&shared.config.broker_url), "connected to the broker");
+        let _ = session_tx.send(Some(Arc::new(Session {
+            connection: connection.clone(),
+        })));
+        while let Some(delivery) = consumer.next().await {
+            let Ok(delivery) = delivery else { break };
+            match wire::decode::<ToWorker>(&delivery.properties, &delivery.data) {
+                Ok(msg) => dispatch(&shared, msg),
+                Err(e) => warn!(cause = %e, "ignoring a control message this worker cannot read"),
+            }
+        }
+        warn!("broker session lost; reconnecting");
+        let _ = session_tx.send(None);
+        let _ = connection.close(200, "reconnecting".into()).await;
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+fn dispatch(shared: &Shared, msg: ToWorker) {
+    match msg {
+        ToWorker::Grant { token, .. } | ToWorker::Deny { token, .. } => {
+            let waiter = shared.claims.lock().ok().and_then(|mut c| c.remove(&token));
+            if let Some(tx) = waiter {
+                let _ = tx.send(msg);
+            }
+        }
+        ToWorker::Cancel { attempt } => {
+            let killer = shared
+                .running
+                .lock()
+                .ok()
+                .and_then(|r| r.get(&attempt).cloned());
+            match killer {
+                Some(k) => {
+                    info!(sweep = %attempt.sweep, job = %attempt.job, "canceling a running job");
+                    k.kill(KillReason::Canceled);
+                }
+                None => debug!(job = %attempt.job, "cancel for a job not running here"),
+            }
+        }
+        ToWorker::Drain => {
+            info!("the master asked this worker to drain");
+            let _ = shared.draining.send(true);
+        }
+    }
+}
+
+/// Publishes what workers send the master; confirmed messages are re-sent until confirmed.
+async fn outbox_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Out>) {
+    let mut queue: VecDeque<Out> = VecDeque::new();
+    let mut session_rx = shared.session.clone();
+    let mut channel: Option<Channel> = None;
+    loop {
+        if queue.is_empty() {
+            match rx.recv().await {
+                Some(out) => queue.push_back(out),
+                None => return,
+            }
+        }
+        while let Ok(out) = rx.try_recv() {
+            queue.push_back(out);
+        }
+        OUTBOX_PENDING.store(queue.len(), std::sync::atomic::Ordering::SeqCst);
+        if channel.as_ref().is_none_or(|c| !c.status().connected()) {
+            channel = None;
+            let session = session_rx.borrow_and_update().clone();
+            match session {
+                Some(s) => match open_publish_channel(&s.connection).await {
+                    Ok(c) => channel = Some(c),
+                    Err(e) => {
+                        warn!(cause = %e, "cannot open a channel to report to the master");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                },
+                None => {
+                    // Heartbeats and output are not worth keeping forever while disconnected.
+                    queue.retain(|o| o.confirmed || matches!(o.message, FromWorker::Output(_)));
+                    while queue.len() > 20_000 {
+                        if let Some(pos) = queue.iter().position(|o| !o.confirmed) {
+                            queue.remove(pos);
+                        } else {
+                            break;
+                        }
+                    }
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(1), session_rx.changed()).await;
+                    continue;
+                }
+            }
+        }
+        let Some(ch) = channel.as_ref() else { continue };
+        // Publish everything queued; wait for the confirms of those that need one.
+        let mut confirms = Vec::new();
+        let batch: Vec<Out> = queue.drain(..).collect();
+        let mut failed_from = None;
+        for (i, out) in batch.iter().enumerate() {
+            let enc = wire::encode(&out.message);
+            match ch
+                .basic_publish(
+                    "".into(),
+                    topology::EVENTS_QUEUE.into(),
+                    BasicPublishOptions::default(),
+                    &enc.body,
+                    enc.properties,
+                )
+                .await
+            {
+                Ok(c) => {
+                    if out.confirmed {
+                        confirms.push((i, c));
+                    }
+                }
+                Err(e) => {
+                    warn!(cause = %e, "publishing to the master failed; will retry");
+                    failed_from = Some(i);
+                    break;
+                }
+            }
+        }
+        let mut retry: Vec<usize> = Vec::new();
+        for (i, c) in confirms {
+            match c.await {
+                Ok(conf) if conf.is_ack() => {}
+                _ => retry.push(i),
+            }
+        }
+        let mut batch: Vec<Option<Out>> = batch.into_iter().map(Some).collect();
+        // Unconfirmed (or unsent) confirmed messages go back to the front, in order.
+        let mut back: Vec<Out> = Vec::new();
+        for i in retry {
+            if let Some(o) = batch[i].take() {
+                back.push(o);
+            }
+        }
+        if let Some(from) = failed_from {
+            for o in batch.iter_mut().skip(from) {
+                if let Some(o) = o.take() {
+                    back.push(o);
+                }
+            }
+            channel = None;
+        }
+        for o in back.into_iter().rev() {
+            queue.push_front(o);
+        }
+        OUTBOX_PENDING.store(queue.len(), std::sync::atomic::Ordering::SeqCst);
+        if !queue.is_empty() {
+            channel = None;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn open_publish_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
+    let ch = connection.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(ch)
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(shared.config.heartbeat_interval);
+    let mut n: u64 = 0;
+    let mut gpus: Vec<GpuStat> = Vec::new();
+    loop {
+        tick.tick().await;
+        if shared.session.borrow().is_none() {
+            continue;
+        }
+        if n % 5 == 0 {
+            gpus = gpu_stats().await;
+        }
+        n += 1;
+        let running: Vec<AttemptRef> = shared
+            .running
+            .lock()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default();
+        let (mem_total_mb, mem_used_mb) = memory_mb();
+        let hb = Heartbeat {
+            worker: shared.id.clone(),
+            host: shared.host.clone(),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            slots: u32::try_from(
+                shared
+                    .config
+                    .gpus
+                    .as_ref()
+                    .map_or(shared.config.slots, Vec::len),
+            )
+            .unwrap_or(u32::MAX),
+            queues: shared.config.queues.clone(),
+            running,
+            cpus: u32::try_from(std::thread::available_parallelism().map_or(1, usize::from))
+                .unwrap_or(1),
+            load1: load1(),
+            mem_total_mb,
+            mem_used_mb,
+            gpus: gpus.clone(),
+            draining: *shared.draining.borrow(),
+            ts_ms: now_ms(),
+            interval_ms: u64::try_from(shared.config.heartbeat_interval.as_millis())
+                .unwrap_or(u64::MAX),
+        };
+        let _ = shared.outbox.try_send(Out {
+            message: FromWorker::Heartbeat(Box::new(hb)),
+            confirmed: false,
+        });
+    }
+}
+
+fn load1() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+fn memory_mb() -> (u64, u64) {
+    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else {
+        return (0, 0);
+    };
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let total = field("MemTotal:") / 1024;
+    let available = field("MemAvailable:") / 1024;
+    (total, total.saturating_sub(available))
+}
+
+/// GPUs as `nvidia-smi` reports them; empty where there is none.
+pub async fn gpu_stats() -> Vec<GpuStat> {
+    let out = tokio::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=index,name,utilization.gpu,memory.used,memory.total",
+            "--format=csv,noheader,nounits",
+        ])
+        .kill_on_drop(true)
+        .output();
+    let Ok(Ok(out)) = tokio::time::timeout(Duration::from_secs(5), out).await else {
+        return Vec::new();
+    };
+    if !out.status.success() {
+        return Vec::new();
+    }
+    parse_nvidia_smi(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Parses `nvidia-smi --query-gpu=index,name,utilization.gpu,memory.used,memory.total
+/// --format=csv,noheader,nounits`.
+pub fn parse_nvidia_smi(text: &str) -> Vec<GpuStat> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(',').map(str::trim).collect();
+            if f.len() != 5 {
+                return None;
+            }
+            Some(GpuStat {
+                index: f[0].parse().ok()?,
+                name: f[1].to_owned(),
+                utilization: f[2].parse::<f64>().map(|u| u / 100.0).unwrap_or(0.0),
+                memory_used_mb: f[3].parse().unwrap_or(0),
+                memory_total_mb: f[4].parse().unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// One slot: consume, claim, run, report, again.
+async fn slot_loop(
+    shared: Arc<Shared>,
+    slot: usize,
+    gpu: Option<u32>,
+    mut draining: watch::Receiver<bool>,
+) {
+    let mut session_rx = shared.session.clone();
+    loop {
+        if *draining.borrow() {
+            return;
+        }
+        // Wait for a session.
+        let session = loop {
+            if let Some(s) = session_rx.borrow_and_update().clone() {
+                break s;
+            }
+            tokio::select! {
+                r = session_rx.changed() => if r.is_err() { return },
+                () = until(&mut draining, |d| *d) => return,
+            }
+        };
+        match take_one(&shared, &session, slot, &mut draining).await {
+            Ok(Some(job)) => run_job(&shared, job, gpu).await,
+            Ok(None) => {}
+            Err(e) => {
+                debug!(slot, cause = %e, "slot lost its channel");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Consumes until a delivery is granted; returns the job to run (with its delivery acked and
+/// the consumer gone), or `None` when draining or when the session ended.
+async fn take_one(
+    shared: &Shared,
+    session: &Session,
+    slot: usize,
+    draining: &mut watch::Receiver<bool>,
+) -> Result<Option<JobMessage>, lapin::Error> {
+    let ch = session.connection.create_channel().await?;
+    ch.basic_qos(1, BasicQosOptions::default()).await?;
+    let mut consumers = Vec::new();
+    let mut tags = Vec::new();
+    for q in &shared.config.queues {
+        let queue = topology::jobs_queue(q);
+        // The master owns the job queues; wait until they exist.
+        loop {
+            let probe = session.connection.create_channel().await?;
+            match topology::check_queue(&probe, &queue).await {
+                Ok(_) => {
+                    let _ = probe.close(200, "ok".into()).await;
+                    break;
+                }
+                Err(_) => {
+                    if slot == 0 {
+                        warn!(queue = %queue, "job queue does not exist yet; is the master running?");
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        () = until(draining, |d| *d) => return Ok(None),
+                    }
+                }
+            }
+        }
+        let tag = format!("slot{slot}-{q}");
+        let consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tags.push(tag);
+        consumers.push(consumer);
+    }
+    let mut merged = futures_util::stream::select_all(consumers);
+    loop {
+        let delivery = tokio::select! {
+            d = merged.next() => d,
+            () = until(draining, |d| *d) => {
+                drop(merged);
+                let _ = ch.close(200, "draining".into()).await;
+                return Ok(None);
+            }
+        };
+        let Some(delivery) = delivery else {
+            return Ok(None);
+        };
+        let delivery = delivery?;
+        let job = match wire::decode::<JobMessage>(&delivery.properties, &delivery.data) {
+            Ok(j) => j,
+            Err(e) => {
+                warn!(cause = %e, "dead-lettering a job message this worker cannot read");
+                dead_letter(&ch, &delivery.properties, &delivery.data, &e).await?;
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+                continue;
+            }
+        };
+        let token = shared
+            .next_token
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut claims) = shared.claims.lock() {
+            claims.insert(token, tx);
+        }
+        let attempt = AttemptRef {
+            sweep: job.sweep.clone(),
+            job: job.job,
+            attempt: job.attempt,
+        };
+        let claim = FromWorker::Claim(Claim {
+            worker: shared.id.clone(),
+            attempt: attempt.clone(),
+            token,
+        });
+        // The claim goes out directly on this channel (it is useless after a reconnect anyway).
+        let enc = wire::encode(&claim);
+        ch.basic_publish(
+            "".into(),
+            topology::EVENTS_QUEUE.into(),
+            BasicPublishOptions::default(),
+            &enc.body,
+            enc.properties.with_delivery_mode(1),
+        )
+        .await?;
+        let verdict = tokio::time::timeout(shared.config.claim_timeout, rx).await;
+        if let Ok(mut claims) = shared.claims.lock() {
+            claims.remove(&token);
+        }
+        match verdict {
+            Ok(Ok(ToWorker::Grant { .. })) => {
+                // Stop consuming first, so no second delivery arrives while the job runs.
+                for tag in &tags {
+                    ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await?;
+                }
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+                let _ = ch.close(200, "running a job".into()).await;
+                return Ok(Some(job));
+            }
+            Ok(Ok(ToWorker::Deny { reason, .. })) => {
+                info!(sweep = %job.sweep, job = %job.job, attempt = job.attempt, reason = %reason, "claim denied; dropping the message");
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+            }
+            Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
+                warn!(sweep = %job.sweep, job = %job.job, "no answer to a claim; giving the message back");
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await?;
+                if *draining.borrow() {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+async fn dead_letter(
+    ch: &Channel,
+    properties: &lapin::BasicProperties,
+    body: &[u8],
+    reason: &wire::DecodeError,
+) -> Result<(), lapin::Error> {
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        wire::HEADER_DEAD_REASON.into(),
+        lapin::types::AMQPValue::LongString(reason.to_string().into()),
+    );
+    ch.basic_publish(
+        topology::DEAD_LETTER_EXCHANGE.into(),
+        "".into(),
+        BasicPublishOptions::default(),
+        body,
+        properties.clone().with_headers(headers),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The job's environment: gridq's variables, the sweep's, and the GPU pin.
+fn job_env(shared: &Shared, job: &JobMessage, gpu: Option<u32>) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("GRIDQ_JOB_ID".to_owned(), job.job.to_string()),
+        ("GRIDQ_SWEEP".to_owned(), job.sweep.to_string()),
+        ("GRIDQ_ATTEMPT".to_owned(), job.attempt.to_string()),
+        ("GRIDQ_WORKER".to_owned(), shared.id.to_string()),
+    ];
+    for (name, value) in &job.params {
+        env.push((format!("GRIDQ_PARAM_{}", env_name(name)), value.clone()));
+    }
+    env.extend(job.env.iter().cloned());
+    if let Some(g) = gpu {
+        env.push(("CUDA_VISIBLE_DEVICES".to_owned(), g.to_string()));
+    }
+    env
+}
+
+/// `model.lr` → `MODEL_LR`.
+pub fn env_name(param: &str) -> String {
+    param
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u32>) {
+    let attempt = AttemptRef {
+        sweep: job.sweep.clone(),
+        job: job.job,
+        attempt: job.attempt,
+    };
+    let workdir = match &job.workdir {
+        Some(w) => shared.config.project_dir.join(w),
+        None => shared.config.project_dir.clone(),
+    };
+    let result_path = shared
+        .config
+        .scratch_dir
+        .join(format!("{}-{}.json", job.job, job.attempt));
+    let spec = JobSpec {
+        argv: job.argv.clone(),
+        env: job_env(shared, &job, gpu),
+        workdir,
+        timeout: job.timeout_ms.map(Duration::from_millis),
+        grace: shared.config.grace,
+        result_path: result_path.clone(),
+    };
+    let (lines_tx, lines_rx) = mpsc::channel(1024);
+    let started_ms = now_ms();
+    let finished = match RunningJob::spawn(spec, lines_tx) {
+        Ok(running) => {
+            if let Ok(mut r) = shared.running.lock() {
+                r.insert(attempt.clone(), running.killer());
+            }
+            info!(sweep = %job.sweep, job = %job.job, attempt = job.attempt, "job started");
+            let forward = tokio::spawn(forward_output(shared.clone(), attempt.clone(), lines_rx));
+            let outcome = running.wait().await;
+            let lines = forward.await.unwrap_or(0);
+            if let Ok(mut r) = shared.running.lock() {
+                r.remove(&attempt);
+            }
+            finished_report(shared, &attempt, outcome, lines, gpu)
+        }
+        Err(e) => {
+            drop(lines_rx);
+            Finished {
+                worker: shared.id.clone(),
+                host: shared.host.clone(),
+                attempt: attempt.clone(),
+                outcome: Outcome::SpawnFailed,
+                exit_code: None,
+                signal: None,
+                started_ms,
+                finished_ms: now_ms(),
+                result: None,
+                reason: Some(e.to_string()),
+                gpus: gpu.into_iter().collect(),
+                lines: 0,
+            }
+        }
+    };
+    let _ = std::fs::remove_file(&result_path);
+    info!(sweep = %job.sweep, job = %job.job, attempt = job.attempt, outcome = ?finished.outcome, "job finished");
+    let _ = shared
+        .outbox
+        .send(Out {
+            message: FromWorker::Finished(Box::new(finished)),
+            confirmed: true,
+        })
+        .await;
+}
+
+fn finished_report(
+    shared: &Shared,
+    attempt: &AttemptRef,
+    outcome: runner::Outcome,
+    lines: u64,
+    gpu: Option<u32>,
+) -> Finished {
+    let started_ms = outcome
+        .started_at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+    let finished_ms = started_ms + u64::try_from(outcome.duration.as_millis()).unwrap_or(0);
+    let (kind, exit_code, signal, mut reason) = match outcome.termination {
+        Termination::Exited { code: 0 } => (Outcome::Succeeded, Some(0), None, None),
+        Termination::Exited { code } => (
+            Outcome::Failed,
+            Some(code),
+            None,
+            Some(format!("exit code {code}")),
+        ),
+        Termination::Signaled { signal } => (
+            Outcome::Failed,
+            None,
+            Some(signal),
+            Some(format!("killed by signal {signal}")),
+        ),
+        Termination::TimedOut => (
+            Outcome::TimedOut,
+            None,
+            None,
+            Some("timeout exceeded".to_owned()),
+        ),
+        Termination::Killed {
+            reason: KillReason::Canceled,
+        } => (Outcome::Canceled, None, None, Some("canceled".to_owned())),
+        Termination::Killed {
+            reason: KillReason::Shutdown,
+        } => (
+            Outcome::HandedBack,
+            None,
+            None,
+            Some("worker stopped; handed back".to_owned()),
+        ),
+        Termination::Unknown { error } => (Outcome::Failed, None, None, Some(error)),
+    };
+    if let Some(e) = outcome.result_error {
+        reason = Some(match reason {
+            Some(r) => format!("{r}; {e}"),
+            None => e,
+        });
+    }
+    Finished {
+        worker: shared.id.clone(),
+        host: shared.host.clone(),
+        attempt: attempt.clone(),
+        outcome: kind,
+        exit_code,
+        signal,
+        started_ms,
+        finished_ms,
+        result: outcome.result,
+        reason,
+        gpus: gpu.into_iter().collect(),
+        lines,
+    }
+}
+
+/// Batches a job's output lines (up to 200 lines or 100 ms) and sends them to the master.
+async fn forward_output(
+    shared: Arc<Shared>,
+    attempt: AttemptRef,
+    mut rx: mpsc::Receiver<runner::OutputLine>,
+) -> u64 {
+    let mut seq: u64 = 0;
+    let mut batch: Vec<LogLine> = Vec::new();
+    let flush_every = Duration::from_millis(100);
+    loop {
+        let line = if batch.is_empty() {
+            rx.recv().await
+        } else {
+            match tokio::time::timeout(flush_every, rx.recv()).await {
+                Ok(l) => l,
+                Err(_) => {
+                    send_batch(&shared, &attempt, &mut seq, &mut batch).await;
+                    continue;
+                }
+            }
+        };
+        match line {
+            Some(l) => {
+                batch.push(LogLine {
+                    stream: l.stream,
+                    line: l.line,
+                    ts_ms: l.ts_ms,
+                });
+                if batch.len() >= 200 {
+                    send_batch(&shared, &attempt, &mut seq, &mut batch).await;
+                }
+            }
+            None => {
+                send_batch(&shared, &attempt, &mut seq, &mut batch).await;
+                return seq;
+            }
+        }
+    }
+}
+
+async fn send_batch(
+    shared: &Shared,
+    attempt: &AttemptRef,
+    seq: &mut u64,
+    batch: &mut Vec<LogLine>,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let lines = std::mem::take(batch);
+    let first_seq = *seq;
+    *seq += lines.len() as u64;
+    let message = FromWorker::Output(OutputBatch {
+        worker: shared.id.clone(),
+        attempt: attempt.clone(),
+        first_seq,
+        lines,
+    });
+    let _ = shared
+        .outbox
+        .send(Out {
+            message,
+            confirmed: false,
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_names() {
+        assert_eq!(env_name("model.lr"), "MODEL_LR");
+        assert_eq!(env_name("batch-size"), "BATCH_SIZE");
+    }
+
+    #[test]
+    fn parses_nvidia_smi() {
+        let gpus = parse_nvidia_smi(
+            "0, NVIDIA H100 80GB HBM3, 37, 1024, 81559\n1, NVIDIA H100 80GB HBM3, 0, 4, 81559\n",
+        );
+        assert_eq!(gpus.len(), 2);
+        assert_eq!(gpus[0].index, 0);
+        assert!((gpus[0].utilization - 0.37).abs() < 1e-9);
+        assert_eq!(gpus[1].memory_total_mb, 81559);
+        assert!(parse_nvidia_smi("garbage").is_empty());
+    }
+}
