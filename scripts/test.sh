@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one test command: formatting, lints, then the whole test suite.
+# The one test command: formatting, lints, then the whole test suite against a real RabbitMQ.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,22 @@ cargo fmt --all --check
 
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# One private RabbitMQ node for the whole run (each test uses its own vhost). Its
+# consumer_timeout is 5 s, so every pipeline test also runs under a tight consumer timeout.
+echo "== test broker" >&2
+cargo build --locked -q -p gridq-deploy
+broker_dir=$(mktemp -d /tmp/gridq-test-broker.XXXXXX)
+target/debug/gridq broker --dir "$broker_dir/node" --management --consumer-timeout 5s \
+    --env-file "$broker_dir/env" >"$broker_dir/broker.log" 2>&1 &
+broker_pid=$!
+cleanup() {
+    kill "$broker_pid" 2>/dev/null || true
+    wait "$broker_pid" 2>/dev/null || true
+    rm -rf "$broker_dir"
+}
+trap cleanup EXIT
+export GRIDQ_TEST_BROKER_ENV="$broker_dir/env"
 
 echo "== cargo test" >&2
 cargo test --workspace --locked

@@ -45,6 +45,7 @@ use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -159,11 +160,11 @@ pub enum NodeError {
         timeout: Duration,
     },
     /// The server process ended before the node accepted connections.
-    #[error("RabbitMQ node {node} exited during startup ({status})\n{log_tail}")]
+    #[error("RabbitMQ node {node} exited during startup (rabbitmq-server {status})\n{log_tail}")]
     ExitedDuringStartup {
         /// The full node name.
         node: String,
-        /// How the process ended.
+        /// How the `rabbitmq-server` wrapper ended (it exits 0 whatever the VM did).
         status: String,
         /// The last lines of the node's logs.
         log_tail: String,
@@ -387,8 +388,14 @@ impl RabbitNode {
     pub async fn start(options: NodeOptions) -> Result<RabbitNode> {
         let server = locate_server()?;
         let ctl = locate_tool(&server, "rabbitmqctl")?;
+        fs::create_dir_all(&options.dir)
+            .map_err(|e| NodeError::io("create directory", &options.dir, e))?;
+        // Absolute, because the server runs with the directory as its working directory.
+        let mut options = options;
+        options.dir = fs::canonicalize(&options.dir)
+            .map_err(|e| NodeError::io("resolve", &options.dir, e))?;
         let layout = Layout::new(&options.dir);
-        for dir in [&layout.dir, &layout.mnesia_dir, &layout.log_dir] {
+        for dir in [&layout.mnesia_dir, &layout.log_dir] {
             fs::create_dir_all(dir).map_err(|e| NodeError::io("create directory", dir, e))?;
         }
         create_private_dir(&layout.config_dir)?;
@@ -966,17 +973,25 @@ impl RabbitNode {
     /// Reaps the wrapper if it has exited; `None` while it runs (or when there is none).
     fn child_exit_status(&mut self) -> Option<ExitStatus> {
         let child = self.child.as_mut()?;
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                // Helpers of the VM may linger in the group; the group id cannot have been
-                // reused while any of them lives.
-                signal_group(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
-                self.child = None;
-                Some(status)
+        let leader = Pid::from_raw(i32::try_from(child.id()).ok()?);
+        // Look without reaping first: while the exited leader is unreaped its pid, which is the
+        // group id, cannot be reused, so the VM's leftovers can be signalled safely.
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        match waitid(Id::Pid(leader), flags) {
+            Ok(WaitStatus::StillAlive) => return None,
+            Ok(_) => {}
+            Err(errno) => {
+                warn!(node = %self.node_name, %errno, "cannot query the node process");
+                return None;
             }
-            Ok(None) => None,
+        }
+        signal_group(leader, Signal::SIGKILL);
+        let status = child.wait();
+        self.child = None;
+        match status {
+            Ok(status) => Some(status),
             Err(err) => {
-                warn!(node = %self.node_name, error = %err, "cannot query the node process");
+                warn!(node = %self.node_name, error = %err, "cannot reap the node process");
                 None
             }
         }
@@ -1090,7 +1105,9 @@ impl Drop for RabbitNode {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // Signal before reaping: an unreaped leader keeps the group id from being reused.
-            signal_group(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            if let Ok(leader) = i32::try_from(child.id()) {
+                signal_group(Pid::from_raw(leader), Signal::SIGKILL);
+            }
             if let Err(err) = child.wait() {
                 warn!(node = %self.node_name, error = %err, "cannot reap the node process");
             }

@@ -6,6 +6,7 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -72,15 +73,20 @@ fn process_alive(pid: u32) -> bool {
     })
 }
 
-/// Waits until neither the node's process group nor its Erlang VM has a live process.
-async fn assert_processes_gone(group: u32, server_pid: u32) {
+/// Waits until nothing of the node is left: no live process in its process group, not its
+/// Erlang VM, and none of the VM's helpers (which run in sessions of their own).
+async fn assert_processes_gone(group: u32, server_pid: u32, dir: &Path) {
     wait_until(
         "the node's processes to exit",
         Duration::from_secs(15),
         || {
             let members = live_members(group);
             let vm = process_alive(server_pid);
-            (members.is_empty() && !vm, (members, vm))
+            let helpers = processes_using(dir);
+            (
+                members.is_empty() && !vm && helpers.is_empty(),
+                (members, vm, helpers),
+            )
         },
     )
     .await;
@@ -125,7 +131,8 @@ async fn management_get(node: &RabbitNode, path: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_keeps_confirmed_messages_through_restart_crash_and_a_new_start() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut options = NodeOptions::new(tmp.path().join("broker"));
+    let dir = tmp.path().join("broker");
+    let mut options = NodeOptions::new(&dir);
     options.management = true;
     options.consumer_timeout = Some(Duration::from_secs(5));
 
@@ -142,9 +149,9 @@ async fn a_node_keeps_confirmed_messages_through_restart_crash_and_a_new_start()
     let (user, password) = node.credentials();
     assert_eq!(user, USER);
     assert!(password.len() >= 24 && password.bytes().all(|b| b.is_ascii_alphanumeric()));
-    let credentials = tmp.path().join("broker/credentials");
+    let credentials = dir.join("credentials");
     assert_eq!(fs::read_to_string(&credentials).unwrap().trim(), password);
-    for private in [credentials, tmp.path().join("broker/config/rabbitmq.conf")] {
+    for private in [credentials, dir.join("config/rabbitmq.conf")] {
         let mode = fs::metadata(&private).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", private.display());
     }
@@ -269,7 +276,7 @@ async fn a_node_keeps_confirmed_messages_through_restart_crash_and_a_new_start()
     let vm = node.server_pid().expect("VM pid known");
     node.kill().await;
     assert!(node.process_group().is_none());
-    assert_processes_gone(group, vm).await;
+    assert_processes_gone(group, vm, &dir).await;
     let recovered = Instant::now();
     node.restart().await.expect("restart after kill");
     eprintln!("start after SIGKILL: {:?}", recovered.elapsed());
@@ -285,7 +292,7 @@ async fn a_node_keeps_confirmed_messages_through_restart_crash_and_a_new_start()
     let vm = node.server_pid().expect("VM pid known");
     let node_name = node.node_name().to_string();
     drop(node);
-    assert_processes_gone(group, vm).await;
+    assert_processes_gone(group, vm, &dir).await;
 
     // A new start on the same directory reuses name, password, port and data.
     let again = Instant::now();
@@ -325,7 +332,7 @@ async fn a_node_keeps_confirmed_messages_through_restart_crash_and_a_new_start()
     node.stop().await.expect("stop");
     eprintln!("graceful stop: {:?}", stopping.elapsed());
     assert!(!node.is_running());
-    assert_processes_gone(group, vm).await;
+    assert_processes_gone(group, vm, &dir).await;
     let err = node.add_vhost("late").await.unwrap_err();
     assert!(err.to_string().contains("not running"), "{err}");
 }
@@ -405,14 +412,14 @@ async fn two_nodes_run_side_by_side_and_manage_vhosts_with_rabbitmqctl() {
     let vms = [a.server_pid().unwrap(), b.server_pid().unwrap()];
     drop(a);
     drop(b);
-    for (group, vm) in groups.into_iter().zip(vms) {
-        assert_processes_gone(group, vm).await;
+    for ((group, vm), name) in groups.into_iter().zip(vms).zip(["a", "b"]) {
+        assert_processes_gone(group, vm, &tmp.path().join(name)).await;
     }
 }
 
 /// Live processes whose environment points into `dir` (the node's processes all carry
 /// `RABBITMQ_MNESIA_BASE=<dir>/mnesia`), as (pid, command).
-fn processes_using(dir: &std::path::Path) -> Vec<(u32, String)> {
+fn processes_using(dir: &Path) -> Vec<(u32, String)> {
     let needle = dir.to_string_lossy().into_owned();
     let mut found = Vec::new();
     for entry in fs::read_dir("/proc").expect("read /proc").flatten() {

@@ -3,6 +3,7 @@
 //! Exit codes: 0 on success, 2 for bad input (a bad sweep file, bad flags, a request the master
 //! refused as invalid), 1 for anything else (including a sweep with failed jobs).
 
+mod broker;
 mod client;
 mod context;
 mod expand;
@@ -31,6 +32,8 @@ enum Command {
     Master(services::MasterArgs),
     /// The worker service: runs jobs from the broker.
     Worker(services::WorkerArgs),
+    /// A private RabbitMQ node in the foreground (local use, tests).
+    Broker(broker::BrokerArgs),
     /// Submit a sweep to a master.
     Submit(client::SubmitArgs),
     /// Sweeps with their progress, and workers.
@@ -73,6 +76,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => local::run(args),
         Command::Master(args) => services::master(args),
         Command::Worker(args) => services::worker(args),
+        Command::Broker(args) => broker::run(args),
         Command::Submit(args) => client::submit(args),
         Command::Status(args) => client::status(args),
         Command::Jobs(args) => client::jobs(args),

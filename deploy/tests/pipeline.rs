@@ -1,0 +1,267 @@
+//! The job pipeline against a real RabbitMQ: the happy path, argv and environment, a worker
+//! killed mid-job, retries, timeouts, and jobs longer than the broker's consumer timeout.
+
+mod support;
+
+use std::time::Duration;
+
+use gridq_master::store::JobState;
+use support::{Cluster, alive, wait_until};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// A job that writes its argv and gridq environment as its result.
+const DUMP: &str = r#"
+import json, os, sys
+env = {k: v for k, v in os.environ.items() if k.startswith("GRIDQ_") and k != "GRIDQ_RESULT"}
+with open(os.environ["GRIDQ_RESULT"], "w") as f:
+    json.dump({"argv": sys.argv[1:], "env": env, "cwd": os.getcwd()}, f)
+print("done", flush=True)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_job_runs_once_with_its_argv_and_environment() {
+    let mut c = Cluster::new("happy").await;
+    c.write("dump.py", DUMP);
+    c.spawn_worker(&["--slots", "2"]);
+    c.spawn_worker(&["--slots", "2"]);
+    let summary = c
+        .submit(
+            "name: happy\ncommand: python3 dump.py {args}\nenv: {EXTRA: 'yes'}\nparameters:\n  model.lr: [0.1, 1e-3]\n  seed: !!python/tuple [0, 10]\n",
+        )
+        .await;
+    assert_eq!(summary.total, 20);
+    assert_eq!(summary.added, 20);
+    let jobs = c.wait_done("happy", MINUTE).await;
+    assert_eq!(jobs.len(), 20);
+    for j in &jobs {
+        assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+        assert_eq!(j.attempt, 1, "ran more than once: {j:?}");
+        let result = j.result.as_ref().expect("result");
+        let argv: Vec<String> = serde_json::from_value(result["argv"].clone()).unwrap();
+        assert_eq!(argv, j.argv[2..].to_vec());
+        let env = &result["env"];
+        assert_eq!(env["GRIDQ_JOB_ID"], j.id.to_string());
+        assert_eq!(env["GRIDQ_SWEEP"], "happy");
+        assert_eq!(env["GRIDQ_ATTEMPT"], "1");
+        assert_eq!(
+            env["GRIDQ_PARAM_MODEL_LR"],
+            j.params["model.lr"].to_string().trim_matches('"')
+        );
+        assert_eq!(env["GRIDQ_PARAM_SEED"], j.params["seed"].to_string());
+        assert_eq!(
+            result["cwd"],
+            c.project.canonicalize().unwrap().display().to_string()
+        );
+    }
+    // Nothing lost, nothing run twice: one result row per job, no duplicates.
+    let reader = c.reader();
+    let sweep = gridq_common::SweepId::new("happy").unwrap();
+    assert_eq!(reader.view().result_rows(&sweep).unwrap(), 20);
+    for j in &jobs {
+        assert_eq!(reader.view().duplicates(&sweep, &j.id).unwrap(), 0);
+        assert_eq!(c.attempts("happy", j.id).len(), 1);
+        let logs = reader.view().logs(&sweep, &j.id, None, 100).unwrap();
+        assert_eq!(
+            logs.iter()
+                .map(|(_, _, l)| l.line.as_str())
+                .collect::<Vec<_>>(),
+            ["done"]
+        );
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_values_reach_the_program_byte_for_byte() {
+    let mut c = Cluster::new("hostile").await;
+    c.write("dump.py", DUMP);
+    c.spawn_worker(&["--slots", "2"]);
+    let values = [
+        "; rm -rf /",
+        "$(whoami)",
+        "`id`",
+        "a b\tc\nd",
+        "ünï ✓ 日本",
+        "' \" \\",
+        "*",
+        "--x=1 --y=2",
+    ];
+    let list: Vec<String> = values
+        .iter()
+        .map(|v| serde_json::to_string(v).unwrap())
+        .collect();
+    let yaml = format!(
+        "name: hostile\ncommand: [python3, dump.py, '{{v}}']\nparameters:\n  v: [{}]\n",
+        list.join(", ")
+    );
+    c.submit(&yaml).await;
+    let jobs = c.wait_done("hostile", MINUTE).await;
+    let mut got: Vec<String> = jobs
+        .iter()
+        .map(|j| {
+            assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+            let argv: Vec<String> =
+                serde_json::from_value(j.result.as_ref().unwrap()["argv"].clone()).unwrap();
+            assert_eq!(argv.len(), 1, "one value, one argument: {argv:?}");
+            argv[0].clone()
+        })
+        .collect();
+    let mut want: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_is_killed_runs_again_elsewhere_exactly_once() {
+    let mut c = Cluster::new("sigkill").await;
+    // The job records each start, then runs long enough for the kill.
+    c.write(
+        "slow.py",
+        "import os, time\nopen('starts', 'a').write(os.environ['GRIDQ_ATTEMPT'] + '\\n')\ntime.sleep(2)\nprint('finished')\n",
+    );
+    c.spawn_worker(&["--slots", "1"]);
+    c.submit("name: sigkill\ncommand: python3 slow.py\nparameters:\n  x: 1\n")
+        .await;
+    let job = c.jobs("sigkill")[0].id;
+    let running = c
+        .wait_state("sigkill", job, JobState::Running, MINUTE)
+        .await;
+    assert_eq!(running.worker.as_deref(), Some(c.worker_id(0).as_str()));
+    let starts = c.project.join("starts");
+    wait_until("the first attempt to start", MINUTE, || {
+        let text = std::fs::read_to_string(&starts).unwrap_or_default();
+        if text == "1\n" {
+            Ok(())
+        } else {
+            Err(format!("{text:?}"))
+        }
+    })
+    .await;
+    c.workers[0].signal(nix::sys::signal::Signal::SIGKILL);
+    c.workers[0].wait_exit(Duration::from_secs(10)).await;
+    c.spawn_worker(&["--slots", "1"]);
+    let done = c
+        .wait_state("sigkill", job, JobState::Succeeded, MINUTE)
+        .await;
+    assert_eq!(done.attempt, 2);
+    assert_eq!(done.worker.as_deref(), Some(c.worker_id(1).as_str()));
+    let attempts = c.attempts("sigkill", job);
+    assert_eq!(
+        attempts
+            .iter()
+            .map(|a| a.state.as_str())
+            .collect::<Vec<_>>(),
+        ["lost", "succeeded"]
+    );
+    assert!(
+        attempts[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("missed heartbeats"),
+        "{attempts:?}"
+    );
+    let sweep = gridq_common::SweepId::new("sigkill").unwrap();
+    assert_eq!(c.reader().view().result_rows(&sweep).unwrap(), 1);
+    assert_eq!(c.reader().view().duplicates(&sweep, &job).unwrap(), 0);
+    // The killed worker's job process died with it (parent-death signal), so it started twice
+    // and finished once.
+    assert_eq!(std::fs::read_to_string(&starts).unwrap(), "1\n2\n");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_job_is_retried_with_backoff_then_fails_with_its_exit_code() {
+    let mut c = Cluster::new("retries").await;
+    c.spawn_worker(&["--slots", "1"]);
+    c.submit("name: retries\ncommand: [sh, -c, 'echo try $GRIDQ_ATTEMPT; exit 3']\nretries: 2\nparameters:\n  x: 1\n")
+        .await;
+    let jobs = c.wait_done("retries", MINUTE).await;
+    let j = &jobs[0];
+    assert_eq!(j.state, JobState::Failed);
+    assert_eq!(j.exit_code, Some(3));
+    assert_eq!(j.attempt, 3);
+    let attempts = c.attempts("retries", j.id);
+    assert_eq!(attempts.len(), 3);
+    for a in &attempts {
+        assert_eq!(a.state, "failed");
+        assert_eq!(a.exit_code, Some(3));
+    }
+    // Backoff: the second retry waited longer than the first (1 s, then 1.5 s capped here).
+    let gap = |a: &gridq_master::store::AttemptRow, b: &gridq_master::store::AttemptRow| {
+        b.started_ms.unwrap() - a.finished_ms.unwrap()
+    };
+    assert!(gap(&attempts[0], &attempts[1]) >= 1000, "{attempts:?}");
+    assert!(gap(&attempts[1], &attempts[2]) >= 1500, "{attempts:?}");
+    // A job without retries fails at once.
+    c.submit("name: noretry\ncommand: [sh, -c, 'exit 4']\nparameters:\n  x: 1\n")
+        .await;
+    let jobs = c.wait_done("noretry", MINUTE).await;
+    assert_eq!(
+        (jobs[0].state, jobs[0].exit_code, jobs[0].attempt),
+        (JobState::Failed, Some(4), 1)
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_job_is_killed_with_its_process_group_and_frees_its_slot() {
+    let mut c = Cluster::new("timeout").await;
+    c.spawn_worker(&["--slots", "1"]);
+    c.submit(
+        "name: timeout\ncommand: [sh, -c, 'sleep 300 & echo $! > bg.pid; wait']\ntimeout: 1s\nparameters:\n  x: 1\n",
+    )
+    .await;
+    let jobs = c.wait_done("timeout", MINUTE).await;
+    assert_eq!(jobs[0].state, JobState::TimedOut, "{:?}", jobs[0]);
+    let bg: i32 = std::fs::read_to_string(c.project.join("bg.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until(
+        "the background process to be gone",
+        Duration::from_secs(10),
+        || {
+            if alive(bg) {
+                Err(format!("pid {bg} alive"))
+            } else {
+                Ok(())
+            }
+        },
+    )
+    .await;
+    // The slot is free again: the next job runs.
+    c.submit("name: after\ncommand: [true]\nparameters:\n  x: 1\n")
+        .await;
+    let jobs = c.wait_done("after", MINUTE).await;
+    assert_eq!(jobs[0].state, JobState::Succeeded);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_longer_than_the_consumer_timeout_is_neither_killed_nor_duplicated() {
+    // The shared test broker runs with consumer_timeout = 5 s.
+    let mut c = Cluster::new("longjob").await;
+    c.spawn_worker(&["--slots", "1"]);
+    c.submit("name: longjob\ncommand: [sh, -c, 'sleep 8; echo ok']\nparameters:\n  x: 1\n")
+        .await;
+    let jobs = c.wait_done("longjob", MINUTE).await;
+    let j = &jobs[0];
+    assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+    assert_eq!(j.attempt, 1);
+    assert!(j.finished_ms.unwrap() - j.started_ms.unwrap() >= 8000);
+    assert_eq!(c.attempts("longjob", j.id).len(), 1);
+    let sweep = gridq_common::SweepId::new("longjob").unwrap();
+    assert_eq!(c.reader().view().duplicates(&sweep, &j.id).unwrap(), 0);
+    // The worker kept its connection: no reconnect was needed.
+    assert!(
+        !c.workers[0].log_text().contains("reconnecting"),
+        "{}",
+        c.workers[0].log_text()
+    );
+    c.shutdown().await;
+}
