@@ -555,6 +555,20 @@ fn handle_event(
             let info = serde_json::to_value(&*hb).unwrap_or(serde_json::Value::Null);
             let state = if hb.draining { "draining" } else { "online" };
             tx.worker_seen(hb.worker.as_str(), &hb.host, state, None, &info, now)?;
+            // Leases the worker does not list (granted well before this heartbeat) are lost.
+            let margin = (3 * hb.interval_ms).max(3000);
+            for effect in tx.reconcile(
+                hb.worker.as_str(),
+                &hb.running,
+                now.saturating_sub(margin),
+                config.max_lost,
+                now,
+            )? {
+                effects.changed = true;
+                if let LostEffect::Requeue(p) = effect {
+                    effects.publish.push(p);
+                }
+            }
         }
         FromWorker::Stopped(stopped) => {
             workers.remove(stopped.worker.as_str());

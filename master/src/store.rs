@@ -907,61 +907,114 @@ impl Tx<'_> {
         max_lost: u32,
         now_ms: u64,
     ) -> Result<Vec<LostEffect>> {
-        let running: Vec<(String, String, u32, u32, String)> = {
-            let mut stmt = self.tx.prepare_cached(
-                "SELECT j.sweep, j.id, j.attempt, j.lost, s.spec_json FROM jobs j JOIN sweeps s ON s.name = j.sweep
-                 WHERE j.state = 'running' AND j.worker = ?1",
-            )?;
-            let rows = stmt.query_map([worker], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })?;
-            rows.collect::<Result<_, _>>()?
-        };
+        let held = self.running_of("worker = ?1", params![worker])?;
         let mut out = Vec::new();
-        for (sweep, id, attempt, lost, spec) in running {
-            let spec: SweepRecord = parse_json(&spec)?;
-            let reason = format!("worker {worker} lost ({why})");
-            self.tx.prepare_cached(
+        for (_, a) in held {
+            out.extend(self.lose_attempt(&a, worker, why, max_lost, now_ms)?);
+        }
+        self.tx
+            .prepare_cached("UPDATE workers SET state = 'lost', reason = ?2 WHERE id = ?1 AND state != 'stopped'")?
+            .execute(params![worker, why])?;
+        Ok(out)
+    }
+
+    fn lose_attempt(
+        &self,
+        a: &AttemptRef,
+        worker: &str,
+        why: &str,
+        max_lost: u32,
+        now_ms: u64,
+    ) -> Result<Option<LostEffect>> {
+        let row: Option<(u32, String)> = self
+            .tx
+            .prepare_cached(
+                "SELECT j.lost, s.spec_json FROM jobs j JOIN sweeps s ON s.name = j.sweep
+                 WHERE j.sweep = ?1 AND j.id = ?2 AND j.attempt = ?3 AND j.state = 'running'",
+            )?
+            .query_row(
+                params![a.sweep.as_str(), a.job.to_string(), a.attempt],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((lost, spec)) = row else {
+            return Ok(None);
+        };
+        let spec: SweepRecord = parse_json(&spec)?;
+        let reason = format!("worker {worker} lost ({why})");
+        let (sweep, id) = (a.sweep.as_str(), a.job.to_string());
+        self.tx
+            .prepare_cached(
                 "UPDATE attempts SET state = 'lost', finished_ms = ?4, reason = ?5 WHERE sweep = ?1 AND job = ?2 AND attempt = ?3",
             )?
-            .execute(params![sweep, id, attempt, to_i64(now_ms), reason])?;
-            let a = AttemptRef {
-                sweep: parse_sweep(&sweep)?,
-                job: parse_id(&id)?,
-                attempt,
-            };
-            if lost + 1 >= max_lost {
-                let reason = format!(
-                    "its worker was lost {} times while running it (last: {reason}); it may be killing its worker (out of memory?)",
-                    lost + 1
-                );
-                self.tx.prepare_cached(
+            .execute(params![sweep, id, a.attempt, to_i64(now_ms), reason])?;
+        if lost + 1 >= max_lost {
+            let reason = format!(
+                "its worker was lost {} times while running it (last: {reason}); it may be killing its worker (out of memory?)",
+                lost + 1
+            );
+            self.tx
+                .prepare_cached(
                     "UPDATE jobs SET state = 'failed', lost = lost + 1, finished_ms = ?3, reason = ?4, updated_ms = ?3
                      WHERE sweep = ?1 AND id = ?2",
                 )?
                 .execute(params![sweep, id, to_i64(now_ms), reason])?;
-                self.tx.prepare_cached(
+            self.tx
+                .prepare_cached(
                     "INSERT OR REPLACE INTO results(sweep, job, attempt, result_json, stored_ms) VALUES (?1, ?2, ?3, NULL, ?4)",
                 )?
-                .execute(params![sweep, id, attempt, to_i64(now_ms)])?;
-                out.push(LostEffect::Failed(a));
-            } else {
-                self.tx
-                    .prepare_cached("UPDATE jobs SET lost = lost + 1 WHERE sweep = ?1 AND id = ?2")?
-                    .execute(params![sweep, id])?;
-                let p = Publish {
-                    sweep: a.sweep.clone(),
-                    job: a.job,
-                    attempt: attempt + 1,
-                    queue: spec.queue,
-                };
-                self.requeue(&p, &reason, now_ms)?;
-                out.push(LostEffect::Requeue(p));
-            }
+                .execute(params![sweep, id, a.attempt, to_i64(now_ms)])?;
+            return Ok(Some(LostEffect::Failed(a.clone())));
         }
         self.tx
-            .prepare_cached("UPDATE workers SET state = 'lost', reason = ?2 WHERE id = ?1")?
-            .execute(params![worker, why])?;
+            .prepare_cached("UPDATE jobs SET lost = lost + 1 WHERE sweep = ?1 AND id = ?2")?
+            .execute(params![sweep, id])?;
+        let p = Publish {
+            sweep: a.sweep.clone(),
+            job: a.job,
+            attempt: a.attempt + 1,
+            queue: spec.queue,
+        };
+        self.requeue(&p, &reason, now_ms)?;
+        Ok(Some(LostEffect::Requeue(p)))
+    }
+
+    /// Attempts the store says `worker` runs, granted before `granted_before_ms`, that its
+    /// heartbeat does not list: the worker does not have them (it restarted under the same id,
+    /// or lost them), so they run again like a lost worker's.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn reconcile(
+        &self,
+        worker: &str,
+        listed: &[AttemptRef],
+        granted_before_ms: u64,
+        max_lost: u32,
+        now_ms: u64,
+    ) -> Result<Vec<LostEffect>> {
+        let held = self.running_of(
+            "worker = ?1 AND started_ms < ?2",
+            params![worker, to_i64(granted_before_ms)],
+        )?;
+        let missing: Vec<AttemptRef> = held
+            .into_iter()
+            .map(|(_, a)| a)
+            .filter(|a| !listed.contains(a))
+            .collect();
+        if missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for a in missing {
+            out.extend(self.lose_attempt(
+                &a,
+                worker,
+                "its worker no longer runs it",
+                max_lost,
+                now_ms,
+            )?);
+        }
         Ok(out)
     }
 

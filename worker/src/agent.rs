@@ -827,9 +827,6 @@ async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u32>) {
             let forward = tokio::spawn(forward_output(shared.clone(), attempt.clone(), lines_rx));
             let outcome = running.wait().await;
             let lines = forward.await.unwrap_or(0);
-            if let Ok(mut r) = shared.running.lock() {
-                r.remove(&attempt);
-            }
             finished_report(shared, &attempt, outcome, lines, gpu)
         }
         Err(e) => {
@@ -859,6 +856,11 @@ async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u32>) {
             confirmed: true,
         })
         .await;
+    // Only now: a heartbeat that no longer lists the attempt is queued behind its report, so the
+    // master never takes the attempt for lost.
+    if let Ok(mut r) = shared.running.lock() {
+        r.remove(&attempt);
+    }
 }
 
 fn finished_report(

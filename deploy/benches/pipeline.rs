@@ -1,0 +1,236 @@
+//! Pipeline benchmarks on this machine: a private RabbitMQ node, `gridq master` and two
+//! `gridq worker` processes, all release builds. Run with `scripts/bench.sh` (which builds the
+//! binary first) or `cargo bench -p gridq-deploy --bench pipeline`.
+//!
+//! - submit rate: jobs confirmed on the broker per second, 20,000-job sweep, no workers;
+//! - end to end: `true` jobs per second, 20,000-job sweep, submit to all results stored;
+//! - latency: one job's submit-to-stored time, median and p99 over 200 jobs in sequence;
+//! - memory: idle worker RSS, and master RSS after 100,000 stored jobs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+fn gridq() -> PathBuf {
+    let exe = std::env::current_exe().expect("bench exe");
+    // target/release/deps/pipeline-xxxx -> target/release/gridq
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("gridq")
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap_or(0)),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn wait_file(path: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(t) = std::fs::read_to_string(path) {
+            if !t.is_empty() {
+                return t;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Api {
+    base: String,
+    token: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Api {
+    fn get(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}/api/v1{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .and_then(|r| r.error_for_status())
+            .and_then(|r| r.json())
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+    fn submit(&self, yaml: &str) -> Value {
+        self.http
+            .post(format!("{}/api/v1/sweeps", self.base))
+            .bearer_auth(&self.token)
+            .json(&json!({ "yaml": yaml }))
+            .send()
+            .and_then(|r| r.error_for_status())
+            .and_then(|r| r.json())
+            .unwrap_or_else(|e| panic!("submit: {e}"))
+    }
+    /// Long-polls until the predicate holds on the sweep's counts.
+    fn wait(&self, sweep: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let mut version = 0;
+        loop {
+            let v = self.get(&format!("/sweeps/{sweep}?after={version}&wait_ms=2000"));
+            version = v["version"].as_u64().unwrap_or(version);
+            if pred(&v["sweep"]["counts"]) {
+                return v;
+            }
+        }
+    }
+}
+
+fn count(counts: &Value, state: &str) -> u64 {
+    counts[state].as_u64().unwrap_or(0)
+}
+
+fn main() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = gridq();
+    assert!(
+        exe.exists(),
+        "build the binary first: cargo build --release -p gridq-deploy"
+    );
+
+    // Broker.
+    let env_file = dir.path().join("broker.env");
+    let _broker = Proc(
+        Command::new(&exe)
+            .args(["broker", "--dir"])
+            .arg(dir.path().join("broker"))
+            .arg("--env-file")
+            .arg(&env_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gridq broker"),
+    );
+    let env = wait_file(&env_file);
+    let broker = env
+        .lines()
+        .find_map(|l| l.strip_prefix("GRIDQ_BROKER="))
+        .expect("broker url")
+        .to_owned();
+
+    // Master.
+    let state = dir.path().join("state");
+    let master = Proc(
+        Command::new(&exe)
+            .args(["master", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(&state)
+            .env("GRIDQ_BROKER", &broker)
+            .env("GRIDQ_CONTEXT", dir.path().join("context.json"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gridq master"),
+    );
+    let ctx: Value =
+        serde_json::from_str(&wait_file(&dir.path().join("context.json"))).expect("context");
+    let api = Api {
+        base: ctx["url"].as_str().expect("url").to_owned(),
+        token: ctx["token"].as_str().expect("token").to_owned(),
+        http: reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("http"),
+    };
+
+    // 1. Submit rate: 20,000 jobs, no workers: from the POST to every job confirmed (queued).
+    let t = Instant::now();
+    api.submit("name: submit\ncommand: [\"true\"]\nparameters:\n  i: {range: [0, 20000]}\n");
+    api.wait("submit", |c| count(c, "queued") == 20_000);
+    let submit_rate = 20_000.0 / t.elapsed().as_secs_f64();
+    println!("submit rate: {submit_rate:.0} jobs/s confirmed on the broker (20,000-job sweep)");
+
+    // Workers (they will drain the 20,000 queued jobs first: that is the end-to-end run).
+    let project = dir.path().join("project");
+    std::fs::create_dir_all(&project).expect("project");
+    let spawn_worker = |n: usize| {
+        Proc(
+            Command::new(&exe)
+                .args(["worker", "--slots", "2", "--heartbeat", "1s", "--id"])
+                .arg(format!("bench-{n}"))
+                .arg("--project")
+                .arg(&project)
+                .env("GRIDQ_BROKER", &broker)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("gridq worker"),
+        )
+    };
+    let t = Instant::now();
+    let workers = [spawn_worker(1), spawn_worker(2)];
+    api.wait("submit", |c| count(c, "succeeded") == 20_000);
+    let e2e = 20_000.0 / t.elapsed().as_secs_f64();
+    println!("end to end: {e2e:.0} `true` jobs/s (20,000 jobs, 2 workers x 2 slots)");
+
+    // 2. Latency: one job at a time, submit to stored.
+    let mut samples = Vec::with_capacity(200);
+    for i in 0..200 {
+        let name = format!("lat{i}");
+        let t = Instant::now();
+        api.submit(&format!(
+            "name: {name}\ncommand: [\"true\"]\nparameters:\n  i: {i}\n"
+        ));
+        api.wait(&name, |c| count(c, "succeeded") == 1);
+        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    println!(
+        "latency: median {:.1} ms, p99 {:.1} ms (200 one-job sweeps in sequence, submit to stored)",
+        samples[100], samples[197]
+    );
+
+    // 3. Memory: idle workers; master after 100,000 stored jobs.
+    std::thread::sleep(Duration::from_secs(2));
+    let worker_rss: Vec<String> = workers
+        .iter()
+        .map(|w| format!("{:.1} MB", rss_mb(w.0.id())))
+        .collect();
+    println!("idle worker RSS: {}", worker_rss.join(", "));
+    for k in 0..4 {
+        api.submit(&format!(
+            "name: mem{k}\ncommand: [\"true\"]\nmax_jobs: 20000\nparameters:\n  i: {{range: [0, 20000]}}\n"
+        ));
+    }
+    for k in 0..4 {
+        api.wait(&format!("mem{k}"), |c| count(c, "succeeded") == 20_000);
+    }
+    let stored: u64 = api.get("/sweeps")["sweeps"]
+        .as_array()
+        .map_or(0, |s| s.iter().filter_map(|s| s["total"].as_u64()).sum());
+    println!(
+        "master RSS after {stored} stored jobs: {:.1} MB",
+        rss_mb(master.0.id())
+    );
+    drop(workers);
+}
