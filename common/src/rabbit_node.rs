@@ -70,7 +70,9 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 const EPMD_TIMEOUT: Duration = Duration::from_secs(10);
 const CTL_TIMEOUT: Duration = Duration::from_secs(60);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
-const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A probe connection on loopback takes milliseconds; one made just as the listener opens
+/// sometimes hangs, and the next one succeeds at once.
+const CONNECT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 const PREVIOUS_PORT_GRACE: Duration = Duration::from_secs(2);
 const LOG_TAIL_LINES: usize = 20;

@@ -3,14 +3,16 @@
 //! | name | type | declared by | what |
 //! |---|---|---|---|
 //! | `gridq.jobs.<queue>` | quorum queue | master | job messages; `x-delivery-limit` bounds redeliveries, then dead-letters |
-//! | `gridq.events` | quorum queue | master | everything workers send the master |
+//! | `gridq.events` | classic durable queue | master | everything workers send the master: results persistent, claims, output and heartbeats transient |
 //! | `gridq.dlx` | fanout exchange | master | dead letters, from the broker or from a consumer that refused a message |
 //! | `gridq.dead` | quorum queue | master | bound to `gridq.dlx`; the master records and acks what arrives |
 //! | `gridq.worker.<id>` | classic, exclusive, auto-delete | that worker | grants, denials, cancels for one worker |
 //!
 //! Workers declare only their own queue; the master owns everything durable. Quorum queues are
-//! durable and replicated once the broker is a cluster. Isolation between deployments (or
-//! tests) is by vhost.
+//! durable and replicated once the broker is a cluster. The events queue is a classic durable
+//! queue: claims, heartbeats and output are transient there (no disk write, no Raft round), and
+//! results are persistent messages with publisher confirms; the master consumes it continuously,
+//! so it is short-lived data in transit. Isolation between deployments (or tests) is by vhost.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -82,7 +84,7 @@ pub async fn declare_master(channel: &Channel) -> Result<(), lapin::Error> {
         )
         .await?;
     channel
-        .queue_declare(EVENTS_QUEUE.into(), durable(), quorum_args())
+        .queue_declare(EVENTS_QUEUE.into(), durable(), FieldTable::default())
         .await?;
     Ok(())
 }
@@ -152,4 +154,40 @@ pub async fn check_queue(channel: &Channel, queue: &str) -> Result<u32, lapin::E
         )
         .await?;
     Ok(q.message_count())
+}
+
+/// Header naming the queue a consumer-refused message came from.
+pub const DEAD_QUEUE_HEADER: &str = "gridq-dead-queue";
+
+/// Sends a message this consumer cannot use to the dead-letter exchange with the reason, keeping
+/// its headers and body.
+pub async fn dead_letter(
+    channel: &Channel,
+    queue: &str,
+    properties: &lapin::BasicProperties,
+    body: &[u8],
+    reason: &crate::wire::DecodeError,
+) -> Result<(), lapin::Error> {
+    tracing::warn!(queue, cause = %reason, "dead-lettering a message");
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        ShortString::from(crate::wire::HEADER_DEAD_REASON),
+        AMQPValue::LongString(reason.to_string().into()),
+    );
+    headers.insert(
+        ShortString::from(DEAD_QUEUE_HEADER),
+        AMQPValue::LongString(queue.into()),
+    );
+    let props = properties.clone().with_headers(headers);
+    channel
+        .basic_publish(
+            DEAD_LETTER_EXCHANGE.into(),
+            "".into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await?
+        .await?;
+    Ok(())
 }

@@ -13,13 +13,13 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use gridq_common::amqp::{self, Backoff};
 use gridq_common::topology;
-use gridq_common::wire::{self, DecodeError, FromWorker, JobMessage, ToWorker};
+use gridq_common::wire::{self, FromWorker, JobMessage, ToWorker};
 use lapin::Acker;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -198,7 +198,7 @@ async fn session(
                         }
                     }
                     Err(e) => {
-                        if let Err(err) = dead_letter(&events, topology::EVENTS_QUEUE, &delivery.properties, &delivery.data, &e).await {
+                        if let Err(err) = topology::dead_letter(&events, topology::EVENTS_QUEUE, &delivery.properties, &delivery.data, &e).await {
                             return SessionEnd::Lost(format!("dead-lettering a poison event: {err}"));
                         }
                         let _ = delivery.acker.ack(BasicAckOptions::default()).await;
@@ -305,39 +305,6 @@ async fn publish_jobs(
     Ok(confirms)
 }
 
-/// Sends a message this consumer cannot use to the dead-letter exchange with the reason, keeping
-/// its headers and body.
-pub async fn dead_letter(
-    channel: &Channel,
-    queue: &str,
-    properties: &BasicProperties,
-    body: &[u8],
-    reason: &DecodeError,
-) -> Result<(), lapin::Error> {
-    warn!(queue, cause = %reason, "dead-lettering a message");
-    let mut headers = properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        ShortString::from(wire::HEADER_DEAD_REASON),
-        AMQPValue::LongString(reason.to_string().into()),
-    );
-    headers.insert(
-        ShortString::from("gridq-dead-queue"),
-        AMQPValue::LongString(queue.into()),
-    );
-    let props = properties.clone().with_headers(headers);
-    channel
-        .basic_publish(
-            topology::DEAD_LETTER_EXCHANGE.into(),
-            "".into(),
-            BasicPublishOptions::default(),
-            body,
-            props,
-        )
-        .await?
-        .await?;
-    Ok(())
-}
-
 /// Reads why a dead-lettered message died: gridq's own reason header, or the broker's
 /// `x-first-death-reason` (`delivery_limit`, `rejected`, `expired`, ...).
 pub fn dead_reason(properties: &BasicProperties) -> (String, String) {
@@ -349,7 +316,7 @@ pub fn dead_reason(properties: &BasicProperties) -> (String, String) {
             _ => None,
         }
     };
-    let queue = text("gridq-dead-queue")
+    let queue = text(topology::DEAD_QUEUE_HEADER)
         .or_else(|| text("x-first-death-queue"))
         .unwrap_or_else(|| "?".into());
     let reason = text(wire::HEADER_DEAD_REASON)

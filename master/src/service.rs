@@ -362,7 +362,14 @@ impl Core {
         let mut session_up = false;
         for m in &inbound {
             match m {
-                Inbound::Up => session_up = true,
+                Inbound::Up => {
+                    session_up = true;
+                    // Heartbeats could not arrive while the broker was away: every worker gets
+                    // a full timeout from now, so an outage does not count as losing them.
+                    for live in self.workers.values_mut() {
+                        live.last_seen = Instant::now();
+                    }
+                }
                 Inbound::Down(_) => self.broker_up = false,
                 _ => {}
             }
@@ -372,7 +379,7 @@ impl Core {
         } else {
             Vec::new()
         };
-        let lost: Vec<String> = if ticked {
+        let lost: Vec<String> = if ticked && self.broker_up {
             let limit = self.config.heartbeat_timeout;
             self.workers
                 .iter()

@@ -401,13 +401,19 @@ async fn outbox_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Out>) {
         let mut failed_from = None;
         for (i, out) in batch.iter().enumerate() {
             let enc = wire::encode(&out.message);
+            // Only results need to survive a broker restart; the rest is transient.
+            let properties = if out.confirmed {
+                enc.properties
+            } else {
+                enc.properties.with_delivery_mode(1)
+            };
             match ch
                 .basic_publish(
                     "".into(),
                     topology::EVENTS_QUEUE.into(),
                     BasicPublishOptions::default(),
                     &enc.body,
-                    enc.properties,
+                    properties,
                 )
                 .await
             {
@@ -584,8 +590,13 @@ async fn slot_loop(
     mut draining: watch::Receiver<bool>,
 ) {
     let mut session_rx = shared.session.clone();
+    // The slot's channel, kept across jobs for as long as its session lives.
+    let mut current: Option<(Arc<Session>, Channel)> = None;
     loop {
         if *draining.borrow() {
+            if let Some((_, ch)) = current.take() {
+                let _ = ch.close(200, "draining".into()).await;
+            }
             return;
         }
         // Wait for a session.
@@ -598,29 +609,41 @@ async fn slot_loop(
                 () = until(&mut draining, |d| *d) => return,
             }
         };
-        match take_one(&shared, &session, slot, &mut draining).await {
+        let reuse = matches!(&current, Some((s, ch)) if Arc::ptr_eq(s, &session) && ch.status().connected());
+        if !reuse {
+            current = None;
+            match open_slot_channel(&shared, &session, slot, &mut draining).await {
+                Ok(Some(ch)) => current = Some((session.clone(), ch)),
+                Ok(None) => continue,
+                Err(e) => {
+                    debug!(slot, cause = %e, "slot cannot open its channel");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+        }
+        let Some((_, ch)) = current.as_ref() else {
+            continue;
+        };
+        match take_one(&shared, ch, slot, &mut draining).await {
             Ok(Some(job)) => run_job(&shared, job, gpu).await,
             Ok(None) => {}
             Err(e) => {
                 debug!(slot, cause = %e, "slot lost its channel");
+                current = None;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
 }
 
-/// Consumes until a delivery is granted; returns the job to run (with its delivery acked and
-/// the consumer gone), or `None` when draining or when the session ended.
-async fn take_one(
+/// Opens a slot's channel (prefetch 1) once its job queues exist; `None` when draining.
+async fn open_slot_channel(
     shared: &Shared,
     session: &Session,
     slot: usize,
     draining: &mut watch::Receiver<bool>,
-) -> Result<Option<JobMessage>, lapin::Error> {
-    let ch = session.connection.create_channel().await?;
-    ch.basic_qos(1, BasicQosOptions::default()).await?;
-    let mut consumers = Vec::new();
-    let mut tags = Vec::new();
+) -> Result<Option<Channel>, lapin::Error> {
     for q in &shared.config.queues {
         let queue = topology::jobs_queue(q);
         // The master owns the job queues; wait until they exist.
@@ -642,6 +665,24 @@ async fn take_one(
                 }
             }
         }
+    }
+    let ch = session.connection.create_channel().await?;
+    ch.basic_qos(1, BasicQosOptions::default()).await?;
+    Ok(Some(ch))
+}
+
+/// Consumes until a delivery is granted; returns the job to run (with its delivery acked and
+/// the consumers cancelled), or `None` when draining or when the consumers ended.
+async fn take_one(
+    shared: &Shared,
+    ch: &Channel,
+    slot: usize,
+    draining: &mut watch::Receiver<bool>,
+) -> Result<Option<JobMessage>, lapin::Error> {
+    let mut consumers = Vec::new();
+    let mut tags = Vec::new();
+    for q in &shared.config.queues {
+        let queue = topology::jobs_queue(q);
         let tag = format!("slot{slot}-{q}");
         let consumer = ch
             .basic_consume(
@@ -660,6 +701,7 @@ async fn take_one(
             d = merged.next() => d,
             () = until(draining, |d| *d) => {
                 drop(merged);
+                // Closing the channel gives back anything delivered but not claimed.
                 let _ = ch.close(200, "draining".into()).await;
                 return Ok(None);
             }
@@ -672,7 +714,14 @@ async fn take_one(
             Ok(j) => j,
             Err(e) => {
                 warn!(cause = %e, "dead-lettering a job message this worker cannot read");
-                dead_letter(&ch, &delivery.properties, &delivery.data, &e).await?;
+                topology::dead_letter(
+                    &ch,
+                    delivery.routing_key.as_str(),
+                    &delivery.properties,
+                    &delivery.data,
+                    &e,
+                )
+                .await?;
                 delivery.acker.ack(BasicAckOptions::default()).await?;
                 continue;
             }
@@ -716,7 +765,21 @@ async fn take_one(
                         .await?;
                 }
                 delivery.acker.ack(BasicAckOptions::default()).await?;
-                let _ = ch.close(200, "running a job".into()).await;
+                // With several queues, another consumer of this slot may hold a delivery:
+                // give it back (each consumer ends after its cancel).
+                if tags.len() > 1 {
+                    while let Ok(Some(Ok(extra))) =
+                        tokio::time::timeout(Duration::from_millis(200), merged.next()).await
+                    {
+                        extra
+                            .acker
+                            .nack(BasicNackOptions {
+                                requeue: true,
+                                ..BasicNackOptions::default()
+                            })
+                            .await?;
+                    }
+                }
                 return Ok(Some(job));
             }
             Ok(Ok(ToWorker::Deny { reason, .. })) => {
@@ -738,28 +801,6 @@ async fn take_one(
             }
         }
     }
-}
-
-async fn dead_letter(
-    ch: &Channel,
-    properties: &lapin::BasicProperties,
-    body: &[u8],
-    reason: &wire::DecodeError,
-) -> Result<(), lapin::Error> {
-    let mut headers = properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        wire::HEADER_DEAD_REASON.into(),
-        lapin::types::AMQPValue::LongString(reason.to_string().into()),
-    );
-    ch.basic_publish(
-        topology::DEAD_LETTER_EXCHANGE.into(),
-        "".into(),
-        BasicPublishOptions::default(),
-        body,
-        properties.clone().with_headers(headers),
-    )
-    .await?;
-    Ok(())
 }
 
 /// The job's environment: gridq's variables, the sweep's, and the GPU pin.
