@@ -715,7 +715,7 @@ async fn take_one(
             Err(e) => {
                 warn!(cause = %e, "dead-lettering a job message this worker cannot read");
                 topology::dead_letter(
-                    &ch,
+                    ch,
                     delivery.routing_key.as_str(),
                     &delivery.properties,
                     &delivery.data,
