@@ -512,7 +512,6 @@ fn handle_event(
     }
     match event {
         FromWorker::Claim(claim) => {
-            seen(workers, &claim.worker);
             let host = claim
                 .worker
                 .as_str()
@@ -520,6 +519,18 @@ fn handle_event(
                 .nth(2)
                 .unwrap_or("")
                 .to_owned();
+            if !workers.contains_key(claim.worker.as_str()) {
+                // Known from its first claim, before its first heartbeat lands.
+                tx.worker_seen(
+                    claim.worker.as_str(),
+                    &host,
+                    "online",
+                    None,
+                    &serde_json::Value::Null,
+                    now,
+                )?;
+            }
+            seen(workers, &claim.worker);
             let verdict = tx.claim(&claim.attempt, &claim.worker, &host, now)?;
             let queue = topology::worker_queue(&claim.worker);
             let message = match verdict {

@@ -285,7 +285,27 @@ CREATE TABLE IF NOT EXISTS jobs(
     PRIMARY KEY(sweep, id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, sweep);
+CREATE INDEX IF NOT EXISTS jobs_by_sweep_state ON jobs(sweep, state);
 CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs(worker) WHERE state = 'running';
+-- Job counts by sweep and state, kept by triggers so progress never scans the jobs.
+CREATE TABLE IF NOT EXISTS sweep_counts(
+    sweep TEXT NOT NULL,
+    state TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY(sweep, state)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS jobs_count_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO sweep_counts(sweep, state, n) VALUES (NEW.sweep, NEW.state, 1)
+        ON CONFLICT(sweep, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_count_update AFTER UPDATE OF state ON jobs WHEN OLD.state != NEW.state BEGIN
+    UPDATE sweep_counts SET n = n - 1 WHERE sweep = OLD.sweep AND state = OLD.state;
+    INSERT INTO sweep_counts(sweep, state, n) VALUES (NEW.sweep, NEW.state, 1)
+        ON CONFLICT(sweep, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_count_delete AFTER DELETE ON jobs BEGIN
+    UPDATE sweep_counts SET n = n - 1 WHERE sweep = OLD.sweep AND state = OLD.state;
+END;
 CREATE TABLE IF NOT EXISTS attempts(
     sweep TEXT NOT NULL,
     job TEXT NOT NULL,
@@ -353,6 +373,8 @@ fn open_connection(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // 64 MiB of page cache: the hot job rows stay in memory.
+    conn.pragma_update(None, "cache_size", -65_536)?;
     Ok(conn)
 }
 
@@ -1323,7 +1345,23 @@ impl ReadView<'_> {
     /// # Errors
     /// SQLite's.
     pub fn sweep(&self, name: &SweepId) -> Result<Option<SweepSummary>> {
-        Ok(self.sweeps()?.into_iter().find(|s| &s.name == name))
+        let row: Option<(i64, i64, bool)> = self
+            .conn
+            .prepare_cached("SELECT created_ms, updated_ms, canceled FROM sweeps WHERE name = ?1")?
+            .query_row([name.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        let Some((created, updated, canceled)) = row else {
+            return Ok(None);
+        };
+        let counts = self.counts(name)?;
+        Ok(Some(SweepSummary {
+            total: counts.values().sum(),
+            name: name.clone(),
+            created_ms: opt_u64(Some(created)).unwrap_or(0),
+            updated_ms: opt_u64(Some(updated)).unwrap_or(0),
+            counts,
+            canceled,
+        }))
     }
 
     /// Job counts by state for a sweep.
@@ -1333,7 +1371,7 @@ impl ReadView<'_> {
     pub fn counts(&self, sweep: &SweepId) -> Result<std::collections::BTreeMap<String, u64>> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT state, COUNT(*) FROM jobs WHERE sweep = ?1 GROUP BY state")?;
+            .prepare_cached("SELECT state, n FROM sweep_counts WHERE sweep = ?1 AND n > 0")?;
         let rows = stmt.query_map([sweep.as_str()], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
         })?;
@@ -1642,5 +1680,148 @@ impl ReadView<'_> {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str) -> SweepRecord {
+        SweepRecord {
+            name: SweepId::new(name).unwrap(),
+            source: "s.yaml".into(),
+            yaml: String::new(),
+            param_names: vec!["x".into()],
+            retries: 0,
+            timeout_ms: None,
+            gpus: 0,
+            queue: "default".into(),
+            workdir: None,
+        }
+    }
+
+    fn job(i: u8) -> NewJob {
+        NewJob {
+            id: JobId::from_bytes([i; 16]),
+            index: u64::from(i),
+            argv: vec!["true".into()],
+            params: vec![("x".into(), i.to_string())],
+            params_json: format!("{{\"x\":{i}}}"),
+            env: vec![],
+        }
+    }
+
+    /// The trigger-maintained counts always equal a GROUP BY over the jobs.
+    fn check_counts(store: &Store, sweep: &SweepId) {
+        let mut direct = std::collections::BTreeMap::new();
+        let mut stmt = store
+            .conn
+            .prepare("SELECT state, COUNT(*) FROM jobs WHERE sweep = ?1 GROUP BY state")
+            .unwrap();
+        for row in stmt
+            .query_map([sweep.as_str()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })
+            .unwrap()
+        {
+            let (state, n) = row.unwrap();
+            direct.insert(state, n as u64);
+        }
+        assert_eq!(store.read().counts(sweep).unwrap(), direct);
+    }
+
+    #[test]
+    fn counts_follow_every_transition() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("db")).unwrap();
+        let sweep = SweepId::new("s").unwrap();
+        let worker = WorkerId::new("w").unwrap();
+        let (summary, publish) = store
+            .transaction(|tx| tx.submit(&record("s"), (0..5).map(job), false, 1))
+            .unwrap();
+        assert_eq!((summary.added, publish.len()), (5, 5));
+        check_counts(&store, &sweep);
+        store.transaction(|tx| tx.confirmed(&publish, 2)).unwrap();
+        check_counts(&store, &sweep);
+        let a = |i: u8| AttemptRef {
+            sweep: sweep.clone(),
+            job: JobId::from_bytes([i; 16]),
+            attempt: 1,
+        };
+        assert_eq!(
+            store
+                .transaction(|tx| tx.claim(&a(0), &worker, "h", 3))
+                .unwrap(),
+            ClaimVerdict::Grant
+        );
+        assert_eq!(
+            store
+                .transaction(|tx| tx.claim(&a(1), &worker, "h", 3))
+                .unwrap(),
+            ClaimVerdict::Grant
+        );
+        // A second worker cannot take a running job; the same worker gets its grant again.
+        let other = WorkerId::new("v").unwrap();
+        assert_eq!(
+            store
+                .transaction(|tx| tx.claim(&a(0), &other, "h", 3))
+                .unwrap(),
+            ClaimVerdict::Deny("already running on w".into())
+        );
+        assert_eq!(
+            store
+                .transaction(|tx| tx.claim(&a(0), &worker, "h", 3))
+                .unwrap(),
+            ClaimVerdict::Grant
+        );
+        check_counts(&store, &sweep);
+        let finished = Finished {
+            worker: worker.clone(),
+            host: "h".into(),
+            attempt: a(0),
+            outcome: Outcome::Succeeded,
+            exit_code: Some(0),
+            signal: None,
+            started_ms: 3,
+            finished_ms: 4,
+            result: None,
+            reason: None,
+            gpus: vec![],
+            lines: 0,
+        };
+        assert_eq!(
+            store
+                .transaction(|tx| tx.finish(&finished, 1000, 5))
+                .unwrap(),
+            FinishEffect::Applied(JobState::Succeeded)
+        );
+        // The same report again is a duplicate and changes nothing.
+        assert_eq!(
+            store
+                .transaction(|tx| tx.finish(&finished, 1000, 6))
+                .unwrap(),
+            FinishEffect::Duplicate
+        );
+        assert_eq!(store.read().duplicates(&sweep, &a(0).job).unwrap(), 1);
+        check_counts(&store, &sweep);
+        let lost = store
+            .transaction(|tx| tx.worker_lost("w", "test", 3, 7))
+            .unwrap();
+        assert_eq!(lost.len(), 1);
+        check_counts(&store, &sweep);
+        let (n, _) = store.transaction(|tx| tx.cancel_sweep(&sweep, 8)).unwrap();
+        assert_eq!(n, 4);
+        check_counts(&store, &sweep);
+        let counts = store.read().counts(&sweep).unwrap();
+        assert_eq!(counts.get("succeeded"), Some(&1));
+        assert_eq!(counts.get("canceled"), Some(&4));
+        // Cancelling a finished job changes nothing.
+        assert_eq!(
+            store
+                .transaction(|tx| tx.cancel_job(&sweep, &a(0).job, 9))
+                .unwrap(),
+            None
+        );
     }
 }

@@ -34,7 +34,7 @@ use gridq_common::wire::{
 };
 use gridq_common::{WorkerId, wire::Finished};
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
@@ -671,14 +671,47 @@ async fn open_slot_channel(
     Ok(Some(ch))
 }
 
-/// Consumes until a delivery is granted; returns the job to run (with its delivery acked and
-/// the consumers cancelled), or `None` when draining or when the consumers ended.
+/// What came of one delivery.
+enum Taken {
+    /// Granted: the delivery is acked and the consumers (if any) cancelled.
+    Run(JobMessage),
+    /// Denied, unreadable (dead-lettered) or given back: try the next one.
+    Next,
+    /// Draining: the delivery went back to the queue.
+    Stop,
+}
+
+/// Takes the next job for this slot. When a queue has work, `basic.get` takes a message in one
+/// round trip; when all are empty the slot consumes (prefetch 1) until one arrives, and cancels
+/// its consumers once it is granted. Either way no delivery is held while a job runs.
 async fn take_one(
     shared: &Shared,
     ch: &Channel,
     slot: usize,
     draining: &mut watch::Receiver<bool>,
 ) -> Result<Option<JobMessage>, lapin::Error> {
+    // Fast path: the queues have work.
+    'fast: loop {
+        for q in &shared.config.queues {
+            if *draining.borrow() {
+                return Ok(None);
+            }
+            let queue = topology::jobs_queue(q);
+            let Some(got) = ch
+                .basic_get(queue.as_str().into(), BasicGetOptions::default())
+                .await?
+            else {
+                continue;
+            };
+            match claim(shared, ch, got.delivery, &[], draining).await? {
+                Taken::Run(job) => return Ok(Some(job)),
+                Taken::Next => continue 'fast,
+                Taken::Stop => return Ok(None),
+            }
+        }
+        break;
+    }
+    // Slow path: wait for work.
     let mut consumers = Vec::new();
     let mut tags = Vec::new();
     for q in &shared.config.queues {
@@ -709,64 +742,10 @@ async fn take_one(
         let Some(delivery) = delivery else {
             return Ok(None);
         };
-        let delivery = delivery?;
-        let job = match wire::decode::<JobMessage>(&delivery.properties, &delivery.data) {
-            Ok(j) => j,
-            Err(e) => {
-                warn!(cause = %e, "dead-lettering a job message this worker cannot read");
-                topology::dead_letter(
-                    ch,
-                    delivery.routing_key.as_str(),
-                    &delivery.properties,
-                    &delivery.data,
-                    &e,
-                )
-                .await?;
-                delivery.acker.ack(BasicAckOptions::default()).await?;
-                continue;
-            }
-        };
-        let token = shared
-            .next_token
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        if let Ok(mut claims) = shared.claims.lock() {
-            claims.insert(token, tx);
-        }
-        let attempt = AttemptRef {
-            sweep: job.sweep.clone(),
-            job: job.job,
-            attempt: job.attempt,
-        };
-        let claim = FromWorker::Claim(Claim {
-            worker: shared.id.clone(),
-            attempt: attempt.clone(),
-            token,
-        });
-        // The claim goes out directly on this channel (it is useless after a reconnect anyway).
-        let enc = wire::encode(&claim);
-        ch.basic_publish(
-            "".into(),
-            topology::EVENTS_QUEUE.into(),
-            BasicPublishOptions::default(),
-            &enc.body,
-            enc.properties.with_delivery_mode(1),
-        )
-        .await?;
-        let verdict = tokio::time::timeout(shared.config.claim_timeout, rx).await;
-        if let Ok(mut claims) = shared.claims.lock() {
-            claims.remove(&token);
-        }
-        match verdict {
-            Ok(Ok(ToWorker::Grant { .. })) => {
-                // Stop consuming first, so no second delivery arrives while the job runs.
-                for tag in &tags {
-                    ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                        .await?;
-                }
-                delivery.acker.ack(BasicAckOptions::default()).await?;
-                // With several queues, another consumer of this slot may hold a delivery:
-                // give it back (each consumer ends after its cancel).
+        match claim(shared, ch, delivery?, &tags, draining).await? {
+            Taken::Run(job) => {
+                // With several queues, another consumer of this slot may hold a delivery: give
+                // it back (each consumer ends after its cancel).
                 if tags.len() > 1 {
                     while let Ok(Some(Ok(extra))) =
                         tokio::time::timeout(Duration::from_millis(200), merged.next()).await
@@ -782,22 +761,94 @@ async fn take_one(
                 }
                 return Ok(Some(job));
             }
+            Taken::Next => {}
+            Taken::Stop => return Ok(None),
+        }
+    }
+}
+
+/// Claims one delivered job from the master. While no answer comes (the master may be
+/// restarting) the claim is repeated and the delivery kept: giving it back would count as a
+/// redelivery against the queue's delivery limit.
+async fn claim(
+    shared: &Shared,
+    ch: &Channel,
+    delivery: lapin::message::Delivery,
+    cancel_tags: &[String],
+    draining: &mut watch::Receiver<bool>,
+) -> Result<Taken, lapin::Error> {
+    let job = match wire::decode::<JobMessage>(&delivery.properties, &delivery.data) {
+        Ok(j) => j,
+        Err(e) => {
+            warn!(cause = %e, "dead-lettering a job message this worker cannot read");
+            topology::dead_letter(
+                ch,
+                delivery.routing_key.as_str(),
+                &delivery.properties,
+                &delivery.data,
+                &e,
+            )
+            .await?;
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+            return Ok(Taken::Next);
+        }
+    };
+    let attempt = AttemptRef {
+        sweep: job.sweep.clone(),
+        job: job.job,
+        attempt: job.attempt,
+    };
+    loop {
+        let token = shared
+            .next_token
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut claims) = shared.claims.lock() {
+            claims.insert(token, tx);
+        }
+        let message = FromWorker::Claim(Claim {
+            worker: shared.id.clone(),
+            attempt: attempt.clone(),
+            token,
+        });
+        // Claims are transient: one lost with a broker restart is simply sent again.
+        let enc = wire::encode(&message);
+        ch.basic_publish(
+            "".into(),
+            topology::EVENTS_QUEUE.into(),
+            BasicPublishOptions::default(),
+            &enc.body,
+            enc.properties.with_delivery_mode(1),
+        )
+        .await?;
+        let verdict = tokio::select! {
+            v = tokio::time::timeout(shared.config.claim_timeout, rx) => v,
+            () = until(draining, |d| *d) => {
+                delivery.acker.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await?;
+                return Ok(Taken::Stop);
+            }
+        };
+        if let Ok(mut claims) = shared.claims.lock() {
+            claims.remove(&token);
+        }
+        match verdict {
+            Ok(Ok(ToWorker::Grant { .. })) => {
+                // Stop consuming first (the broker handles the cancel before the ack, on this
+                // channel), so no second delivery arrives while the job runs.
+                for tag in cancel_tags {
+                    ch.basic_cancel(tag.as_str().into(), BasicCancelOptions { nowait: true })
+                        .await?;
+                }
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+                return Ok(Taken::Run(job));
+            }
             Ok(Ok(ToWorker::Deny { reason, .. })) => {
                 info!(sweep = %job.sweep, job = %job.job, attempt = job.attempt, reason = %reason, "claim denied; dropping the message");
                 delivery.acker.ack(BasicAckOptions::default()).await?;
+                return Ok(Taken::Next);
             }
             Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
-                warn!(sweep = %job.sweep, job = %job.job, "no answer to a claim; giving the message back");
-                delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await?;
-                if *draining.borrow() {
-                    return Ok(None);
-                }
+                warn!(sweep = %job.sweep, job = %job.job, "no answer to a claim yet; is the master running? asking again");
             }
         }
     }
