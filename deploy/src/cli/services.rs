@@ -172,7 +172,13 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), Failure> {
         OnStopArg::Requeue => OnStop::Requeue,
     };
     config.id = id;
-    let rt = runtime()?;
+    // A worker waits on the broker and on its jobs' pipes: one thread is plenty, and it keeps
+    // an idle worker small.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .map_err(Failure::Other)?;
     let result = rt.block_on(async {
         let stop = stop_signals()?;
         agent::run(config, stop)
