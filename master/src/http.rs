@@ -478,12 +478,11 @@ pub fn results_csv(param_names: &[String], jobs: &[JobRow]) -> Result<String, cs
         .flat_map(|r| r.keys().cloned())
         .collect();
     let mut w = csv::Writer::from_writer(Vec::new());
-    let mut header: Vec<String> = ["id", "state", "attempts", "host", "duration_s", "exit_code"]
-        .map(String::from)
-        .to_vec();
+    const FIXED: [&str; 6] = ["id", "state", "attempts", "host", "duration_s", "exit_code"];
+    let mut header: Vec<String> = FIXED.map(String::from).to_vec();
     header.extend(param_names.iter().cloned());
     header.extend(keys.iter().map(|k| {
-        if param_names.contains(k) {
+        if param_names.contains(k) || FIXED.contains(&k.as_str()) {
             format!("result.{k}")
         } else {
             k.clone()

@@ -760,6 +760,20 @@ pub fn plan_submission(
 }
 
 impl Handle {
+    /// Sends a command built around its reply channel and waits for the answer.
+    async fn request<T>(
+        &self,
+        build: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command,
+    ) -> Result<T, String> {
+        let stopping = || "the master is stopping".to_string();
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(build(reply))
+            .await
+            .map_err(|_| stopping())?;
+        rx.await.map_err(|_| stopping())?
+    }
+
     /// Submits a sweep through the core.
     ///
     /// # Errors
@@ -770,17 +784,13 @@ impl Handle {
         jobs: Vec<NewJob>,
         rerun: bool,
     ) -> Result<SubmitSummary, String> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Submit {
-                record,
-                jobs,
-                rerun,
-                reply,
-            })
-            .await
-            .map_err(|_| "the master is stopping".to_string())?;
-        rx.await.map_err(|_| "the master is stopping".to_string())?
+        self.request(|reply| Command::Submit {
+            record,
+            jobs,
+            rerun,
+            reply,
+        })
+        .await
     }
 
     /// Cancels a sweep; returns how many jobs were canceled.
@@ -788,12 +798,8 @@ impl Handle {
     /// # Errors
     /// When the sweep does not exist or the core is gone.
     pub async fn cancel_sweep(&self, sweep: SweepId) -> Result<u64, String> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::CancelSweep { sweep, reply })
+        self.request(|reply| Command::CancelSweep { sweep, reply })
             .await
-            .map_err(|_| "the master is stopping".to_string())?;
-        rx.await.map_err(|_| "the master is stopping".to_string())?
     }
 
     /// Cancels a job; `false` when it had already finished.
@@ -801,12 +807,8 @@ impl Handle {
     /// # Errors
     /// When the core is gone.
     pub async fn cancel_job(&self, sweep: SweepId, job: JobId) -> Result<bool, String> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::CancelJob { sweep, job, reply })
+        self.request(|reply| Command::CancelJob { sweep, job, reply })
             .await
-            .map_err(|_| "the master is stopping".to_string())?;
-        rx.await.map_err(|_| "the master is stopping".to_string())?
     }
 
     /// Retries the failed jobs of a sweep; returns how many.
@@ -814,12 +816,8 @@ impl Handle {
     /// # Errors
     /// When the core is gone.
     pub async fn retry_failed(&self, sweep: SweepId) -> Result<u64, String> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::RetryFailed { sweep, reply })
+        self.request(|reply| Command::RetryFailed { sweep, reply })
             .await
-            .map_err(|_| "the master is stopping".to_string())?;
-        rx.await.map_err(|_| "the master is stopping".to_string())?
     }
 }
 

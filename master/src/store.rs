@@ -406,6 +406,36 @@ fn parse_sweep(s: &str) -> Result<SweepId> {
     SweepId::new(s).map_err(|e| StoreError::Corrupt(format!("{e}")))
 }
 
+/// Runs a query selecting `worker, sweep, id, attempt` and parses its rows.
+fn attempts_with_worker(
+    conn: &Connection,
+    sql: &str,
+    args: impl rusqlite::Params,
+) -> Result<Vec<(String, AttemptRef)>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map(args, |r| {
+        Ok((
+            r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, u32>(3)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (worker, sweep, id, attempt) = row?;
+        out.push((
+            worker,
+            AttemptRef {
+                sweep: parse_sweep(&sweep)?,
+                job: parse_id(&id)?,
+                attempt,
+            },
+        ));
+    }
+    Ok(out)
+}
+
 fn parse_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{e}")))
 }
@@ -479,57 +509,24 @@ impl Store {
     /// # Errors
     /// SQLite's.
     pub fn running(&self) -> Result<Vec<(String, AttemptRef)>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT worker, sweep, id, attempt FROM jobs WHERE state = 'running'")?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, Option<String>>(0)?.unwrap_or_default(),
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, u32>(3)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (worker, sweep, id, attempt) = row?;
-            out.push((
-                worker,
-                AttemptRef {
-                    sweep: parse_sweep(&sweep)?,
-                    job: parse_id(&id)?,
-                    attempt,
-                },
-            ));
-        }
-        Ok(out)
+        attempts_with_worker(
+            &self.conn,
+            "SELECT worker, sweep, id, attempt FROM jobs WHERE state = 'running'",
+            [],
+        )
     }
 
-    /// The earliest retry time still waiting, and those due at `now_ms`.
+    /// Retries whose backoff has ended at `now_ms`.
     ///
     /// # Errors
     /// SQLite's.
     pub fn due_retries(&self, now_ms: u64) -> Result<Vec<AttemptRef>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT sweep, id, attempt FROM jobs WHERE state = 'retrying' AND retry_at_ms <= ?1",
+        let rows = attempts_with_worker(
+            &self.conn,
+            "SELECT worker, sweep, id, attempt FROM jobs WHERE state = 'retrying' AND retry_at_ms <= ?1",
+            [to_i64(now_ms)],
         )?;
-        let rows = stmt.query_map([to_i64(now_ms)], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, u32>(2)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (sweep, id, attempt) = row?;
-            out.push(AttemptRef {
-                sweep: parse_sweep(&sweep)?,
-                job: parse_id(&id)?,
-                attempt,
-            });
-        }
-        Ok(out)
+        Ok(rows.into_iter().map(|(_, a)| a).collect())
     }
 
     /// Reads with the writer's connection (used by the core for its own decisions).
@@ -1139,28 +1136,7 @@ impl Tx<'_> {
         let sql = format!(
             "SELECT worker, sweep, id, attempt FROM jobs WHERE state = 'running' AND {filter}"
         );
-        let mut stmt = self.tx.prepare(&sql)?;
-        let rows = stmt.query_map(args, |r| {
-            Ok((
-                r.get::<_, Option<String>>(0)?.unwrap_or_default(),
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, u32>(3)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (w, s, j, a) = row?;
-            out.push((
-                w,
-                AttemptRef {
-                    sweep: parse_sweep(&s)?,
-                    job: parse_id(&j)?,
-                    attempt: a,
-                },
-            ));
-        }
-        Ok(out)
+        attempts_with_worker(self.tx, &sql, args)
     }
 
     /// Retries the failed (and timed-out) jobs of a sweep: a new attempt each.
