@@ -512,13 +512,7 @@ fn handle_event(
     }
     match event {
         FromWorker::Claim(claim) => {
-            let host = claim
-                .worker
-                .as_str()
-                .rsplitn(3, '-')
-                .nth(2)
-                .unwrap_or("")
-                .to_owned();
+            let host = host_of(&claim.worker);
             if !workers.contains_key(claim.worker.as_str()) {
                 // Known from its first claim, before its first heartbeat lands.
                 tx.worker_seen(
@@ -590,13 +584,7 @@ fn handle_event(
         }
         FromWorker::Stopped(stopped) => {
             workers.remove(stopped.worker.as_str());
-            let host = stopped
-                .worker
-                .as_str()
-                .rsplitn(3, '-')
-                .nth(2)
-                .unwrap_or("")
-                .to_owned();
+            let host = host_of(&stopped.worker);
             tx.worker_seen(
                 stopped.worker.as_str(),
                 &host,
@@ -605,7 +593,8 @@ fn handle_event(
                 &serde_json::Value::Null,
                 now,
             )?;
-            // Anything it still held (it should have handed all back) runs again.
+            // Anything it still held (it should have handed all back) runs again; the worker
+            // stays `stopped` (worker_lost leaves a stopped worker's state alone).
             for effect in tx.worker_lost(
                 stopped.worker.as_str(),
                 &format!("stopped: {}", stopped.reason),
@@ -616,18 +605,20 @@ fn handle_event(
                     effects.publish.push(p);
                 }
             }
-            tx.worker_seen(
-                stopped.worker.as_str(),
-                &host,
-                "stopped",
-                Some(&stopped.reason),
-                &serde_json::Value::Null,
-                now,
-            )?;
             effects.changed = true;
         }
     }
     Ok(())
+}
+
+/// The host part of a `host-pid-random` worker id.
+fn host_of(worker: &WorkerId) -> String {
+    worker
+        .as_str()
+        .rsplitn(3, '-')
+        .nth(2)
+        .unwrap_or("")
+        .to_owned()
 }
 
 fn handle_command(

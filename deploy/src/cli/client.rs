@@ -238,6 +238,17 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T, Failure>>) -> Resu
     super::services::runtime()?.block_on(f)
 }
 
+/// A job's argv from the API, quoted for a shell.
+fn argv_line(job: &Value) -> String {
+    shell_words::join(
+        job["argv"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str),
+    )
+}
+
 fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
@@ -330,13 +341,7 @@ pub(crate) async fn watch(client: &Client, sweep: &str, human: bool) -> anyhow::
                     if reported.insert(id.clone()) && human {
                         bar.println(format!(
                             "{state}: {id} {}: {}",
-                            shell_words::join(
-                                j["argv"]
-                                    .as_array()
-                                    .into_iter()
-                                    .flatten()
-                                    .filter_map(Value::as_str)
-                            ),
+                            argv_line(j),
                             j["reason"].as_str().unwrap_or("")
                         ));
                     }
@@ -424,13 +429,7 @@ pub(crate) fn jobs(args: &JobsArgs) -> Result<(), Failure> {
                 j["id"].as_str().unwrap_or(""),
                 j["state"].as_str().unwrap_or(""),
                 j["attempt"],
-                shell_words::join(
-                    j["argv"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(Value::as_str)
-                )
+                argv_line(j)
             );
         }
         Ok(())
