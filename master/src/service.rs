@@ -38,11 +38,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::broker::{self, BrokerConfig, Inbound, Outbound};
-use crate::http;
+use crate::http::{self, activity::Activity, pages::Monitor};
 use crate::store::{
-    ClaimVerdict, FinishEffect, JobState, LostEffect, NewJob, Publish, Store, StoreError,
-    SubmitSummary, SweepRecord,
+    ClaimVerdict, FinishEffect, JobState, LostEffect, NewJob, Publish, SortValue, Store,
+    StoreError, SubmitSummary, SweepRecord,
 };
+
+/// How often the retention period is enforced.
+const RETENTION_CHECK: Duration = Duration::from_secs(600);
 
 /// Settings of the master.
 #[derive(Debug, Clone)]
@@ -63,6 +66,12 @@ pub struct MasterConfig {
     pub max_retry_backoff: Duration,
     /// A fixed token instead of the saved or generated one.
     pub token: Option<String>,
+    /// The RabbitMQ management API's base URL, for queue statistics; `None` tries the broker's
+    /// host on port 15672 and falls back to AMQP.
+    pub management_url: Option<String>,
+    /// Finished sweeps untouched for this long are deleted with their jobs and logs; `None`
+    /// keeps everything.
+    pub retention: Option<Duration>,
 }
 
 impl MasterConfig {
@@ -77,6 +86,8 @@ impl MasterConfig {
             delivery_limit: topology::DEFAULT_DELIVERY_LIMIT,
             max_retry_backoff: Duration::from_secs(300),
             token: None,
+            management_url: None,
+            retention: None,
         }
     }
 }
@@ -119,6 +130,17 @@ pub enum Command {
     RetryFailed {
         sweep: SweepId,
         reply: oneshot::Sender<Result<u64, String>>,
+    },
+    /// One failed, timed-out or canceled job again; `false` when it is in another state.
+    RetryJob {
+        sweep: SweepId,
+        job: JobId,
+        reply: oneshot::Sender<Result<bool, String>>,
+    },
+    /// Asks a worker to stop taking jobs and exit once its running ones are done.
+    DrainWorker {
+        worker: WorkerId,
+        reply: oneshot::Sender<Result<(), String>>,
     },
 }
 
@@ -194,6 +216,15 @@ pub async fn start(
     };
     let db_path = dir.join("gridq.db");
     let store = Store::open(&db_path)?;
+    let activity = Arc::new(Activity::default());
+    store
+        .read()
+        .for_each_duration(|seconds| activity.metrics.observe_duration(seconds))?;
+    let monitor = Monitor::new(
+        activity.clone(),
+        &config.broker_url,
+        config.management_url.as_deref(),
+    );
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| MasterError::Listen {
@@ -229,10 +260,11 @@ pub async fn start(
         listener,
         handle.clone(),
         db_path.clone(),
+        monitor,
         stop_rx.clone(),
     ));
     info!(listen = %addr, broker = %gridq_common::amqp::redact(&config.broker_url), "master started");
-    let core = Core::new(store, config, outbound_tx, changes_tx)?;
+    let core = Core::new(store, config, outbound_tx, changes_tx, activity)?;
     let task = tokio::spawn(async move {
         let mut stop = stop_rx;
         tokio::select! {
@@ -267,6 +299,8 @@ struct Core {
     broker_up: bool,
     workers: HashMap<String, Live>,
     queues: HashSet<String>,
+    activity: Arc<Activity>,
+    last_purge: Instant,
 }
 
 /// What to do once a transaction has committed.
@@ -285,6 +319,7 @@ impl Core {
         config: MasterConfig,
         out: mpsc::Sender<Outbound>,
         changes: watch::Sender<u64>,
+        activity: Arc<Activity>,
     ) -> Result<Self, MasterError> {
         // Leases survive a restart: every worker holding one gets a full timeout to show up.
         let mut workers = HashMap::new();
@@ -304,6 +339,8 @@ impl Core {
             broker_up: false,
             workers,
             queues: HashSet::from([topology::DEFAULT_QUEUE.to_owned()]),
+            activity,
+            last_purge: Instant::now(),
         })
     }
 
@@ -389,7 +426,15 @@ impl Core {
         } else {
             Vec::new()
         };
+        let purge_before = match self.config.retention {
+            Some(keep) if ticked && self.last_purge.elapsed() > RETENTION_CHECK => {
+                self.last_purge = Instant::now();
+                Some(now.saturating_sub(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX)))
+            }
+            _ => None,
+        };
         let config = self.config.clone();
+        let activity = self.activity.clone();
         let workers = &mut self.workers;
         let queues = &mut self.queues;
         let out = &self.out;
@@ -397,7 +442,7 @@ impl Core {
             for m in inbound {
                 match m {
                     Inbound::Event(event, acker) => {
-                        handle_event(tx, event, &config, workers, &mut effects, now)?;
+                        handle_event(tx, event, &config, workers, &activity, &mut effects, now)?;
                         effects.acks.push(acker);
                     }
                     Inbound::Dead { properties, body, acker } => {
@@ -435,6 +480,13 @@ impl Core {
             for a in due {
                 if let Some(p) = tx.retry_due(&a, now)? {
                     effects.publish.push(p);
+                    effects.changed = true;
+                }
+            }
+            if let Some(cutoff) = purge_before {
+                let purged = tx.purge_finished_sweeps(cutoff)?;
+                if !purged.is_empty() {
+                    info!(sweeps = ?purged, "deleted finished sweeps past the retention period");
                     effects.changed = true;
                 }
             }
@@ -499,6 +551,7 @@ fn handle_event(
     event: FromWorker,
     config: &MasterConfig,
     workers: &mut HashMap<String, Live>,
+    activity: &Activity,
     effects: &mut Effects,
     now: u64,
 ) -> Result<(), StoreError> {
@@ -558,7 +611,9 @@ fn handle_event(
                 FinishEffect::Duplicate => {
                     info!(sweep = %f.attempt.sweep, job = %f.attempt.job, attempt = f.attempt.attempt, worker = %f.worker, "duplicate result stored as such");
                 }
-                FinishEffect::Applied(_) | FinishEffect::Retry { .. } => {}
+                FinishEffect::Applied(_) | FinishEffect::Retry { .. } => {
+                    activity.finished(now, f.finished_ms.checked_sub(f.started_ms));
+                }
             }
             effects.changed = true;
         }
@@ -691,6 +746,23 @@ fn handle_command(
                 let _ = reply.send(Ok(n));
             }));
         }
+        Command::RetryJob { sweep, job, reply } => {
+            let publish = tx.retry_job(&sweep, &job, now)?;
+            let retried = publish.is_some();
+            effects.publish.extend(publish);
+            effects.changed |= retried;
+            effects.replies.push(Box::new(move || {
+                let _ = reply.send(Ok(retried));
+            }));
+        }
+        Command::DrainWorker { worker, reply } => {
+            effects
+                .control
+                .push((topology::worker_queue(&worker), ToWorker::Drain));
+            effects.replies.push(Box::new(move || {
+                let _ = reply.send(Ok(()));
+            }));
+        }
     }
     Ok(())
 }
@@ -708,9 +780,11 @@ pub fn plan_submission(
     for job in sweep.expand()? {
         let mut params_json = serde_json::Map::new();
         let mut params = Vec::with_capacity(names.len());
+        let mut sort_values = Vec::with_capacity(names.len());
         for (name, value) in names.iter().zip(&job.params) {
             let v: serde_json::Value =
                 serde_json::from_str(value.json().get()).unwrap_or(serde_json::Value::Null);
+            sort_values.push(SortValue::of(&v).unwrap_or_else(|| SortValue::Text("null".into())));
             params_json.insert(name.clone(), v);
             params.push((name.clone(), value.text().to_owned()));
         }
@@ -721,6 +795,7 @@ pub fn plan_submission(
             params,
             params_json: serde_json::Value::Object(params_json).to_string(),
             env: job.env(sweep),
+            sort_values,
         });
     }
     let options = sweep.options();
@@ -799,6 +874,24 @@ impl Handle {
     /// When the core is gone.
     pub async fn cancel_job(&self, sweep: SweepId, job: JobId) -> Result<bool, String> {
         self.request(|reply| Command::CancelJob { sweep, job, reply })
+            .await
+    }
+
+    /// Retries one failed, timed-out or canceled job; `false` when it is in another state.
+    ///
+    /// # Errors
+    /// When the core is gone.
+    pub async fn retry_job(&self, sweep: SweepId, job: JobId) -> Result<bool, String> {
+        self.request(|reply| Command::RetryJob { sweep, job, reply })
+            .await
+    }
+
+    /// Asks a worker to drain (finish its running jobs, take no new ones, exit).
+    ///
+    /// # Errors
+    /// When the master is stopping.
+    pub async fn drain_worker(&self, worker: WorkerId) -> Result<(), String> {
+        self.request(|reply| Command::DrainWorker { worker, reply })
             .await
     }
 

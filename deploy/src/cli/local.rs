@@ -174,8 +174,12 @@ async fn session(
         .await
         .map_err(anyhow::Error::msg)?;
     eprintln!(
-        "sweep {name}: {} jobs ({} new, {} to run again, {} already succeeded); {n_workers} local workers; monitor API at {url}",
-        summary.total, summary.added, summary.rerun, summary.skipped
+        "sweep {name}: {} jobs ({} new, {} to run again, {} already succeeded); {n_workers} local workers; monitor at {url}/ (token in {})",
+        summary.total,
+        summary.added,
+        summary.rerun,
+        summary.skipped,
+        state_dir.join("token").display()
     );
     let client = Client::new(url, handle.token.to_string());
     let all_ok = tokio::select! {

@@ -41,6 +41,14 @@ pub(crate) struct MasterArgs {
     /// Deliveries of a job message before the broker dead-letters it.
     #[arg(long, default_value_t = gridq_common::topology::DEFAULT_DELIVERY_LIMIT)]
     delivery_limit: u32,
+    /// RabbitMQ's management API for the monitor's queue statistics (default: the broker's host
+    /// on port 15672; without it the monitor reads queue depths over AMQP).
+    #[arg(long, env = "GRIDQ_MANAGEMENT_URL")]
+    management_url: Option<String>,
+    /// Delete finished sweeps (jobs, results, logs) untouched for this long, e.g. 30d. Default:
+    /// keep everything.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    retention: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -122,6 +130,8 @@ pub(crate) fn master(args: &MasterArgs) -> Result<(), Failure> {
         config.heartbeat_timeout = args.heartbeat_timeout;
         config.max_lost = args.max_lost;
         config.delivery_limit = args.delivery_limit;
+        config.management_url.clone_from(&args.management_url);
+        config.retention = args.retention;
         let shutdown = async move {
             let _ = stop.wait_for(|n| *n >= 1).await.map(|_| ());
         };
@@ -129,7 +139,7 @@ pub(crate) fn master(args: &MasterArgs) -> Result<(), Failure> {
         let url = format!("http://{}", handle.addr);
         context::save(&url, &handle.token).context("cannot save the CLI context")?;
         eprintln!(
-            "gridq master listening on {url} (token in {})",
+            "gridq master listening on {url}: monitor at {url}/ (log in with the token in {})",
             args.state_dir.join("token").display()
         );
         task.await.context("the master task failed")?;

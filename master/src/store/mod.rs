@@ -18,6 +18,9 @@ use gridq_common::{JobId, SweepId, WorkerId};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
 
+mod query;
+pub use query::{COUNT_CAP, JobQuery, MatchCount, SortKey};
+
 /// Store errors. SQLite errors are not retried: the master stops and a restart resumes.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -116,6 +119,36 @@ pub struct NewJob {
     pub params: Vec<(String, String)>,
     pub params_json: String,
     pub env: Vec<(String, String)>,
+    /// The parameter values typed for sorting, in `params` order.
+    pub sort_values: Vec<SortValue>,
+}
+
+/// A value as the monitor sorts and filters it: numbers as numbers, everything else as text.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SortValue {
+    Num(f64),
+    Text(String),
+}
+
+impl SortValue {
+    /// Numbers (finite) stay numbers; strings are their text; other JSON is its JSON text.
+    pub fn of(v: &serde_json::Value) -> Option<Self> {
+        match v {
+            serde_json::Value::Number(n) => n.as_f64().filter(|f| f.is_finite()).map(Self::Num),
+            serde_json::Value::String(s) => Some(Self::Text(s.clone())),
+            serde_json::Value::Null => None,
+            other => Some(Self::Text(other.to_string())),
+        }
+    }
+}
+
+impl rusqlite::ToSql for SortValue {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Self::Num(f) => f.to_sql(),
+            Self::Text(s) => s.to_sql(),
+        }
+    }
 }
 
 /// A sweep as submitted.
@@ -250,6 +283,12 @@ pub struct WorkerRow {
     pub first_seen_ms: u64,
     pub last_seen_ms: u64,
     pub info: serde_json::Value,
+    /// Attempts it finished (in any way).
+    #[serde(default)]
+    pub processed: u64,
+    /// Of those, failed, timed out or lost.
+    #[serde(default)]
+    pub failed: u64,
 }
 
 const SCHEMA: &str = r"
@@ -287,6 +326,20 @@ CREATE TABLE IF NOT EXISTS jobs(
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, sweep);
 CREATE INDEX IF NOT EXISTS jobs_by_sweep_state ON jobs(sweep, state);
 CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs(worker) WHERE state = 'running';
+-- The monitor's listings: expansion order, time of finishing and duration within a sweep.
+CREATE INDEX IF NOT EXISTS jobs_by_sweep_idx ON jobs(sweep, idx);
+CREATE INDEX IF NOT EXISTS jobs_by_finished ON jobs(sweep, finished_ms);
+CREATE INDEX IF NOT EXISTS jobs_by_duration ON jobs(sweep, finished_ms - started_ms);
+-- Each job's parameter values (key `p:<name>`) and numeric result metrics (`m:<name>`),
+-- typed so numbers sort as numbers: the monitor sorts and filters a sweep's jobs by any
+-- parameter or metric through this index, also at a million jobs.
+CREATE TABLE IF NOT EXISTS job_values(
+    sweep TEXT NOT NULL,
+    key TEXT NOT NULL,
+    v NOT NULL,
+    job TEXT NOT NULL,
+    PRIMARY KEY(sweep, key, v, job)
+) WITHOUT ROWID;
 -- Job counts by sweep and state, kept by triggers so progress never scans the jobs.
 CREATE TABLE IF NOT EXISTS sweep_counts(
     sweep TEXT NOT NULL,
@@ -357,6 +410,20 @@ CREATE TABLE IF NOT EXISTS workers(
     first_seen_ms INTEGER NOT NULL,
     last_seen_ms INTEGER NOT NULL
 );
+-- Attempts each worker finished, and how many of those failed, kept by a trigger.
+CREATE TABLE IF NOT EXISTS worker_counts(
+    worker TEXT PRIMARY KEY,
+    processed INTEGER NOT NULL,
+    failed INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS attempts_count_worker AFTER UPDATE OF state ON attempts
+WHEN NEW.worker IS NOT NULL AND OLD.state != NEW.state
+     AND NEW.state IN ('succeeded', 'failed', 'timed_out', 'canceled', 'lost') BEGIN
+    INSERT INTO worker_counts(worker, processed, failed)
+        VALUES (NEW.worker, 1, NEW.state IN ('failed', 'timed_out', 'lost'))
+        ON CONFLICT(worker) DO UPDATE SET processed = processed + 1,
+            failed = failed + (NEW.state IN ('failed', 'timed_out', 'lost'));
+END;
 CREATE TABLE IF NOT EXISTS dead_letters(
     id INTEGER PRIMARY KEY,
     queue TEXT NOT NULL,
@@ -592,6 +659,10 @@ impl Tx<'_> {
              reason = NULL, retry_at_ms = NULL, idx = ?3, updated_ms = ?4
              WHERE sweep = ?1 AND id = ?2",
         )?;
+        let mut value = self.tx.prepare_cached(
+            "INSERT OR IGNORE INTO job_values(sweep, key, v, job) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let keys: Vec<String> = sweep.param_names.iter().map(|p| format!("p:{p}")).collect();
         let mut summary = SubmitSummary::default();
         let mut publish = Vec::new();
         let name = sweep.name.as_str();
@@ -612,6 +683,9 @@ impl Tx<'_> {
                         serde_json::to_string(&job.env).unwrap_or_default(),
                         to_i64(now_ms)
                     ])?;
+                    for (key, v) in keys.iter().zip(&job.sort_values) {
+                        value.execute(params![name, key, v, id])?;
+                    }
                     summary.added += 1;
                     1
                 }
@@ -832,6 +906,7 @@ impl Tx<'_> {
                     to_i64(now_ms)
                 ])?;
                 if *new_state != JobState::Canceled {
+                    self.replace_metrics(a, f.result.as_ref())?;
                     self.tx.prepare_cached(
                         "INSERT OR REPLACE INTO results(sweep, job, attempt, result_json, stored_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
                     )?
@@ -858,6 +933,50 @@ impl Tx<'_> {
             FinishEffect::Duplicate => {}
         }
         Ok(effect)
+    }
+
+    /// Replaces the job's sortable metrics (its result's top-level finite numbers) with those of
+    /// `result`, removing the previous result's.
+    fn replace_metrics(
+        &self,
+        a: &AttemptRef,
+        result: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<()> {
+        let id = a.job.to_string();
+        let previous: Option<Option<String>> = self
+            .tx
+            .prepare_cached("SELECT result_json FROM results WHERE sweep = ?1 AND job = ?2")?
+            .query_row(params![a.sweep.as_str(), id], |r| r.get(0))
+            .optional()?;
+        let metrics = |m: &serde_json::Map<String, serde_json::Value>| -> Vec<(String, f64)> {
+            m.iter()
+                .filter_map(|(k, v)| {
+                    v.as_f64()
+                        .filter(|f| f.is_finite())
+                        .map(|f| (format!("m:{k}"), f))
+                })
+                .collect()
+        };
+        if let Some(Some(old)) = previous
+            && let Ok(old) =
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&old)
+        {
+            let mut delete = self.tx.prepare_cached(
+                "DELETE FROM job_values WHERE sweep = ?1 AND key = ?2 AND v = ?3 AND job = ?4",
+            )?;
+            for (key, v) in metrics(&old) {
+                delete.execute(params![a.sweep.as_str(), key, v, id])?;
+            }
+        }
+        if let Some(result) = result {
+            let mut insert = self.tx.prepare_cached(
+                "INSERT OR IGNORE INTO job_values(sweep, key, v, job) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (key, v) in metrics(result) {
+                insert.execute(params![a.sweep.as_str(), key, v, id])?;
+            }
+        }
+        Ok(())
     }
 
     fn requeue(&self, p: &Publish, reason: &str, now_ms: u64) -> Result<()> {
@@ -1144,23 +1263,46 @@ impl Tx<'_> {
     /// # Errors
     /// SQLite's.
     pub fn retry_failed(&self, sweep: &SweepId, now_ms: u64) -> Result<Vec<Publish>> {
-        let rows: Vec<(String, u32, String)> = {
-            let mut stmt = self.tx.prepare(
-                "SELECT j.id, j.attempt, s.spec_json FROM jobs j JOIN sweeps s ON s.name = j.sweep
-                 WHERE j.sweep = ?1 AND j.state IN ('failed', 'timed_out')",
+        self.retry_where(sweep, None, now_ms)
+    }
+
+    /// Runs one failed, timed-out or canceled job again as a new attempt of the same job id.
+    /// `Ok(None)` when the job is in another state (nothing changes).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn retry_job(&self, sweep: &SweepId, job: &JobId, now_ms: u64) -> Result<Option<Publish>> {
+        Ok(self.retry_where(sweep, Some(job), now_ms)?.pop())
+    }
+
+    fn retry_where(
+        &self,
+        sweep: &SweepId,
+        job: Option<&JobId>,
+        now_ms: u64,
+    ) -> Result<Vec<Publish>> {
+        let Some(spec) = self.view().sweep_record(sweep)? else {
+            return Ok(Vec::new());
+        };
+        let rows: Vec<(String, u32)> = {
+            let mut stmt = self.tx.prepare_cached(
+                "SELECT id, attempt FROM jobs WHERE sweep = ?1 AND
+                 (?2 IS NULL AND state IN ('failed', 'timed_out')
+                  OR id = ?2 AND state IN ('failed', 'timed_out', 'canceled'))",
             )?;
-            let rows =
-                stmt.query_map([sweep.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let rows = stmt
+                .query_map(params![sweep.as_str(), job.map(ToString::to_string)], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
             rows.collect::<Result<_, _>>()?
         };
         let mut out = Vec::new();
-        for (id, attempt, spec) in rows {
-            let spec: SweepRecord = parse_json(&spec)?;
+        for (id, attempt) in rows {
             let p = Publish {
                 sweep: sweep.clone(),
                 job: parse_id(&id)?,
                 attempt: attempt + 1,
-                queue: spec.queue,
+                queue: spec.queue.clone(),
             };
             self.tx
                 .prepare_cached(
@@ -1483,12 +1625,34 @@ impl ReadView<'_> {
         attempt: Option<u32>,
         limit: u64,
     ) -> Result<Vec<(u32, u64, LogLine)>> {
+        self.logs_after(sweep, id, attempt, (0, 0), limit)
+    }
+
+    /// Output lines after the `(attempt, seq)` cursor, in order, at most `limit`.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn logs_after(
+        &self,
+        sweep: &SweepId,
+        id: &JobId,
+        attempt: Option<u32>,
+        after: (u32, u64),
+        limit: u64,
+    ) -> Result<Vec<(u32, u64, LogLine)>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT attempt, seq, stream, line, ts_ms FROM logs WHERE sweep = ?1 AND job = ?2 AND (?3 IS NULL OR attempt = ?3)
-             ORDER BY attempt, seq LIMIT ?4",
+             AND (attempt, seq) > (?5, ?6) ORDER BY attempt, seq LIMIT ?4",
         )?;
         let rows = stmt.query_map(
-            params![sweep.as_str(), id.to_string(), attempt, to_i64(limit)],
+            params![
+                sweep.as_str(),
+                id.to_string(),
+                attempt,
+                to_i64(limit),
+                after.0,
+                to_i64(after.1)
+            ],
             |r| {
                 Ok((
                     r.get::<_, u32>(0)?,
@@ -1609,7 +1773,9 @@ impl ReadView<'_> {
     /// SQLite's.
     pub fn workers(&self) -> Result<Vec<WorkerRow>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, host, state, reason, info_json, first_seen_ms, last_seen_ms FROM workers ORDER BY last_seen_ms DESC",
+            "SELECT w.id, w.host, w.state, w.reason, w.info_json, w.first_seen_ms, w.last_seen_ms,
+             COALESCE(c.processed, 0), COALESCE(c.failed, 0)
+             FROM workers w LEFT JOIN worker_counts c ON c.worker = w.id ORDER BY w.last_seen_ms DESC",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
@@ -1620,11 +1786,13 @@ impl ReadView<'_> {
                 r.get::<_, String>(4)?,
                 r.get::<_, i64>(5)?,
                 r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
+                r.get::<_, i64>(8)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, host, state, reason, info, first, last) = row?;
+            let (id, host, state, reason, info, first, last, processed, failed) = row?;
             out.push(WorkerRow {
                 id,
                 host,
@@ -1633,6 +1801,8 @@ impl ReadView<'_> {
                 info: parse_json(&info)?,
                 first_seen_ms: opt_u64(Some(first)).unwrap_or(0),
                 last_seen_ms: opt_u64(Some(last)).unwrap_or(0),
+                processed: opt_u64(Some(processed)).unwrap_or(0),
+                failed: opt_u64(Some(failed)).unwrap_or(0),
             });
         }
         Ok(out)
@@ -1685,6 +1855,7 @@ mod tests {
             params: vec![("x".into(), i.to_string())],
             params_json: format!("{{\"x\":{i}}}"),
             env: vec![],
+            sort_values: vec![SortValue::Num(f64::from(i))],
         }
     }
 

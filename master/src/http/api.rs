@@ -1,0 +1,681 @@
+//! The JSON API under `/api/v1`.
+//!
+//! Flower's API, point by point: `GET /workers` (Flower `/api/workers`), `POST
+//! /workers/{id}/drain` (`/api/worker/shutdown`), `GET /jobs` with filters (`/api/tasks`), `GET
+//! /jobs/{id}` (`/api/task/info`), `GET /jobs/{id}/result` (`/api/task/result`), `POST
+//! /jobs/{id}/cancel` (`/api/task/revoke` with `terminate`: queued jobs never start, running ones
+//! are killed), `GET /queues` (`/api/queues/length`), `POST /sweeps` (`/api/task/async-apply`).
+//! Beyond it: sweeps, retry, results as CSV or JSONL, and live streams (`/events`,
+//! `/jobs/{id}/logs/stream`).
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures_util::Stream;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gridq_common::JobId;
+use serde::{Deserialize, Serialize};
+
+use super::{ApiResult, AppError, AppState, read, sweep_id};
+use crate::service;
+use crate::store::{JobQuery, JobRow, JobState, SortKey, SubmitSummary};
+use crate::sweep::{self, LoadOptions};
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/sweeps", get(list_sweeps).post(submit))
+        .route("/sweeps/{name}", get(get_sweep))
+        .route("/sweeps/{name}/cancel", post(cancel_sweep))
+        .route("/sweeps/{name}/retry", post(retry_sweep))
+        .route("/sweeps/{name}/results", get(results))
+        .route("/jobs", get(list_jobs))
+        .route("/jobs/{id}", get(get_job))
+        .route("/jobs/{id}/logs", get(job_logs))
+        .route("/jobs/{id}/cancel", post(cancel_job))
+        .route("/jobs/{id}/retry", post(retry_job))
+        .route("/jobs/{id}/result", get(job_result))
+        .route("/jobs/{id}/logs/stream", get(log_stream))
+        .route("/workers", get(workers))
+        .route("/workers/{id}/drain", post(drain_worker))
+        .route("/queues", get(queues))
+        .route("/overview", get(overview))
+        .route("/events", get(events))
+}
+
+/// A sweep submission.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// The sweep file's text.
+    pub yaml: String,
+    /// The file name, for messages and the default sweep name.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// The command, for bare parameters files (or to override the file's).
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Run every job again, even those that succeeded.
+    #[serde(default)]
+    pub rerun: bool,
+}
+
+/// The answer to a submission.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct SubmitResponse {
+    pub sweep: String,
+    pub summary: SubmitSummary,
+    pub warnings: Vec<String>,
+}
+
+async fn submit(
+    State(state): State<AppState>,
+    Json(req): Json<SubmitRequest>,
+) -> ApiResult<Json<SubmitResponse>> {
+    let source = req.source.clone().unwrap_or_else(|| "sweep.yaml".into());
+    let default_name = std::path::Path::new(&source)
+        .file_stem()
+        .map_or_else(|| "sweep".to_owned(), |s| s.to_string_lossy().into_owned());
+    let options = LoadOptions {
+        command: req.command.clone(),
+    };
+    let yaml = req.yaml;
+    let (record, jobs, warnings) = tokio::task::spawn_blocking(move || {
+        let loaded = sweep::load_str(&yaml, &source, &default_name, &options)?;
+        let (record, jobs) = service::plan_submission(&loaded.sweep, &yaml)?;
+        Ok::<_, sweep::SweepError>((
+            record,
+            jobs,
+            loaded
+                .warnings
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+        ))
+    })
+    .await
+    .map_err(AppError::internal)?
+    .map_err(|e| AppError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
+    let name = record.name.to_string();
+    let summary = state
+        .handle
+        .submit(record, jobs, req.rerun)
+        .await
+        .map_err(AppError::internal)?;
+    Ok(Json(SubmitResponse {
+        sweep: name,
+        summary,
+        warnings,
+    }))
+}
+
+async fn list_sweeps(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    let sweeps = read(&state, |r| r.view().sweeps()).await?;
+    Ok(Json(serde_json::json!({ "sweeps": sweeps })))
+}
+
+#[derive(Debug, Deserialize)]
+struct WaitQuery {
+    /// Long-poll: answer once the master's change counter is above this (or after `wait_ms`).
+    after: Option<u64>,
+    wait_ms: Option<u64>,
+}
+
+async fn get_sweep(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let id = sweep_id(&name)?;
+    if let Some(after) = q.after {
+        let mut changes = state.handle.changes.clone();
+        let wait = Duration::from_millis(q.wait_ms.unwrap_or(10_000).min(60_000));
+        let _ = tokio::time::timeout(wait, changes.wait_for(|v| *v > after)).await;
+    }
+    let version = *state.handle.changes.borrow();
+    let found = read(&state, move |r| r.view().sweep(&id)).await?;
+    let sweep = found.ok_or_else(|| AppError::not_found(format!("no sweep named `{name}`")))?;
+    let done = service::sweep_done(&sweep.counts);
+    Ok(Json(
+        serde_json::json!({ "version": version, "done": done, "sweep": sweep }),
+    ))
+}
+
+async fn cancel_sweep(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let id = sweep_id(&name)?;
+    let n = state
+        .handle
+        .cancel_sweep(id)
+        .await
+        .map_err(AppError::not_found)?;
+    Ok(Json(serde_json::json!({ "canceled": n })))
+}
+
+async fn retry_sweep(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let id = sweep_id(&name)?;
+    let n = state
+        .handle
+        .retry_failed(id)
+        .await
+        .map_err(AppError::internal)?;
+    Ok(Json(serde_json::json!({ "retried": n })))
+}
+
+/// `GET /jobs`: `sweep`, `state` (repeatable), `p.<param>=<value>`, `q` (text), `sort`
+/// (`index`, `state`, `finished`, `duration`, `param:<name>`, `metric:<name>`), `desc`,
+/// `limit` (at most 10,000), `offset`. Filters other than `state` and sorting need `sweep`.
+async fn list_jobs(
+    State(state): State<AppState>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let get = |k: &str| params.iter().find(|(x, _)| x == k).map(|(_, v)| v.as_str());
+    let number = |k: &str, default: u64| -> ApiResult<u64> {
+        get(k).map_or(Ok(default), |v| {
+            v.parse::<u64>()
+                .map_err(|_| AppError::bad(format!("`{k}`: expected a whole number, found `{v}`")))
+        })
+    };
+    let limit = number("limit", 100)?.min(10_000);
+    let offset = number("offset", 0)?;
+    let mut states = Vec::new();
+    let mut filters = Vec::new();
+    for (k, v) in &params {
+        match k.as_str() {
+            "state" => states.push(
+                v.parse::<JobState>()
+                    .map_err(|e| AppError::bad(format!("`state`: {e}")))?,
+            ),
+            "sweep" | "q" | "sort" | "desc" | "limit" | "offset" => {}
+            other => match other.strip_prefix("p.") {
+                Some(name) if !name.is_empty() => filters.push((name.to_owned(), v.clone())),
+                _ => {
+                    return Err(AppError::bad(format!(
+                        "unknown query parameter `{other}` (known: sweep, state, p.<param>, q, sort, desc, limit, offset)"
+                    )));
+                }
+            },
+        }
+    }
+    let sort = SortKey::parse(get("sort").unwrap_or("index"))
+        .map_err(|e| AppError::bad(format!("`sort`: {e}")))?;
+    let descending = matches!(get("desc"), Some("1" | "true"));
+    let text = get("q").filter(|t| !t.is_empty()).map(str::to_owned);
+    let Some(sweep) = get("sweep").map(sweep_id).transpose()? else {
+        if !filters.is_empty() || text.is_some() || sort != SortKey::Index || states.len() > 1 {
+            return Err(AppError::bad(
+                "`sweep` is required to sort, search or filter by parameter",
+            ));
+        }
+        let st = states.first().copied();
+        let jobs = read(&state, move |r| r.view().jobs(None, st, limit, offset)).await?;
+        return Ok(Json(serde_json::json!({ "jobs": jobs })));
+    };
+    if let Some(record) = read(&state, {
+        let sweep = sweep.clone();
+        move |r| r.view().sweep_record(&sweep)
+    })
+    .await?
+    {
+        if let Some((bad, _)) = filters
+            .iter()
+            .find(|(p, _)| !record.param_names.contains(p))
+        {
+            return Err(AppError::bad(format!(
+                "`p.{bad}`: sweep `{sweep}` has no parameter `{bad}`"
+            )));
+        }
+    } else {
+        return Err(AppError::not_found(format!("no sweep named `{sweep}`")));
+    }
+    let query = JobQuery {
+        sweep,
+        states,
+        params: filters,
+        text,
+        sort,
+        descending,
+        limit,
+        offset,
+    };
+    let (jobs, count) = read(&state, move |r| r.view().query_jobs(&query)).await?;
+    Ok(Json(
+        serde_json::json!({ "jobs": jobs, "total": count.count, "total_is_lower_bound": count.at_least }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct OneJob {
+    sweep: Option<String>,
+    attempt: Option<u32>,
+    /// `text` for the log as plain text (a download).
+    format: Option<String>,
+    after_attempt: Option<u32>,
+    after_seq: Option<u64>,
+}
+
+/// Finds one job by id or unique id prefix (at least 4 hex digits), optionally in a sweep.
+pub(crate) async fn find_job(state: &AppState, id: &str, sweep: Option<&str>) -> ApiResult<JobRow> {
+    let prefix = id.to_ascii_lowercase();
+    if prefix.len() < 4
+        || prefix.len() > JobId::HEX_LEN
+        || !prefix.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return Err(AppError::bad(format!(
+            "`{id}` is not a job id: expected 4 to 32 hexadecimal digits"
+        )));
+    }
+    let sweep = sweep.map(sweep_id).transpose()?;
+    let matches = read(state, move |r| r.view().find_jobs(&prefix, 50)).await?;
+    let matches: Vec<JobRow> = matches
+        .into_iter()
+        .filter(|j| sweep.as_ref().is_none_or(|s| &j.sweep == s))
+        .collect();
+    match matches.len() {
+        0 => Err(AppError::not_found(format!("no job `{id}`"))),
+        1 => Ok(matches
+            .into_iter()
+            .next()
+            .ok_or_else(|| AppError::not_found("gone"))?),
+        _ => {
+            let shown: Vec<String> = matches
+                .iter()
+                .take(5)
+                .map(|j| format!("{}/{}", j.sweep, j.id))
+                .collect();
+            Err(AppError(
+                StatusCode::CONFLICT,
+                format!(
+                    "`{id}` matches several jobs ({}); give more digits or the sweep",
+                    shown.join(", ")
+                ),
+            ))
+        }
+    }
+}
+
+async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<OneJob>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let job = find_job(&state, &id, q.sweep.as_deref()).await?;
+    let (s, j) = (job.sweep.clone(), job.id);
+    let (attempts, duplicates) = read(&state, move |r| {
+        Ok((r.view().attempts(&s, &j)?, r.view().duplicates(&s, &j)?))
+    })
+    .await?;
+    Ok(Json(
+        serde_json::json!({ "job": job, "attempts": attempts, "duplicate_results": duplicates }),
+    ))
+}
+
+async fn job_logs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<OneJob>,
+) -> ApiResult<Response> {
+    let job = find_job(&state, &id, q.sweep.as_deref()).await?;
+    let (s, j, attempt) = (job.sweep.clone(), job.id, q.attempt);
+    let lines = read(&state, move |r| r.view().logs(&s, &j, attempt, 1_000_000)).await?;
+    match q.format.as_deref() {
+        None | Some("json") => {}
+        Some("text") => {
+            let mut out = String::new();
+            for (_, _, l) in &lines {
+                out.push_str(&l.line);
+                out.push('\n');
+            }
+            return Ok((
+                [
+                    (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
+                    (
+                        header::CONTENT_DISPOSITION,
+                        format!("attachment; filename=\"{}.log\"", job.id),
+                    ),
+                ],
+                out,
+            )
+                .into_response());
+        }
+        Some(other) => {
+            return Err(AppError::bad(format!(
+                "`format`: expected json or text, found `{other}`"
+            )));
+        }
+    }
+    let lines: Vec<serde_json::Value> = lines
+        .into_iter()
+        .map(|(attempt, seq, l)| serde_json::json!({ "attempt": attempt, "seq": seq, "stream": l.stream, "line": l.line, "ts_ms": l.ts_ms }))
+        .collect();
+    Ok(Json(
+        serde_json::json!({ "sweep": job.sweep, "job": job.id, "state": job.state, "lines": lines }),
+    )
+    .into_response())
+}
+
+async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<OneJob>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let job = find_job(&state, &id, q.sweep.as_deref()).await?;
+    let changed = state
+        .handle
+        .cancel_job(job.sweep.clone(), job.id)
+        .await
+        .map_err(AppError::internal)?;
+    let message = if changed {
+        "canceled".to_owned()
+    } else {
+        format!(
+            "job {} already finished ({}); nothing changed",
+            job.id, job.state
+        )
+    };
+    Ok(Json(
+        serde_json::json!({ "canceled": changed, "message": message }),
+    ))
+}
+
+async fn workers(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    let workers = read(&state, |r| r.view().workers()).await?;
+    Ok(Json(serde_json::json!({ "workers": workers })))
+}
+
+#[derive(Debug, Deserialize)]
+struct ResultsQuery {
+    format: Option<String>,
+}
+
+async fn results(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<ResultsQuery>,
+) -> ApiResult<Response> {
+    let id = sweep_id(&name)?;
+    let format = q.format.unwrap_or_else(|| "jsonl".into());
+    if format != "csv" && format != "jsonl" {
+        return Err(AppError::bad(format!(
+            "`format`: expected csv or jsonl, found `{format}`"
+        )));
+    }
+    let id2 = id.clone();
+    let (record, jobs) = read(&state, move |r| {
+        Ok((
+            r.view().sweep_record(&id2)?,
+            r.view().jobs(Some(&id2), None, u64::MAX >> 1, 0)?,
+        ))
+    })
+    .await?;
+    let record = record.ok_or_else(|| AppError::not_found(format!("no sweep named `{name}`")))?;
+    let body = if format == "csv" {
+        results_csv(&record.param_names, &jobs).map_err(AppError::internal)?
+    } else {
+        let mut out = String::new();
+        for j in &jobs {
+            out.push_str(&serde_json::to_string(j).map_err(AppError::internal)?);
+            out.push('\n');
+        }
+        out
+    };
+    let content_type = if format == "csv" {
+        "text/csv; charset=utf-8"
+    } else {
+        "application/x-ndjson"
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+/// One CSV row per job: id, state, attempts, host, duration, exit code, each parameter, each
+/// result key.
+///
+/// # Errors
+/// The CSV writer's.
+pub fn results_csv(param_names: &[String], jobs: &[JobRow]) -> Result<String, csv::Error> {
+    let keys: BTreeSet<String> = jobs
+        .iter()
+        .filter_map(|j| j.result.as_ref())
+        .flat_map(|r| r.keys().cloned())
+        .collect();
+    let mut w = csv::Writer::from_writer(Vec::new());
+    const FIXED: [&str; 6] = ["id", "state", "attempts", "host", "duration_s", "exit_code"];
+    let mut header: Vec<String> = FIXED.map(String::from).to_vec();
+    header.extend(param_names.iter().cloned());
+    header.extend(keys.iter().map(|k| {
+        if param_names.contains(k) || FIXED.contains(&k.as_str()) {
+            format!("result.{k}")
+        } else {
+            k.clone()
+        }
+    }));
+    w.write_record(&header)?;
+    for j in jobs {
+        let duration = match (j.started_ms, j.finished_ms) {
+            (Some(s), Some(f)) if f >= s => format!("{:.3}", (f - s) as f64 / 1000.0),
+            _ => String::new(),
+        };
+        let mut row = vec![
+            j.id.to_string(),
+            j.state.to_string(),
+            j.attempt.to_string(),
+            j.host.clone().unwrap_or_default(),
+            duration,
+            j.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+        ];
+        for p in param_names {
+            row.push(j.params.get(p).map(plain).unwrap_or_default());
+        }
+        for k in &keys {
+            row.push(
+                j.result
+                    .as_ref()
+                    .and_then(|r| r.get(k))
+                    .map(plain)
+                    .unwrap_or_default(),
+            );
+        }
+        w.write_record(&row)?;
+    }
+    let bytes = w
+        .into_inner()
+        .map_err(|e| csv::Error::from(std::io::Error::other(e.to_string())))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn plain(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+async fn retry_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<OneJob>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let job = find_job(&state, &id, q.sweep.as_deref()).await?;
+    let retried = state
+        .handle
+        .retry_job(job.sweep.clone(), job.id)
+        .await
+        .map_err(AppError::internal)?;
+    let message = if retried {
+        format!("attempt {} queued", job.attempt + 1)
+    } else {
+        format!(
+            "job {} is {}; only failed, timed-out or canceled jobs are retried; nothing changed",
+            job.id, job.state
+        )
+    };
+    Ok(Json(
+        serde_json::json!({ "retried": retried, "message": message }),
+    ))
+}
+
+async fn job_result(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<OneJob>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let job = find_job(&state, &id, q.sweep.as_deref()).await?;
+    Ok(Json(serde_json::json!({
+        "sweep": job.sweep, "job": job.id, "state": job.state, "attempt": job.attempt,
+        "exit_code": job.exit_code, "signal": job.signal, "result": job.result,
+    })))
+}
+
+async fn drain_worker(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let worker = gridq_common::WorkerId::new(&id)
+        .map_err(|e| AppError::bad(format!("worker `{id}`: {e}")))?;
+    let known = read(&state, {
+        let id = id.clone();
+        move |r| Ok(r.view().workers()?.into_iter().any(|w| w.id == id))
+    })
+    .await?;
+    if !known {
+        return Err(AppError::not_found(format!("no worker `{id}`")));
+    }
+    state
+        .handle
+        .drain_worker(worker)
+        .await
+        .map_err(AppError::internal)?;
+    Ok(Json(serde_json::json!({ "draining": id })))
+}
+
+async fn queues(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    let names = read(&state, |r| r.view().sweep_queues()).await?;
+    let stats = state.monitor.broker_stats(&names).await;
+    Ok(Json(
+        serde_json::to_value(stats).map_err(AppError::internal)?,
+    ))
+}
+
+async fn overview(State(state): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    let (totals, workers, failures) = read(&state, |r| {
+        let v = r.view();
+        Ok((v.state_totals()?, v.workers()?, v.recent_failures(10)?))
+    })
+    .await?;
+    let now = super::pages::now_ms();
+    let online = workers
+        .iter()
+        .filter(|w| w.state == "online" || w.state == "draining")
+        .count();
+    let lost = workers.iter().filter(|w| w.state == "lost").count();
+    Ok(Json(serde_json::json!({
+        "jobs": totals.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "workers_online": online,
+        "workers_lost": lost,
+        "throughput": state.monitor.activity.throughput(now)
+            .into_iter().map(|(t, n)| serde_json::json!({"t_ms": t, "finished": n})).collect::<Vec<_>>(),
+        "recent_failures": failures,
+    })))
+}
+
+/// `GET /events`: a `change` event (data: the change counter) whenever the store changed, at
+/// most every 250 ms; comments keep the connection alive.
+async fn events(
+    State(state): State<AppState>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let changes = state.handle.changes.clone();
+    let stream = futures_util::stream::unfold(changes, |mut changes| async move {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        changes.changed().await.ok()?;
+        let v = *changes.borrow_and_update();
+        Some((
+            Ok(Event::default().event("change").data(v.to_string())),
+            changes,
+        ))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// `GET /jobs/{id}/logs/stream`: the job's output lines as `line` events (JSON: attempt, seq,
+/// stream, line, ts_ms), from the `after_attempt`/`after_seq` cursor on; an `end` event once
+/// the job is in a final state and every line was sent.
+async fn log_stream(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<OneJob>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let job = find_job(&state, &id, q.sweep.as_deref()).await?;
+    let cursor = (q.after_attempt.unwrap_or(0), q.after_seq.unwrap_or(0));
+    let attempt = q.attempt;
+    struct Tail {
+        state: AppState,
+        sweep: gridq_common::SweepId,
+        job: JobId,
+        attempt: Option<u32>,
+        cursor: (u32, u64),
+        buffered: std::collections::VecDeque<Event>,
+        ended: bool,
+        changes: tokio::sync::watch::Receiver<u64>,
+    }
+    let tail = Tail {
+        changes: state.handle.changes.clone(),
+        state,
+        sweep: job.sweep,
+        job: job.id,
+        attempt,
+        cursor,
+        buffered: std::collections::VecDeque::new(),
+        ended: false,
+    };
+    let stream = futures_util::stream::unfold(tail, |mut t| async move {
+        loop {
+            if let Some(e) = t.buffered.pop_front() {
+                return Some((Ok(e), t));
+            }
+            if t.ended {
+                return None;
+            }
+            let (s, j, a, c) = (t.sweep.clone(), t.job, t.attempt, t.cursor);
+            let read_once = read(&t.state, move |r| {
+                let v = r.view();
+                let lines = v.logs_after(&s, &j, a, c, 500)?;
+                let final_state = v.job(&s, &j)?.is_none_or(|row| row.state.is_final());
+                Ok((lines, final_state))
+            })
+            .await;
+            let Ok((lines, final_state)) = read_once else {
+                return None;
+            };
+            let got = lines.len();
+            for (attempt, seq, l) in lines {
+                t.cursor = (attempt, seq);
+                let data = serde_json::json!({ "attempt": attempt, "seq": seq, "stream": l.stream, "line": l.line, "ts_ms": l.ts_ms });
+                t.buffered
+                    .push_back(Event::default().event("line").data(data.to_string()));
+            }
+            if got == 0 {
+                if final_state {
+                    t.ended = true;
+                    t.buffered
+                        .push_back(Event::default().event("end").data("{}"));
+                    continue;
+                }
+                // Wait for the store to change (or re-check each second).
+                let _ = tokio::time::timeout(Duration::from_secs(1), t.changes.changed()).await;
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

@@ -1,0 +1,171 @@
+//! The master's HTTP side: the JSON API under `/api/v1`, the web monitor's pages, the
+//! Prometheus metrics and the live event streams.
+//!
+//! Reads go to the store through a read-only SQLite connection (WAL lets them run beside the
+//! core's writes); changes go to the core as commands. Bad input gets a 4xx with a message that
+//! names what is wrong; internal errors a plain 500 while the detail goes to the log. Who may
+//! call what is decided in [`auth`].
+//!
+//! # Layout
+//! - [`api`]: the JSON API (also what Flower's API offered, point by point).
+//! - [`pages`]: the server-rendered monitor pages, updated live over SSE.
+//! - [`plots`]: SVG plots for the sweep page.
+//! - [`metrics`]: the Prometheus exposition.
+//! - [`auth`]: tokens, sessions, CSRF.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use gridq_common::SweepId;
+use tokio::sync::watch;
+use tracing::error;
+
+pub mod activity;
+pub mod api;
+pub mod auth;
+pub mod metrics;
+pub mod pages;
+pub mod plots;
+
+pub use api::results_csv;
+
+use crate::service::Handle;
+use crate::store::{Reader, Store};
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    handle: Handle,
+    reader: Arc<Mutex<Reader>>,
+    sessions: Arc<auth::Sessions>,
+    monitor: Arc<pages::Monitor>,
+}
+
+/// An API error: status and message.
+#[derive(Debug)]
+pub struct AppError(StatusCode, String);
+
+impl AppError {
+    fn bad(message: impl Into<String>) -> Self {
+        Self(StatusCode::BAD_REQUEST, message.into())
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self(StatusCode::NOT_FOUND, message.into())
+    }
+    fn internal(detail: impl std::fmt::Display) -> Self {
+        error!(cause = %detail, "internal error in the API");
+        Self(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; see the master's log".into(),
+        )
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, AppError>;
+
+/// Serves the API and the monitor until `stop` turns true.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    handle: Handle,
+    db: PathBuf,
+    monitor: pages::Monitor,
+    mut stop: watch::Receiver<bool>,
+) {
+    let reader = match Store::reader(&db) {
+        Ok(r) => r,
+        Err(e) => {
+            error!(cause = %e, "cannot open the store for reading; the API is down");
+            return;
+        }
+    };
+    let state = AppState {
+        handle,
+        reader: Arc::new(Mutex::new(reader)),
+        sessions: Arc::new(auth::Sessions::default()),
+        monitor: Arc::new(monitor),
+    };
+    let app = router(state);
+    let shutdown = async move {
+        while !*stop.borrow() {
+            if stop.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        error!(cause = %e, "the API server stopped");
+    }
+}
+
+fn router(state: AppState) -> Router {
+    let protected = Router::new()
+        .nest("/api/v1", api::routes())
+        .merge(pages::routes())
+        .route("/metrics", get(pages::metrics))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_auth,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/login", get(pages::login_page).post(pages::login))
+        .route("/logout", post(pages::logout))
+        .route("/static/{file}", get(pages::asset))
+        .merge(protected)
+        .layer(middleware::map_response(security_headers))
+        .with_state(state)
+}
+
+/// Headers on every answer: no framing, no sniffing, no referrers, and a content security
+/// policy that only allows this origin's own scripts and styles.
+async fn security_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    response
+}
+
+pub(crate) async fn read<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&Reader) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> ApiResult<T> {
+    let reader = state.reader.clone();
+    tokio::task::spawn_blocking(move || {
+        let guard = reader
+            .lock()
+            .map_err(|_| AppError::internal("reader lock poisoned"))?;
+        f(&guard).map_err(AppError::internal)
+    })
+    .await
+    .map_err(AppError::internal)?
+}
+
+pub(crate) fn sweep_id(name: &str) -> ApiResult<SweepId> {
+    SweepId::new(name).map_err(|e| AppError::bad(e.to_string()))
+}

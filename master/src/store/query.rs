@@ -1,0 +1,431 @@
+//! The monitor's job listing: one page of a sweep's jobs, filtered and sorted by the database.
+//!
+//! Every sort key has an index, so the first pages of a listing cost the same at a thousand
+//! jobs as at a million: expansion order and state use the jobs table's indexes, finish time and
+//! duration their own, and parameters and metrics the typed `job_values` index. User values are
+//! always bound parameters; the SQL text only ever holds fixed fragments.
+
+use gridq_common::SweepId;
+use rusqlite::types::Value;
+use serde::{Deserialize, Serialize};
+
+use super::{JOB_COLUMNS, JobRow, JobState, ReadView, Result, job_row, to_i64};
+
+/// What a listing is sorted by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SortKey {
+    /// Expansion order.
+    Index,
+    State,
+    /// Finish time.
+    Finished,
+    /// Run time of the last attempt.
+    Duration,
+    /// A parameter's value (numbers as numbers).
+    Param(String),
+    /// A numeric result metric; jobs without it are not listed.
+    Metric(String),
+}
+
+impl SortKey {
+    /// Parses `index`, `state`, `finished`, `duration`, `param:<name>` or `metric:<name>`.
+    ///
+    /// # Errors
+    /// A message naming the accepted forms.
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "" | "index" => Ok(Self::Index),
+            "state" => Ok(Self::State),
+            "finished" => Ok(Self::Finished),
+            "duration" => Ok(Self::Duration),
+            _ => {
+                if let Some(p) = s.strip_prefix("param:").filter(|p| !p.is_empty()) {
+                    Ok(Self::Param(p.to_owned()))
+                } else if let Some(m) = s.strip_prefix("metric:").filter(|m| !m.is_empty()) {
+                    Ok(Self::Metric(m.to_owned()))
+                } else {
+                    Err(format!(
+                        "unknown sort key `{s}`: expected index, state, finished, duration, param:<name> or metric:<name>"
+                    ))
+                }
+            }
+        }
+    }
+
+    /// The form [`SortKey::parse`] reads.
+    pub fn as_param(&self) -> String {
+        match self {
+            Self::Index => "index".into(),
+            Self::State => "state".into(),
+            Self::Finished => "finished".into(),
+            Self::Duration => "duration".into(),
+            Self::Param(p) => format!("param:{p}"),
+            Self::Metric(m) => format!("metric:{m}"),
+        }
+    }
+}
+
+/// One page of one sweep's jobs.
+#[derive(Debug, Clone)]
+pub struct JobQuery {
+    pub sweep: SweepId,
+    /// Only jobs in one of these states (all when empty).
+    pub states: Vec<JobState>,
+    /// Only jobs whose parameter `name` has the value `value` (as text; `0.01` matches the number).
+    pub params: Vec<(String, String)>,
+    /// Only jobs whose id starts with, or whose command line contains, this text.
+    pub text: Option<String>,
+    pub sort: SortKey,
+    pub descending: bool,
+    pub limit: u64,
+    pub offset: u64,
+}
+
+/// How many jobs match a query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MatchCount {
+    pub count: u64,
+    /// The count stopped at [`COUNT_CAP`]: there are at least that many.
+    pub at_least: bool,
+}
+
+/// Counting matches stops here when the count needs a scan (text or parameter filters).
+pub const COUNT_CAP: u64 = 10_000;
+
+impl ReadView<'_> {
+    /// One page of jobs, and how many match in all.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn query_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRow>, MatchCount)> {
+        let mut args: Vec<Value> = vec![Value::Text(q.sweep.as_str().to_owned())];
+        let mut from = String::from("jobs j");
+        let mut filters = String::from("j.sweep = ?1");
+        let order = match &q.sort {
+            SortKey::Index => "j.idx".to_owned(),
+            SortKey::State => "j.state".to_owned(),
+            SortKey::Finished => "j.finished_ms".to_owned(),
+            SortKey::Duration => "j.finished_ms - j.started_ms".to_owned(),
+            SortKey::Param(name) | SortKey::Metric(name) => {
+                let prefix = if matches!(q.sort, SortKey::Param(_)) {
+                    "p:"
+                } else {
+                    "m:"
+                };
+                args.push(Value::Text(format!("{prefix}{name}")));
+                from = format!(
+                    "job_values s JOIN jobs j ON j.sweep = s.sweep AND j.id = s.job AND s.key = ?{}",
+                    args.len()
+                );
+                filters = "s.sweep = ?1".to_owned();
+                "s.v".to_owned()
+            }
+        };
+        if !q.states.is_empty() {
+            let mut marks = Vec::new();
+            for s in &q.states {
+                args.push(Value::Text(s.as_str().to_owned()));
+                marks.push(format!("?{}", args.len()));
+            }
+            filters.push_str(&format!(" AND j.state IN ({})", marks.join(", ")));
+        }
+        for (name, value) in &q.params {
+            args.push(Value::Text(format!("p:{name}")));
+            let key = args.len();
+            args.push(Value::Text(value.clone()));
+            let text = args.len();
+            let number = match value.trim().parse::<f64>() {
+                Ok(f) if f.is_finite() => {
+                    args.push(Value::Real(f));
+                    format!(", ?{}", args.len())
+                }
+                _ => String::new(),
+            };
+            filters.push_str(&format!(
+                " AND EXISTS (SELECT 1 FROM job_values f WHERE f.sweep = j.sweep AND f.key = ?{key} AND f.v IN (?{text}{number}) AND f.job = j.id)"
+            ));
+        }
+        if let Some(text) = q.text.as_deref().filter(|t| !t.is_empty()) {
+            let lower = text.to_ascii_lowercase();
+            let is_hex = lower.bytes().all(|b| b.is_ascii_hexdigit());
+            args.push(Value::Text(format!("%{}%", like_escape(text))));
+            let like = args.len();
+            if is_hex {
+                args.push(Value::Text(lower));
+                let prefix = args.len();
+                filters.push_str(&format!(
+                    " AND (j.argv_json LIKE ?{like} ESCAPE '\\' OR substr(j.id, 1, length(?{prefix})) = ?{prefix})"
+                ));
+            } else {
+                filters.push_str(&format!(" AND j.argv_json LIKE ?{like} ESCAPE '\\'"));
+            }
+        }
+        let direction = if q.descending { "DESC" } else { "ASC" };
+        let tie = if matches!(q.sort, SortKey::Index) {
+            ""
+        } else {
+            ", j.idx"
+        };
+        let n = args.len();
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM {from} LEFT JOIN results r ON r.sweep = j.sweep AND r.job = j.id
+             WHERE {filters} ORDER BY {order} {direction}{tie} LIMIT ?{} OFFSET ?{}",
+            n + 1,
+            n + 2
+        );
+        let mut page_args = args.clone();
+        page_args.push(Value::Integer(to_i64(q.limit)));
+        page_args.push(Value::Integer(to_i64(q.offset)));
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(page_args), job_row)?;
+        let mut jobs = Vec::new();
+        for row in rows {
+            let (raw, result) = row?;
+            jobs.push(raw.into_row(result)?);
+        }
+        let count = self.count_matches(q, &from, &filters, args)?;
+        Ok((jobs, count))
+    }
+
+    fn count_matches(
+        &self,
+        q: &JobQuery,
+        from: &str,
+        filters: &str,
+        mut args: Vec<Value>,
+    ) -> Result<MatchCount> {
+        let scan_needed = !q.params.is_empty()
+            || q.text.as_deref().is_some_and(|t| !t.is_empty())
+            || matches!(q.sort, SortKey::Param(_) | SortKey::Metric(_));
+        if !scan_needed {
+            // Counts by state are kept by triggers.
+            let counts = self.counts(&q.sweep)?;
+            let count = counts
+                .iter()
+                .filter(|(s, _)| q.states.is_empty() || q.states.iter().any(|x| x.as_str() == *s))
+                .map(|(_, n)| n)
+                .sum();
+            return Ok(MatchCount {
+                count,
+                at_least: false,
+            });
+        }
+        let n = args.len();
+        args.push(Value::Integer(to_i64(COUNT_CAP + 1)));
+        let sql = format!(
+            "SELECT count(*) FROM (SELECT 1 FROM {from} WHERE {filters} LIMIT ?{})",
+            n + 1
+        );
+        let count: i64 = self
+            .conn
+            .prepare_cached(&sql)?
+            .query_row(rusqlite::params_from_iter(args), |r| r.get(0))?;
+        let count = u64::try_from(count).unwrap_or(0);
+        Ok(MatchCount {
+            count: count.min(COUNT_CAP),
+            at_least: count > COUNT_CAP,
+        })
+    }
+
+    /// The metric names a sweep's results have (those stored as sortable numbers), sorted.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn metric_names(&self, sweep: &SweepId) -> Result<Vec<String>> {
+        // Walks the distinct keys by skipping through the index, one probe per key.
+        let mut out = Vec::new();
+        let mut after = String::from("m:");
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT key FROM job_values WHERE sweep = ?1 AND key > ?2 AND key < 'm;' ORDER BY key LIMIT 1",
+        )?;
+        while out.len() < 200 {
+            let next: Option<String> = stmt
+                .query_row(rusqlite::params![sweep.as_str(), after], |r| r.get(0))
+                .ok();
+            let Some(key) = next else { break };
+            out.push(key.trim_start_matches("m:").to_owned());
+            after = format!("{key}\u{10FFFF}");
+        }
+        Ok(out)
+    }
+
+    /// `(parameter values, metric)` of up to `limit` finished jobs that have `metric`, for the
+    /// plots; evenly strided over the metric's order when there are more.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn plot_rows(
+        &self,
+        sweep: &SweepId,
+        metric: &str,
+        limit: u64,
+    ) -> Result<Vec<(serde_json::Map<String, serde_json::Value>, f64)>> {
+        let key = format!("m:{metric}");
+        let total: i64 = self
+            .conn
+            .prepare_cached("SELECT count(*) FROM job_values WHERE sweep = ?1 AND key = ?2")?
+            .query_row(rusqlite::params![sweep.as_str(), key], |r| r.get(0))?;
+        let stride = (u64::try_from(total).unwrap_or(0) / limit.max(1)).max(1);
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT j.params_json, s.v FROM (SELECT job, v, row_number() OVER (ORDER BY v, job) AS n
+                 FROM job_values WHERE sweep = ?1 AND key = ?2) s
+             JOIN jobs j ON j.sweep = ?1 AND j.id = s.job
+             WHERE (s.n - 1) % ?3 = 0 LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(
+            rusqlite::params![sweep.as_str(), key, to_i64(stride), to_i64(limit)],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?)),
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (params, v) = row?;
+            out.push((super::parse_json(&params)?, v));
+        }
+        Ok(out)
+    }
+
+    /// Durations in seconds of up to `limit` of a sweep's finished jobs (the most recent).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn durations(&self, sweep: &SweepId, limit: u64) -> Result<Vec<f64>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT finished_ms - started_ms FROM jobs WHERE sweep = ?1 AND finished_ms IS NOT NULL
+             AND started_ms IS NOT NULL ORDER BY finished_ms DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(rusqlite::params![sweep.as_str(), to_i64(limit)], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            #[allow(clippy::cast_precision_loss)]
+            out.push(row?.max(0) as f64 / 1000.0);
+        }
+        Ok(out)
+    }
+}
+
+impl ReadView<'_> {
+    /// Calls `f` with the duration in seconds of every finished job (to rebuild the histogram
+    /// at start).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn for_each_duration(&self, mut f: impl FnMut(f64)) -> Result<()> {
+        let mut stmt = self.conn.prepare(
+            "SELECT finished_ms - started_ms FROM jobs WHERE finished_ms IS NOT NULL AND started_ms IS NOT NULL",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let ms: i64 = row.get(0)?;
+            #[allow(clippy::cast_precision_loss)]
+            f(ms.max(0) as f64 / 1000.0);
+        }
+        Ok(())
+    }
+
+    /// Jobs by state over every sweep.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn state_totals(&self) -> Result<Vec<(String, u64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT state, sum(n) FROM sweep_counts GROUP BY state HAVING sum(n) > 0 ORDER BY state",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (s, n) = row?;
+            out.push((s, u64::try_from(n).unwrap_or(0)));
+        }
+        Ok(out)
+    }
+
+    /// The broker queues gridq uses: every sweep's job queue, the events and dead-letter queues.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn sweep_queues(&self) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT DISTINCT json_extract(spec_json, '$.queue') FROM sweeps")?;
+        let rows = stmt.query_map([], |r| r.get::<_, Option<String>>(0))?;
+        let mut out = std::collections::BTreeSet::from([
+            gridq_common::topology::jobs_queue(gridq_common::topology::DEFAULT_QUEUE),
+            gridq_common::topology::EVENTS_QUEUE.to_owned(),
+            gridq_common::topology::DEAD_QUEUE.to_owned(),
+        ]);
+        for row in rows {
+            if let Some(q) = row? {
+                out.insert(gridq_common::topology::jobs_queue(&q));
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// The most recently finished failed or timed-out jobs, over every sweep.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn recent_failures(&self, limit: u64) -> Result<Vec<JobRow>> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs j LEFT JOIN results r ON r.sweep = j.sweep AND r.job = j.id
+             WHERE j.state IN ('failed', 'timed_out') ORDER BY j.finished_ms DESC LIMIT ?1"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map([to_i64(limit)], job_row)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (raw, result) = row?;
+            out.push(raw.into_row(result)?);
+        }
+        Ok(out)
+    }
+}
+
+/// Escapes `%`, `_` and `\` for a `LIKE ... ESCAPE '\'` pattern.
+fn like_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl super::Tx<'_> {
+    /// Deletes the sweeps whose jobs are all final and that nothing touched since `cutoff_ms`,
+    /// with their jobs, attempts, results, logs and values. Returns their names.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn purge_finished_sweeps(&self, cutoff_ms: u64) -> Result<Vec<String>> {
+        let names: Vec<String> = {
+            let mut stmt = self.tx.prepare(
+                "SELECT s.name FROM sweeps s WHERE s.updated_ms < ?1 AND NOT EXISTS (
+                     SELECT 1 FROM sweep_counts c WHERE c.sweep = s.name AND c.n > 0
+                     AND c.state IN ('pending', 'queued', 'running', 'retrying'))
+                 AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.sweep = s.name AND j.updated_ms >= ?1)",
+            )?;
+            let rows = stmt.query_map([to_i64(cutoff_ms)], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for name in &names {
+            for table in [
+                "DELETE FROM jobs WHERE sweep = ?1",
+                "DELETE FROM attempts WHERE sweep = ?1",
+                "DELETE FROM results WHERE sweep = ?1",
+                "DELETE FROM duplicate_results WHERE sweep = ?1",
+                "DELETE FROM logs WHERE sweep = ?1",
+                "DELETE FROM job_values WHERE sweep = ?1",
+                "DELETE FROM sweep_counts WHERE sweep = ?1",
+                "DELETE FROM sweeps WHERE name = ?1",
+            ] {
+                self.tx.execute(table, [name])?;
+            }
+        }
+        Ok(names)
+    }
+}
