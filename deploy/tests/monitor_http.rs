@@ -374,6 +374,36 @@ async fn jobs_listing_sorts_filters_and_pages_on_the_server() {
     assert!(v["error"].as_str().unwrap().starts_with("`state`:"), "{v}");
     let (s, _) = list(vec![sweep(), ("limit", "many".into())]).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    // Results export, streamed: a header and one row per job; JSON lines likewise.
+    let csv = http
+        .get(format!("{b}/api/v1/sweeps/grid/results?format=csv"))
+        .header("authorization", bearer(&c))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 9, "{csv}");
+    assert_eq!(
+        rows[0],
+        "id,state,attempts,host,duration_s,exit_code,a,b,loss"
+    );
+    assert!(
+        rows[1..].iter().all(|r| r.contains(",succeeded,1,")),
+        "{csv}"
+    );
+    let jsonl = http
+        .get(format!("{b}/api/v1/sweeps/grid/results?format=jsonl"))
+        .header("authorization", bearer(&c))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(jsonl.lines().count(), 8);
     // The page shows the same order, with one column per parameter and metric.
     let (cookie, _) = login(&c).await;
     let html = http

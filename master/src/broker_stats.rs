@@ -166,7 +166,8 @@ fn parse_amqp_url(amqp_url: &str) -> Result<AmqpParts> {
     let uri: AMQPUri = amqp_url
         .parse()
         .map_err(|_| invalid("expected amqp://user:password@host:port/vhost"))?;
-    // amq-protocol takes any IP address host for "localhost"; the URL crate keeps it.
+    // amq-protocol reads an IP-address host as "localhost" (it only looks for a domain name),
+    // so the host comes from the URL crate.
     let url = reqwest::Url::parse(amqp_url).map_err(|_| invalid("not a URL"))?;
     let host = url
         .host_str()

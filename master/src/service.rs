@@ -426,9 +426,17 @@ impl Core {
         } else {
             Vec::new()
         };
+        // A large submission changes the shape of the tables: refresh the planner's statistics.
+        let big_submit = commands
+            .iter()
+            .any(|c| matches!(c, Command::Submit { jobs, .. } if jobs.len() >= 10_000));
+        let housekeeping = ticked && self.last_purge.elapsed() > RETENTION_CHECK;
+        if housekeeping {
+            self.last_purge = Instant::now();
+            self.store.refresh_statistics()?;
+        }
         let purge_before = match self.config.retention {
-            Some(keep) if ticked && self.last_purge.elapsed() > RETENTION_CHECK => {
-                self.last_purge = Instant::now();
+            Some(keep) if housekeeping => {
                 Some(now.saturating_sub(u64::try_from(keep.as_millis()).unwrap_or(u64::MAX)))
             }
             _ => None,
@@ -503,6 +511,9 @@ impl Core {
             }
             Ok(())
         })?;
+        if big_submit {
+            self.store.refresh_statistics()?;
+        }
         // Committed: now ack, reply, publish.
         for acker in effects.acks {
             let _ = acker.ack(lapin::options::BasicAckOptions::default()).await;

@@ -399,6 +399,12 @@ struct ResultsQuery {
     format: Option<String>,
 }
 
+/// Jobs read per step of an export.
+const EXPORT_BATCH: u64 = 5_000;
+
+/// `GET /sweeps/{name}/results?format=csv|jsonl`: one row per job, streamed in batches from
+/// its own read connection, so a million-job export neither holds the API's reader nor the
+/// whole sweep in memory.
 async fn results(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -406,91 +412,171 @@ async fn results(
 ) -> ApiResult<Response> {
     let id = sweep_id(&name)?;
     let format = q.format.unwrap_or_else(|| "jsonl".into());
-    if format != "csv" && format != "jsonl" {
-        return Err(AppError::bad(format!(
-            "`format`: expected csv or jsonl, found `{format}`"
-        )));
-    }
-    let id2 = id.clone();
-    let (record, jobs) = read(&state, move |r| {
-        Ok((
-            r.view().sweep_record(&id2)?,
-            r.view().jobs(Some(&id2), None, u64::MAX >> 1, 0)?,
-        ))
-    })
-    .await?;
-    let record = record.ok_or_else(|| AppError::not_found(format!("no sweep named `{name}`")))?;
-    let body = if format == "csv" {
-        results_csv(&record.param_names, &jobs).map_err(AppError::internal)?
-    } else {
-        let mut out = String::new();
-        for j in &jobs {
-            out.push_str(&serde_json::to_string(j).map_err(AppError::internal)?);
-            out.push('\n');
+    let csv = match format.as_str() {
+        "csv" => true,
+        "jsonl" => false,
+        other => {
+            return Err(AppError::bad(format!(
+                "`format`: expected csv or jsonl, found `{other}`"
+            )));
         }
-        out
     };
-    let content_type = if format == "csv" {
+    let id2 = id.clone();
+    let record = read(&state, move |r| r.view().sweep_record(&id2)).await?;
+    let record = record.ok_or_else(|| AppError::not_found(format!("no sweep named `{name}`")))?;
+    let db = state.handle.db_path.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let send = |chunk: Result<Vec<u8>, std::io::Error>| tx.blocking_send(chunk).is_ok();
+        let run = || -> Result<(), String> {
+            let reader = crate::store::Store::reader(&db).map_err(|e| e.to_string())?;
+            let view = reader.view();
+            let keys = if csv {
+                view.result_keys(&id).map_err(|e| e.to_string())?
+            } else {
+                Vec::new()
+            };
+            let mut export = ResultsExport::new(csv, &record.param_names, keys);
+            let mut after = None;
+            loop {
+                let jobs = view
+                    .jobs_after(&id, after, EXPORT_BATCH)
+                    .map_err(|e| e.to_string())?;
+                let Some(last) = jobs.last() else { break };
+                after = Some((last.index, last.id));
+                let chunk = export.rows(&jobs).map_err(|e| e.to_string())?;
+                if !send(Ok(chunk)) {
+                    return Ok(());
+                }
+                if (jobs.len() as u64) < EXPORT_BATCH {
+                    break;
+                }
+            }
+            if export.header_pending() {
+                let chunk = export.rows(&[]).map_err(|e| e.to_string())?;
+                send(Ok(chunk));
+            }
+            Ok(())
+        };
+        if let Err(e) = run() {
+            tracing::error!(cause = %e, "results export failed");
+            send(Err(std::io::Error::other(e)));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    let content_type = if csv {
         "text/csv; charset=utf-8"
     } else {
         "application/x-ndjson"
     };
-    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, content_type)],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
 }
 
-/// One CSV row per job: id, state, attempts, host, duration, exit code, each parameter, each
-/// result key.
+/// Writes results as CSV (one row per job: id, state, attempts, host, duration, exit code,
+/// each parameter, each result key; result keys that collide with those get a `result.`
+/// prefix) or JSON lines, batch by batch.
+#[derive(Debug)]
+pub struct ResultsExport {
+    csv: bool,
+    params: Vec<String>,
+    keys: Vec<String>,
+    header_pending: bool,
+}
+
+const FIXED: [&str; 6] = ["id", "state", "attempts", "host", "duration_s", "exit_code"];
+
+impl ResultsExport {
+    /// An export with these parameter columns and result keys (CSV only).
+    pub fn new(csv: bool, params: &[String], keys: Vec<String>) -> Self {
+        Self {
+            csv,
+            params: params.to_vec(),
+            keys,
+            header_pending: csv,
+        }
+    }
+
+    fn header_pending(&self) -> bool {
+        self.header_pending
+    }
+
+    /// The bytes for a batch of jobs (the CSV header comes with the first batch).
+    ///
+    /// # Errors
+    /// The CSV or JSON writer's.
+    pub fn rows(&mut self, jobs: &[JobRow]) -> Result<Vec<u8>, String> {
+        if !self.csv {
+            let mut out = Vec::new();
+            for j in jobs {
+                serde_json::to_writer(&mut out, j).map_err(|e| e.to_string())?;
+                out.push(b'\n');
+            }
+            return Ok(out);
+        }
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let err = |e: csv::Error| e.to_string();
+        if self.header_pending {
+            self.header_pending = false;
+            let mut header: Vec<String> = FIXED.map(String::from).to_vec();
+            header.extend(self.params.iter().cloned());
+            header.extend(self.keys.iter().map(|k| {
+                if self.params.contains(k) || FIXED.contains(&k.as_str()) {
+                    format!("result.{k}")
+                } else {
+                    k.clone()
+                }
+            }));
+            w.write_record(&header).map_err(err)?;
+        }
+        for j in jobs {
+            let duration = match (j.started_ms, j.finished_ms) {
+                (Some(s), Some(f)) if f >= s => format!("{:.3}", (f - s) as f64 / 1000.0),
+                _ => String::new(),
+            };
+            let mut row = vec![
+                j.id.to_string(),
+                j.state.to_string(),
+                j.attempt.to_string(),
+                j.host.clone().unwrap_or_default(),
+                duration,
+                j.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+            ];
+            for p in &self.params {
+                row.push(j.params.get(p).map(plain).unwrap_or_default());
+            }
+            for k in &self.keys {
+                row.push(
+                    j.result
+                        .as_ref()
+                        .and_then(|r| r.get(k))
+                        .map(plain)
+                        .unwrap_or_default(),
+                );
+            }
+            w.write_record(&row).map_err(err)?;
+        }
+        w.into_inner().map_err(|e| e.to_string())
+    }
+}
+
+/// The whole CSV of some jobs at once (for tests and small exports).
 ///
 /// # Errors
 /// The CSV writer's.
-pub fn results_csv(param_names: &[String], jobs: &[JobRow]) -> Result<String, csv::Error> {
+pub fn results_csv(param_names: &[String], jobs: &[JobRow]) -> Result<String, String> {
     let keys: BTreeSet<String> = jobs
         .iter()
         .filter_map(|j| j.result.as_ref())
         .flat_map(|r| r.keys().cloned())
         .collect();
-    let mut w = csv::Writer::from_writer(Vec::new());
-    const FIXED: [&str; 6] = ["id", "state", "attempts", "host", "duration_s", "exit_code"];
-    let mut header: Vec<String> = FIXED.map(String::from).to_vec();
-    header.extend(param_names.iter().cloned());
-    header.extend(keys.iter().map(|k| {
-        if param_names.contains(k) || FIXED.contains(&k.as_str()) {
-            format!("result.{k}")
-        } else {
-            k.clone()
-        }
-    }));
-    w.write_record(&header)?;
-    for j in jobs {
-        let duration = match (j.started_ms, j.finished_ms) {
-            (Some(s), Some(f)) if f >= s => format!("{:.3}", (f - s) as f64 / 1000.0),
-            _ => String::new(),
-        };
-        let mut row = vec![
-            j.id.to_string(),
-            j.state.to_string(),
-            j.attempt.to_string(),
-            j.host.clone().unwrap_or_default(),
-            duration,
-            j.exit_code.map(|c| c.to_string()).unwrap_or_default(),
-        ];
-        for p in param_names {
-            row.push(j.params.get(p).map(plain).unwrap_or_default());
-        }
-        for k in &keys {
-            row.push(
-                j.result
-                    .as_ref()
-                    .and_then(|r| r.get(k))
-                    .map(plain)
-                    .unwrap_or_default(),
-            );
-        }
-        w.write_record(&row)?;
-    }
-    let bytes = w
-        .into_inner()
-        .map_err(|e| csv::Error::from(std::io::Error::other(e.to_string())))?;
+    let mut export = ResultsExport::new(true, param_names, keys.into_iter().collect());
+    let bytes = export.rows(jobs)?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 

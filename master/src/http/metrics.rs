@@ -76,7 +76,8 @@ impl Metrics {
         self.durations.observe(seconds);
     }
 
-    /// The complete exposition of the histogram and the snapshot's gauges, ending in `# EOF`.
+    /// The complete exposition of the histogram and the snapshot's gauges, ending in `# EOF`;
+    /// serve it with [`CONTENT_TYPE`].
     pub fn render(&self, snapshot: &Snapshot) -> String {
         let mut registry = Registry::default();
         // Registered without the unit suffix: the crate appends `_seconds` and adds the

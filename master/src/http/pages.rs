@@ -250,7 +250,7 @@ fn state_badge(state: &str) -> Markup {
     html! { span class={"badge s-" (state)} { (state) } }
 }
 
-/// A bar split by state, widths in percent of the total.
+/// A bar split by state, drawn as SVG (the content security policy allows no inline styles).
 fn progress(counts: &BTreeMap<String, u64>, total: u64) -> Markup {
     let done: u64 = ["succeeded", "failed", "timed_out", "canceled"]
         .iter()
@@ -264,12 +264,25 @@ fn progress(counts: &BTreeMap<String, u64>, total: u64) -> Markup {
             n as f64 * 100.0 / total as f64
         }
     };
+    let mut x = 0.0;
+    let segments: Vec<(&str, u64, f64, f64)> = STATES
+        .iter()
+        .filter_map(|s| counts.get(*s).filter(|n| **n > 0).map(|n| (*s, *n)))
+        .map(|(s, n)| {
+            let w = pct(n);
+            let seg = (s, n, x, w);
+            x += w;
+            seg
+        })
+        .collect();
     html! {
-        div.progress role="progressbar" aria-valuemin="0" aria-valuemax="100"
+        svg.progress xmlns="http://www.w3.org/2000/svg" viewBox="0 0 100 10" preserveAspectRatio="none"
+            role="progressbar" aria-valuemin="0" aria-valuemax="100"
             aria-valuenow=(format!("{:.0}", pct(done))) data-done=(done) data-total=(total) {
-            @for s in STATES {
-                @if let Some(n) = counts.get(s).filter(|n| **n > 0) {
-                    span class={"seg s-" (s)} style=(format!("width:{:.3}%", pct(*n))) title={(s) ": " (n)} {}
+            rect.track x="0" y="0" width="100" height="10" {}
+            @for (s, n, x, w) in &segments {
+                rect class={"seg s-" (s)} x=(format!("{x:.3}")) y="0" width=(format!("{w:.3}")) height="10" {
+                    title { (s) ": " (n) }
                 }
             }
         }
@@ -369,9 +382,12 @@ pub(crate) async fn login(
             .unwrap_or("");
         let origin_host = origin.split_once("://").map_or("", |(_, h)| h);
         if origin_host != host {
-            warn!("cross-origin login refused");
-            return AppError(StatusCode::FORBIDDEN, "cross-origin login refused".into())
-                .into_response();
+            warn!(%origin, %host, "cross-origin login refused");
+            return AppError(
+                StatusCode::FORBIDDEN,
+                format!("cross-origin login refused (Origin {origin}, Host {host})"),
+            )
+            .into_response();
         }
     }
     let next = safe_next(form.next.as_deref());
@@ -496,13 +512,13 @@ pub(crate) async fn overview(
 }
 
 fn throughput_svg(points: &[(u64, u64)]) -> String {
-    let w = 720.0;
-    let h = 120.0;
+    let w = 1440.0;
+    let h = 160.0;
     let max = points.iter().map(|(_, n)| *n).max().unwrap_or(0).max(1) as f64;
     let bw = w / points.len().max(1) as f64;
     let mut out = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" class="spark" viewBox="0 0 {w} {}" width="100%" role="img" aria-label="jobs finished per 10 seconds"><title>jobs finished per 10 s (max {max})</title>"#,
-        h + 14.0
+        h + 20.0
     );
     for (i, (at, n)) in points.iter().enumerate() {
         if *n == 0 {
@@ -520,8 +536,8 @@ fn throughput_svg(points: &[(u64, u64)]) -> String {
     }
     out.push_str(&format!(
         r#"<line class="axis" x1="0" y1="{h}" x2="{w}" y2="{h}"/><text class="tick" x="0" y="{}">-60 min</text><text class="tick" x="{w}" y="{}" text-anchor="end">now · peak {max} per 10 s</text></svg>"#,
-        h + 12.0,
-        h + 12.0
+        h + 16.0,
+        h + 16.0
     ));
     out
 }
@@ -598,7 +614,7 @@ pub(crate) async fn sweeps(
                                 td { a href={"/sweeps/" (q(s.name.as_str()))} { (s.name.as_str()) } @if s.canceled { " " (state_badge("canceled")) } }
                                 td.wide { (progress(&s.counts, s.total)) }
                                 td { (when(s.created_ms)) }
-                                td { (span(if s.done() >= s.total { s.updated_ms.max(s.created_ms) } else { now }.saturating_sub(s.created_ms))) }
+                                td { (span(if s.done() >= s.total { s.last_finished_ms.unwrap_or(s.updated_ms).max(s.created_ms) } else { now }.saturating_sub(s.created_ms))) }
                                 td { (eta(s, now)) }
                             }
                         }
@@ -790,7 +806,13 @@ async fn jobs_section(
         offset: (view.page - 1) * PAGE_SIZE,
     };
     let (jobs, count) = read(state, move |r| r.view().query_jobs(&query)).await?;
-    let shown_metrics: Vec<&String> = metrics.iter().take(8).collect();
+    // A result key that repeats a parameter (projects often echo their arguments) is not a
+    // metric column of its own.
+    let shown_metrics: Vec<&String> = metrics
+        .iter()
+        .filter(|m| !param_names.contains(m))
+        .take(8)
+        .collect();
     let pages = count.count.div_ceil(PAGE_SIZE).max(1);
     let sort_link = |key: SortKey, label: &str| -> Markup {
         let active = view.sort == key;
@@ -886,7 +908,13 @@ async fn plots_section(
 ) -> ApiResult<Markup> {
     let metric = chosen
         .filter(|m| metrics.iter().any(|x| x == m))
-        .or_else(|| metrics.first().map(String::as_str))
+        .or_else(|| {
+            metrics
+                .iter()
+                .find(|m| !param_names.contains(m))
+                .or_else(|| metrics.first())
+                .map(String::as_str)
+        })
         .map(str::to_owned);
     let (id2, m2) = (id.clone(), metric.clone());
     let (rows, durations) = read(state, move |r| {
@@ -912,18 +940,22 @@ async fn plots_section(
             }
             section #plots.plots data-live {
                 @for p in param_names {
-                    figure.plot {
-                        figcaption { (metric) " against " (p) }
-                        (PreEscaped(plots::scatter(p, metric, &rows.iter().map(|(ps, v)| (ps.get(p).cloned().unwrap_or(serde_json::Value::Null), *v)).collect::<Vec<_>>())))
+                    @let points: Vec<(serde_json::Value, f64)> = rows.iter().map(|(ps, v)| (ps.get(p).cloned().unwrap_or(serde_json::Value::Null), *v)).collect();
+                    // A parameter with one value says nothing against the metric.
+                    @if points.iter().any(|(x, _)| *x != points[0].0) {
+                        figure.plot {
+                            figcaption { (metric) " against " (p) }
+                            (PreEscaped(plots::scatter(p, metric, &points)))
+                        }
                     }
-                }
-                figure.plot.wide {
-                    figcaption { "parameters against " (metric) }
-                    (PreEscaped(plots::parallel_coordinates(param_names, metric, &rows.iter().map(|(ps, v)| (param_names.iter().map(|p| ps.get(p).cloned().unwrap_or(serde_json::Value::Null)).collect(), *v)).collect::<Vec<_>>())))
                 }
                 figure.plot {
                     figcaption { "job durations" }
                     (PreEscaped(plots::durations(&durations)))
+                }
+                figure.plot.wide {
+                    figcaption { "parameters against " (metric) }
+                    (PreEscaped(plots::parallel_coordinates(param_names, metric, &rows.iter().map(|(ps, v)| (param_names.iter().map(|p| ps.get(p).cloned().unwrap_or(serde_json::Value::Null)).collect(), *v)).collect::<Vec<_>>())))
                 }
             }
         } @else {
@@ -1054,13 +1086,17 @@ pub(crate) async fn job_page(
             h2 { "Result" }
             @match &job.result {
                 Some(r) => pre.result { (serde_json::to_string_pretty(r).unwrap_or_default()) },
+                None if job.state.is_final() => p.muted { "No result: the job wrote none to " code { "$GRIDQ_RESULT" } "." },
                 None => p.muted { "No result yet." },
             }
         }
         h2 { "Log" }
         pre #log.log data-stream={"/api/v1/jobs/" (job.id.to_string()) "/logs/stream?sweep=" (q(sweep))}
             data-after-attempt=(last.0) data-after-seq=(last.1) {
-            @for (attempt, _, l) in &tail {
+            @for (i, (attempt, _, l)) in tail.iter().enumerate() {
+                @if i == 0 || tail[i - 1].0 != *attempt {
+                    span.attempt data-attempt=(attempt) { "── attempt " (attempt) " ──\n" }
+                }
                 span class={"line " @if l.stream == gridq_common::wire::Stream::Stderr { "err" } } data-attempt=(attempt) { (l.line) "\n" }
             }
         }

@@ -130,7 +130,7 @@ pub fn parallel_coordinates(params: &[String], metric: &str, rows: &[(Vec<Value>
     let frame = Frame {
         left: 84.0,
         top: 44.0,
-        right: PC_W - 116.0,
+        right: PC_W - 150.0,
         bottom: PC_H - 20.0,
     };
     let data = frame.inset(0.0, 8.0);
@@ -865,7 +865,7 @@ impl Svg {
     /// The colour scale of the parallel coordinates, to the right of `frame`.
     fn legend(&mut self, lo: f64, hi: f64, metric: &str, frame: &Frame) {
         const STEPS: usize = 24;
-        let x = PC_W - 84.0;
+        let x = PC_W - 70.0;
         let height = (frame.bottom - frame.top) / STEPS as f64;
         self.push(format_args!(r#"<g class="legend">"#));
         self.text(x + 7.0, 24.0, "label", "middle", metric, 14);

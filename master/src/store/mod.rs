@@ -251,6 +251,9 @@ pub struct SweepSummary {
     pub total: u64,
     pub counts: std::collections::BTreeMap<String, u64>,
     pub canceled: bool,
+    /// When its last job finished (ms since the epoch).
+    #[serde(default)]
+    pub last_finished_ms: Option<u64>,
 }
 
 impl SweepSummary {
@@ -328,6 +331,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_sweep_state ON jobs(sweep, state);
 CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs(worker) WHERE state = 'running';
 -- The monitor's listings: expansion order, time of finishing and duration within a sweep.
 CREATE INDEX IF NOT EXISTS jobs_by_sweep_idx ON jobs(sweep, idx);
+CREATE INDEX IF NOT EXISTS jobs_by_id ON jobs(id);
 CREATE INDEX IF NOT EXISTS jobs_by_finished ON jobs(sweep, finished_ms);
 CREATE INDEX IF NOT EXISTS jobs_by_duration ON jobs(sweep, finished_ms - started_ms);
 -- Each job's parameter values (key `p:<name>`) and numeric result metrics (`m:<name>`),
@@ -340,6 +344,8 @@ CREATE TABLE IF NOT EXISTS job_values(
     job TEXT NOT NULL,
     PRIMARY KEY(sweep, key, v, job)
 ) WITHOUT ROWID;
+-- One job's value of a key (joins from a filtered set of jobs to the sort key).
+CREATE INDEX IF NOT EXISTS job_values_by_job ON job_values(sweep, job, key);
 -- Job counts by sweep and state, kept by triggers so progress never scans the jobs.
 CREATE TABLE IF NOT EXISTS sweep_counts(
     sweep TEXT NOT NULL,
@@ -515,7 +521,20 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self> {
         let conn = open_connection(path)?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self { conn })
+        let store = Self { conn };
+        store.refresh_statistics()?;
+        Ok(store)
+    }
+
+    /// Refreshes the query planner's statistics (sampled, so it stays fast at millions of
+    /// rows): the monitor's listings pick their index from them.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn refresh_statistics(&self) -> Result<()> {
+        self.conn
+            .execute_batch("PRAGMA analysis_limit = 1000; ANALYZE;")?;
+        Ok(())
     }
 
     /// A reader on the same file.
@@ -1448,6 +1467,7 @@ impl ReadView<'_> {
             let counts = self.counts(&id)?;
             out.push(SweepSummary {
                 total: counts.values().sum(),
+                last_finished_ms: self.last_finished(&id)?,
                 name: id,
                 created_ms: opt_u64(Some(created)).unwrap_or(0),
                 updated_ms: opt_u64(Some(updated)).unwrap_or(0),
@@ -1474,12 +1494,22 @@ impl ReadView<'_> {
         let counts = self.counts(name)?;
         Ok(Some(SweepSummary {
             total: counts.values().sum(),
+            last_finished_ms: self.last_finished(name)?,
             name: name.clone(),
             created_ms: opt_u64(Some(created)).unwrap_or(0),
             updated_ms: opt_u64(Some(updated)).unwrap_or(0),
             counts,
             canceled,
         }))
+    }
+
+    /// When the sweep's last job finished (one probe of the finish-time index).
+    fn last_finished(&self, sweep: &SweepId) -> Result<Option<u64>> {
+        let ms: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT max(finished_ms) FROM jobs WHERE sweep = ?1")?
+            .query_row([sweep.as_str()], |r| r.get(0))?;
+        Ok(opt_u64(ms))
     }
 
     /// Job counts by state for a sweep.

@@ -90,7 +90,7 @@ pub struct MatchCount {
 }
 
 /// Counting matches stops here when the count needs a scan (text or parameter filters).
-pub const COUNT_CAP: u64 = 10_000;
+pub const COUNT_CAP: u64 = 1_000;
 
 impl ReadView<'_> {
     /// One page of jobs, and how many match in all.
@@ -101,6 +101,7 @@ impl ReadView<'_> {
         let mut args: Vec<Value> = vec![Value::Text(q.sweep.as_str().to_owned())];
         let mut from = String::from("jobs j");
         let mut filters = String::from("j.sweep = ?1");
+        let by_value = matches!(q.sort, SortKey::Param(_) | SortKey::Metric(_));
         let order = match &q.sort {
             SortKey::Index => "j.idx".to_owned(),
             SortKey::State => "j.state".to_owned(),
@@ -113,37 +114,42 @@ impl ReadView<'_> {
                     "m:"
                 };
                 args.push(Value::Text(format!("{prefix}{name}")));
-                from = format!(
-                    "job_values s JOIN jobs j ON j.sweep = s.sweep AND j.id = s.job AND s.key = ?{}",
-                    args.len()
-                );
-                filters = "s.sweep = ?1".to_owned();
+                from = "job_values s".to_owned();
+                filters = format!("s.sweep = ?1 AND s.key = ?{}", args.len());
                 "s.v".to_owned()
             }
         };
-        if !q.states.is_empty() {
+        // Parameter filters join their index entries, so the database can start from the
+        // most selective one: the work is bounded by the matches, however the metric
+        // correlates with the parameters (walking the sort index instead can scan everything).
+        let anchor = if by_value { "s.job" } else { "j.id" };
+        for (i, (name, value)) in q.params.iter().enumerate() {
+            args.push(Value::Text(format!("p:{name}")));
+            let key = args.len();
+            let (text, number) = value_args(&mut args, value);
+            from.push_str(&format!(
+                " JOIN job_values f{i} ON f{i}.sweep = ?1 AND f{i}.key = ?{key} AND f{i}.v IN (?{text}{number}) AND f{i}.job = {anchor}"
+            ));
+        }
+        // Sorted by a value, the jobs table is only needed for a state or text filter (its
+        // state index covers the first); the page's rows are read after the page is chosen.
+        // A state filter that every job of the sweep passes (say `succeeded` on a finished
+        // sweep) is dropped: the counts kept by triggers tell, and it saves a lookup per match.
+        let counts = self.counts(&q.sweep)?;
+        let redundant = counts
+            .keys()
+            .all(|s| q.states.iter().any(|x| x.as_str() == s));
+        let state_filter = !q.states.is_empty() && !redundant;
+        if by_value && (state_filter || !q.text.as_deref().unwrap_or("").is_empty()) {
+            from.push_str(" JOIN jobs j ON j.sweep = ?1 AND j.id = s.job");
+        }
+        if state_filter {
             let mut marks = Vec::new();
             for s in &q.states {
                 args.push(Value::Text(s.as_str().to_owned()));
                 marks.push(format!("?{}", args.len()));
             }
             filters.push_str(&format!(" AND j.state IN ({})", marks.join(", ")));
-        }
-        for (name, value) in &q.params {
-            args.push(Value::Text(format!("p:{name}")));
-            let key = args.len();
-            args.push(Value::Text(value.clone()));
-            let text = args.len();
-            let number = match value.trim().parse::<f64>() {
-                Ok(f) if f.is_finite() => {
-                    args.push(Value::Real(f));
-                    format!(", ?{}", args.len())
-                }
-                _ => String::new(),
-            };
-            filters.push_str(&format!(
-                " AND EXISTS (SELECT 1 FROM job_values f WHERE f.sweep = j.sweep AND f.key = ?{key} AND f.v IN (?{text}{number}) AND f.job = j.id)"
-            ));
         }
         if let Some(text) = q.text.as_deref().filter(|t| !t.is_empty()) {
             let lower = text.to_ascii_lowercase();
@@ -161,18 +167,33 @@ impl ReadView<'_> {
             }
         }
         let direction = if q.descending { "DESC" } else { "ASC" };
-        let tie = if matches!(q.sort, SortKey::Index) {
-            ""
-        } else {
-            ", j.idx"
+        // Ties break by job id in the same direction: every sort index ends with it, so the
+        // database reads the page straight off the index instead of sorting runs of equal keys.
+        let tie = match q.sort {
+            SortKey::Index => String::new(),
+            SortKey::Param(_) | SortKey::Metric(_) => format!(", s.job {direction}"),
+            _ => format!(", j.id {direction}"),
         };
         let n = args.len();
-        let sql = format!(
-            "SELECT {JOB_COLUMNS} FROM {from} LEFT JOIN results r ON r.sweep = j.sweep AND r.job = j.id
-             WHERE {filters} ORDER BY {order} {direction}{tie} LIMIT ?{} OFFSET ?{}",
-            n + 1,
-            n + 2
-        );
+        let sql = if by_value {
+            // Choose the page from the value index alone, then read its rows.
+            format!(
+                "SELECT {JOB_COLUMNS} FROM (SELECT s.job AS id, s.v AS v FROM {from}
+                 WHERE {filters} ORDER BY {order} {direction}{tie} LIMIT ?{} OFFSET ?{}) p
+                 JOIN jobs j ON j.sweep = ?1 AND j.id = p.id
+                 LEFT JOIN results r ON r.sweep = j.sweep AND r.job = j.id
+                 ORDER BY p.v {direction}, p.id {direction}",
+                n + 1,
+                n + 2
+            )
+        } else {
+            format!(
+                "SELECT {JOB_COLUMNS} FROM {from} LEFT JOIN results r ON r.sweep = j.sweep AND r.job = j.id
+                 WHERE {filters} ORDER BY {order} {direction}{tie} LIMIT ?{} OFFSET ?{}",
+                n + 1,
+                n + 2
+            )
+        };
         let mut page_args = args.clone();
         page_args.push(Value::Integer(to_i64(q.limit)));
         page_args.push(Value::Integer(to_i64(q.offset)));
@@ -196,9 +217,9 @@ impl ReadView<'_> {
     ) -> Result<MatchCount> {
         let scan_needed = !q.params.is_empty()
             || q.text.as_deref().is_some_and(|t| !t.is_empty())
-            || matches!(q.sort, SortKey::Param(_) | SortKey::Metric(_));
+            || matches!(q.sort, SortKey::Metric(_));
         if !scan_needed {
-            // Counts by state are kept by triggers.
+            // Counts by state are kept by triggers (every job has every parameter).
             let counts = self.counts(&q.sweep)?;
             let count = counts
                 .iter()
@@ -324,6 +345,53 @@ impl ReadView<'_> {
         Ok(())
     }
 
+    /// A sweep's jobs in expansion order after the `(index, id)` cursor (from the start when
+    /// `None`), at most `limit` (the results export's batches).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn jobs_after(
+        &self,
+        sweep: &SweepId,
+        after: Option<(u64, gridq_common::JobId)>,
+        limit: u64,
+    ) -> Result<Vec<JobRow>> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs j LEFT JOIN results r ON r.sweep = j.sweep AND r.job = j.id
+             WHERE j.sweep = ?1 AND (?2 IS NULL OR (j.idx, j.id) > (?2, ?3)) ORDER BY j.idx, j.id LIMIT ?4"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(
+            rusqlite::params![
+                sweep.as_str(),
+                after.map(|(i, _)| to_i64(i)),
+                after.map(|(_, id)| id.to_string()),
+                to_i64(limit)
+            ],
+            job_row,
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (raw, result) = row?;
+            out.push(raw.into_row(result)?);
+        }
+        Ok(out)
+    }
+
+    /// Every top-level key of a sweep's results, sorted.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn result_keys(&self, sweep: &SweepId) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT DISTINCT k.key FROM results r, json_each(r.result_json) k
+             WHERE r.sweep = ?1 AND json_valid(r.result_json) AND json_type(r.result_json) = 'object'
+             ORDER BY k.key",
+        )?;
+        let rows = stmt.query_map([sweep.as_str()], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// Jobs by state over every sweep.
     ///
     /// # Errors
@@ -381,6 +449,21 @@ impl ReadView<'_> {
         }
         Ok(out)
     }
+}
+
+/// Binds a filter value as text and, when it reads as a number, as a number too; returns the
+/// text placeholder's number and the number's placeholder (`, ?m`, or nothing).
+fn value_args(args: &mut Vec<Value>, value: &str) -> (usize, String) {
+    args.push(Value::Text(value.to_owned()));
+    let text = args.len();
+    let number = match value.trim().parse::<f64>() {
+        Ok(f) if f.is_finite() => {
+            args.push(Value::Real(f));
+            format!(", ?{}", args.len())
+        }
+        _ => String::new(),
+    };
+    (text, number)
 }
 
 /// Escapes `%`, `_` and `\` for a `LIKE ... ESCAPE '\'` pattern.

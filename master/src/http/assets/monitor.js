@@ -4,6 +4,12 @@
   const live = document.getElementById("live");
   const regions = () => document.querySelectorAll("[data-live][id]");
   let pending = false, last = 0, timer = null;
+  // Every stream this page opens, closed when the page is hidden: a page kept in the
+  // back/forward cache must not hold a connection (browsers allow six per host).
+  const streams = [];
+  const openStream = (url) => { const es = new EventSource(url); streams.push(es); return es; };
+  window.addEventListener("pagehide", () => { for (const es of streams) es.close(); });
+  window.addEventListener("pageshow", (ev) => { if (ev.persisted) location.reload(); });
 
   async function refresh() {
     pending = false; last = Date.now();
@@ -24,7 +30,7 @@
     clearTimeout(timer); timer = setTimeout(refresh, wait);
   }
   if (window.EventSource && regions().length) {
-    const es = new EventSource("/api/v1/events");
+    const es = openStream("/api/v1/events");
     es.addEventListener("change", schedule);
     es.onopen = () => live && live.classList.add("on");
     es.onerror = () => live && live.classList.remove("on");
@@ -35,10 +41,17 @@
   if (log && log.dataset.stream && window.EventSource) {
     const url = log.dataset.stream + "&after_attempt=" + encodeURIComponent(log.dataset.afterAttempt) +
       "&after_seq=" + encodeURIComponent(log.dataset.afterSeq);
-    const es = new EventSource(url);
+    const es = openStream(url);
     es.addEventListener("line", (ev) => {
       const l = JSON.parse(ev.data);
       const atEnd = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+      const lastLine = log.lastElementChild;
+      if (!lastLine || lastLine.dataset.attempt !== String(l.attempt)) {
+        const mark = document.createElement("span");
+        mark.className = "attempt"; mark.dataset.attempt = l.attempt;
+        mark.textContent = "── attempt " + l.attempt + " ──\n";
+        log.appendChild(mark);
+      }
       const span = document.createElement("span");
       span.className = "line" + (l.stream === "stderr" ? " err" : "");
       span.dataset.attempt = l.attempt;
