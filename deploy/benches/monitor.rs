@@ -1,8 +1,8 @@
 //! Monitor benchmark at a million stored jobs: p50/p99 latency of the sweep list, a jobs page
 //! (sorted and filtered), and a job detail page, and the master's RSS while serving them.
 //!
-//! It builds the store through the master's own store code (submit, claim, finish: every job
-//! succeeded with a `loss` metric and two output lines), then starts the release `gridq master`
+//! It builds the store through the master's own store code (submit, claim, finish: 98% of the
+//! jobs succeed with a `loss` metric, every 50th fails; each has two output lines), then starts the release `gridq master`
 //! binary on that state directory and times requests with a logged-in session, as a browser
 //! sends them. Run with `scripts/bench-monitor.sh` (which builds the binary first).
 //! `GRIDQ_BENCH_JOBS` changes the size (default 1,000,000).
@@ -112,17 +112,22 @@ fn build(dir: &Path, n: u64) -> (String, String) {
                     #[allow(clippy::cast_precision_loss)]
                     let loss = ((k * 20_000 + i) % 9973) as f64 / 9973.0;
                     result.insert("loss".into(), serde_json::json!(loss));
+                    let failed = (k * 20_000 + i) % 50 == 49;
                     tx.finish(
                         &Finished {
                             worker: worker.clone(),
                             host: "bench".into(),
                             attempt: a,
-                            outcome: Outcome::Succeeded,
-                            exit_code: Some(0),
+                            outcome: if failed {
+                                Outcome::Failed
+                            } else {
+                                Outcome::Succeeded
+                            },
+                            exit_code: Some(i32::from(failed)),
                             signal: None,
                             started_ms: now - 1500 - (i as u64 % 1000),
                             finished_ms: now,
-                            result: Some(result),
+                            result: (!failed).then_some(result),
                             reason: None,
                             gpus: vec![],
                             lines: 2,
@@ -212,6 +217,7 @@ fn main() {
         .to_owned();
     let pages = [
         ("sweep list (/sweeps)", "/sweeps".to_owned()),
+        ("jobs page, default order", format!("/sweeps/{sweep}")),
         (
             "jobs page, filtered by state and a parameter, sorted by a metric",
             format!("/sweeps/{sweep}?state=succeeded&p.b=42&sort=metric%3Aloss&desc=1"),
@@ -223,6 +229,10 @@ fn main() {
         (
             "jobs API, filtered by state, sorted by duration",
             format!("/api/v1/jobs?sweep={sweep}&state=succeeded&sort=duration&limit=50"),
+        ),
+        (
+            "jobs page, failed jobs, sorted by finish time",
+            format!("/sweeps/{sweep}?state=failed&sort=finished&desc=1"),
         ),
         ("job detail", format!("/jobs/{job}?sweep={sweep}")),
     ];

@@ -2001,4 +2001,166 @@ mod tests {
             None
         );
     }
+
+    fn finish_all(store: &mut Store, sweep: &str, n: u8, at: u64, loss: impl Fn(u8) -> f64) {
+        let id = SweepId::new(sweep).unwrap();
+        let worker = WorkerId::new("w").unwrap();
+        store
+            .transaction(|tx| {
+                for i in 0..n {
+                    let a = AttemptRef {
+                        sweep: id.clone(),
+                        job: JobId::from_bytes([i; 16]),
+                        attempt: 1,
+                    };
+                    tx.claim(&a, &worker, "h", at)?;
+                    let mut result = serde_json::Map::new();
+                    result.insert("loss".into(), serde_json::json!(loss(i)));
+                    tx.finish(
+                        &Finished {
+                            worker: worker.clone(),
+                            host: "h".into(),
+                            attempt: a,
+                            outcome: Outcome::Succeeded,
+                            exit_code: Some(0),
+                            signal: None,
+                            started_ms: at,
+                            finished_ms: at + 1,
+                            result: Some(result),
+                            reason: None,
+                            gpus: vec![],
+                            lines: 0,
+                        },
+                        1000,
+                        at + 1,
+                    )?;
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// Retention deletes finished sweeps older than the cutoff, everything of them, and
+    /// nothing of a sweep still running or touched since.
+    #[test]
+    fn retention_purges_only_old_finished_sweeps() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("db")).unwrap();
+        for name in ["old", "busy", "recent"] {
+            store
+                .transaction(|tx| tx.submit(&record(name), (0..3).map(job), false, 10))
+                .unwrap();
+        }
+        finish_all(&mut store, "old", 3, 20, f64::from);
+        finish_all(&mut store, "busy", 2, 20, f64::from);
+        finish_all(&mut store, "recent", 3, 2_000, f64::from);
+        let purged = store
+            .transaction(|tx| tx.purge_finished_sweeps(1_000))
+            .unwrap();
+        assert_eq!(purged, vec!["old".to_owned()]);
+        let left: Vec<String> = store
+            .read()
+            .sweeps()
+            .unwrap()
+            .into_iter()
+            .map(|s| s.name.to_string())
+            .collect();
+        assert_eq!(left.len(), 2);
+        assert!(!left.contains(&"old".to_owned()));
+        for table in [
+            "jobs",
+            "attempts",
+            "results",
+            "logs",
+            "job_values",
+            "sweep_counts",
+        ] {
+            let n: i64 = store
+                .conn
+                .query_row(
+                    &format!("SELECT count(*) FROM {table} WHERE sweep = 'old'"),
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(n, 0, "{table}");
+        }
+        // Idempotent.
+        assert!(
+            store
+                .transaction(|tx| tx.purge_finished_sweeps(1_000))
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    /// A new result replaces the job's sortable metrics; sorting reads them as numbers.
+    #[test]
+    fn metrics_follow_the_latest_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("db")).unwrap();
+        store
+            .transaction(|tx| tx.submit(&record("m"), (0..4).map(job), false, 1))
+            .unwrap();
+        finish_all(&mut store, "m", 4, 5, |i| {
+            [10.0, 2.0, 33.0, 4.0][usize::from(i)]
+        });
+        let q = JobQuery {
+            sweep: SweepId::new("m").unwrap(),
+            states: vec![],
+            params: vec![],
+            text: None,
+            sort: SortKey::Metric("loss".into()),
+            descending: false,
+            limit: 10,
+            offset: 0,
+        };
+        let order = |store: &Store| -> Vec<u64> {
+            let (rows, count) = store.read().query_jobs(&q).unwrap();
+            assert_eq!(count.count, rows.len() as u64);
+            rows.iter().map(|r| r.index).collect()
+        };
+        assert_eq!(order(&store), vec![1, 3, 0, 2]);
+        // Job 2 runs again (rerun) with a smaller loss: its old metric is gone.
+        store
+            .transaction(|tx| tx.submit(&record("m"), (0..4).map(job), true, 50))
+            .unwrap();
+        let id = SweepId::new("m").unwrap();
+        let worker = WorkerId::new("w").unwrap();
+        store
+            .transaction(|tx| {
+                let a = AttemptRef {
+                    sweep: id.clone(),
+                    job: JobId::from_bytes([2; 16]),
+                    attempt: 2,
+                };
+                tx.claim(&a, &worker, "h", 60)?;
+                let mut result = serde_json::Map::new();
+                result.insert("loss".into(), serde_json::json!(0.5));
+                tx.finish(
+                    &Finished {
+                        worker: worker.clone(),
+                        host: "h".into(),
+                        attempt: a,
+                        outcome: Outcome::Succeeded,
+                        exit_code: Some(0),
+                        signal: None,
+                        started_ms: 60,
+                        finished_ms: 61,
+                        result: Some(result),
+                        reason: None,
+                        gpus: vec![],
+                        lines: 0,
+                    },
+                    1000,
+                    61,
+                )
+            })
+            .unwrap();
+        assert_eq!(order(&store), vec![2, 1, 3, 0]);
+        assert_eq!(
+            store.read().metric_names(&id).unwrap(),
+            vec!["loss".to_owned()]
+        );
+    }
 }
