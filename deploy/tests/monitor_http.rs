@@ -609,3 +609,102 @@ async fn metrics_retry_drain_and_the_flower_endpoints() {
     assert_eq!(v["error"], "no worker `nobody-1-x`");
     c.shutdown().await;
 }
+
+/// The page forms other tests do not click: retry a sweep's failed jobs, cancel one job,
+/// drain a worker, log out. Each redirects back with what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_forms_retry_cancel_drain_and_log_out() {
+    let mut c = Cluster::new("mon-forms").await;
+    c.spawn_worker(&["--slots", "1"]);
+    c.submit("name: bad\ncommand: python3 -c \"raise SystemExit(4)\"\nparameters:\n  x: [1, 2]\n")
+        .await;
+    let jobs = c.wait_done("bad", MINUTE).await;
+    assert!(jobs.iter().all(|j| j.state == JobState::Failed), "{jobs:?}");
+    let http = client();
+    let b = base(&c);
+    let (cookie, csrf) = login(&c).await;
+    let post = |path: String| {
+        let http = http.clone();
+        let cookie = cookie.clone();
+        let csrf = csrf.clone();
+        async move {
+            let r = http
+                .post(path)
+                .header("cookie", cookie)
+                .form(&[("csrf", csrf)])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::SEE_OTHER);
+            r.headers()["location"].to_str().unwrap().to_owned()
+        }
+    };
+    assert_eq!(
+        post(format!("{b}/sweeps/bad/retry")).await,
+        "/sweeps/bad?msg=Retrying%202%20failed%20jobs."
+    );
+    wait_until("both jobs to run again and fail", MINUTE, || {
+        let jobs = c.jobs("bad");
+        if jobs
+            .iter()
+            .all(|j| j.attempt == 2 && j.state == JobState::Failed)
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "{:?}",
+                jobs.iter()
+                    .map(|j| (j.attempt, j.state))
+                    .collect::<Vec<_>>()
+            ))
+        }
+    })
+    .await;
+    // Canceling a finished job changes nothing, and says so.
+    let id = jobs[0].id;
+    let to = post(format!("{b}/jobs/{id}/cancel?sweep=bad")).await;
+    assert_eq!(
+        to,
+        format!(
+            "/jobs/{id}?sweep=bad&msg=The%20job%20already%20finished%20%28failed%29%3B%20nothing%20changed."
+        )
+    );
+    // A running job is canceled.
+    c.submit(
+        "name: long\ncommand: python3 -c \"import time; time.sleep(60)\"\nparameters:\n  x: 1\n",
+    )
+    .await;
+    let long = c.jobs("long")[0].id;
+    c.wait_state("long", long, JobState::Running, MINUTE).await;
+    let to = post(format!("{b}/jobs/{long}/cancel?sweep=long")).await;
+    assert_eq!(to, format!("/jobs/{long}?sweep=long&msg=Job%20canceled."));
+    c.wait_state("long", long, JobState::Canceled, MINUTE).await;
+    // Drain from the workers page: the worker exits cleanly.
+    let worker = c.worker_id(0);
+    let to = post(format!("{b}/workers/{worker}/drain")).await;
+    assert_eq!(to, format!("/workers?msg=Asked%20{worker}%20to%20drain."));
+    assert!(c.workers[0].wait_exit(MINUTE).await.success());
+    // Logging out ends the session: the same cookie no longer opens a page.
+    let r = http
+        .post(format!("{b}/logout"))
+        .header("cookie", &cookie)
+        .form(&[("csrf", &csrf)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    assert!(
+        r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .contains("Max-Age=0")
+    );
+    let r = http
+        .get(format!("{b}/sweeps"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    c.shutdown().await;
+}

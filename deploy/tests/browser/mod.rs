@@ -1,15 +1,14 @@
-//! Fixtures for the browser tests: a `chromedriver` child process driving headless Chromium, a
-//! small W3C WebDriver client, and the helpers the tests share (logging in, screenshots,
-//! waiting on what the page shows).
-//!
-//! The client speaks the WebDriver protocol (JSON over HTTP) with `reqwest` rather than through
-//! `fantoccini`: built without its TLS features, fantoccini only connects through a connector
-//! type from `hyper-util`, which this crate does not depend on.
+//! Fixtures for the browser tests: a `chromedriver` child process driving headless Chromium
+//! through `fantoccini`, and the helpers the tests share (logging in, screenshots, waiting on
+//! what the page shows).
 //!
 //! Each [`Browser`] owns its chromedriver, in a process group of its own: dropping it (also when
 //! a test panics) ends chromedriver and every Chromium process it started. At most
 //! [`MAX_BROWSERS`] run at once in a test process, so parallel tests do not starve the jobs they
 //! watch of CPU.
+//!
+//! fantoccini is built without its TLS features (chromedriver listens on plain HTTP on
+//! localhost), so the client is built from `hyper-util`'s plain [`HttpConnector`].
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -18,6 +17,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use fantoccini::cookies::Cookie;
+use fantoccini::error::CmdError;
+use fantoccini::wd::{Capabilities, WebDriverCompatibleCommand};
+use fantoccini::{Client, ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -30,8 +34,6 @@ pub const WINDOW: (u32, u32) = (1400, 1000);
 const MAX_SHOT_HEIGHT: f64 = 4000.0;
 /// How long chromedriver may take to answer its `/status`.
 const DRIVER_START: Duration = Duration::from_secs(30);
-/// The W3C name of an element reference in JSON.
-const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 static SLOTS: Semaphore = Semaphore::const_new(MAX_BROWSERS);
 
@@ -83,7 +85,8 @@ impl Driver {
         driver
     }
 
-    /// Polls `/status` until chromedriver says it is ready.
+    /// Polls `/status` until chromedriver says it is ready. (fantoccini only asks a driver for
+    /// its status within a session, which is what this waits to be able to open.)
     async fn wait_ready(&mut self) {
         let http = reqwest::Client::new();
         let deadline = Instant::now() + DRIVER_START;
@@ -133,65 +136,65 @@ impl Drop for Driver {
     }
 }
 
-/// A WebDriver command failed.
+/// A WebDriver command failed; what fantoccini reported.
 #[derive(Debug)]
-pub struct WdError(pub String);
+pub struct WdError(pub CmdError);
 
 impl std::fmt::Display for WdError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        // chromedriver appends the browser's version and more on further lines.
+        let text = self.0.to_string();
+        f.write_str(text.lines().next().unwrap_or_default())
+    }
+}
+
+impl std::error::Error for WdError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
     }
 }
 
 impl From<WdError> for String {
     fn from(e: WdError) -> String {
-        e.0
+        e.to_string()
+    }
+}
+
+/// `url::ParseError`, named through `reqwest`'s re-export of `Url` (this crate does not
+/// depend on `url` itself).
+type UrlParseError = <reqwest::Url as std::str::FromStr>::Err;
+
+/// A Chrome DevTools command, sent through chromedriver's `goog/cdp/execute` endpoint (which
+/// fantoccini has no method for).
+#[derive(Debug)]
+struct Cdp {
+    cmd: &'static str,
+    params: Value,
+}
+
+impl WebDriverCompatibleCommand for Cdp {
+    fn endpoint(
+        &self,
+        base_url: &reqwest::Url,
+        session_id: Option<&str>,
+    ) -> Result<reqwest::Url, UrlParseError> {
+        let session = session_id.expect("a DevTools command within a session");
+        base_url.join(&format!("session/{session}/goog/cdp/execute"))
+    }
+
+    fn method_and_body(&self, _: &reqwest::Url) -> (reqwest::Method, Option<String>) {
+        let body = json!({ "cmd": self.cmd, "params": self.params });
+        (reqwest::Method::POST, Some(body.to_string()))
     }
 }
 
 /// One headless Chromium session.
 #[derive(Debug)]
 pub struct Browser {
-    http: reqwest::Client,
-    session: String,
+    client: Client,
     driver: Driver,
     _profile: TempDir,
     _slot: SemaphorePermit<'static>,
-}
-
-async fn command(
-    http: &reqwest::Client,
-    method: reqwest::Method,
-    url: &str,
-    body: Option<Value>,
-) -> Result<Value, WdError> {
-    let mut request = http.request(method.clone(), url);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request
-        .send()
-        .await
-        .map_err(|e| WdError(format!("{method} {url}: {e}")))?;
-    let status = response.status();
-    let v: Value = response
-        .json()
-        .await
-        .map_err(|e| WdError(format!("{method} {url}: {status}, not JSON: {e}")))?;
-    if status.is_success() {
-        Ok(v["value"].clone())
-    } else {
-        Err(WdError(format!(
-            "{method} {url}: {status} {}: {}",
-            v["value"]["error"].as_str().unwrap_or("?"),
-            v["value"]["message"]
-                .as_str()
-                .unwrap_or("")
-                .lines()
-                .next()
-                .unwrap_or("")
-        )))
-    }
 }
 
 impl Browser {
@@ -229,75 +232,55 @@ impl Browser {
             profile.path().join("profile").display()
         ));
         args.push(format!("--window-size={},{}", WINDOW.0, WINDOW.1));
-        let caps = json!({
-            "capabilities": { "alwaysMatch": {
-                "browserName": "chrome",
-                "goog:chromeOptions": {
-                    "binary": binary,
-                    "args": args,
-                },
-            }},
-        });
-        let http = reqwest::Client::new();
-        let created = command(
-            &http,
-            reqwest::Method::POST,
-            &format!("{}/session", driver.url),
-            Some(caps),
-        )
-        .await
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start Chromium ({binary}): {e}\nchromedriver's log:\n{}",
-                std::fs::read_to_string(&driver.log).unwrap_or_default()
-            )
-        });
-        let session = created["sessionId"]
-            .as_str()
-            .expect("a session id")
-            .to_owned();
+        let mut caps = Capabilities::new();
+        caps.insert("browserName".into(), json!("chrome"));
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({ "binary": binary, "args": args }),
+        );
+        let client = ClientBuilder::new(HttpConnector::new())
+            .capabilities(caps)
+            .connect(&driver.url)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start Chromium ({binary}): {e}\nchromedriver's log:\n{}",
+                    std::fs::read_to_string(&driver.log).unwrap_or_default()
+                )
+            });
         Browser {
-            http,
-            session,
+            client,
             driver,
             _profile: profile,
             _slot: slot,
         }
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}/session/{}{path}", self.driver.url, self.session)
-    }
-
-    async fn cmd(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, WdError> {
-        command(&self.http, method, &self.url(path), body).await
+    /// The fantoccini client, for what the helpers here do not cover.
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     /// Ends the session (Chromium quits), then chromedriver.
     pub async fn close(self) {
-        let _ = self.cmd(reqwest::Method::DELETE, "", None).await;
+        let _ = self.client.close().await;
     }
 
     /// Opens `url` and waits for it to load.
     pub async fn goto(&self, url: &str) {
-        self.cmd(reqwest::Method::POST, "/url", Some(json!({ "url": url })))
+        self.client
+            .goto(url)
             .await
-            .unwrap_or_else(|e| panic!("opening {url}: {e}"));
+            .unwrap_or_else(|e| panic!("opening {url}: {}", WdError(e)));
     }
 
     /// The page's URL.
     pub async fn current_url(&self) -> String {
-        self.cmd(reqwest::Method::GET, "/url", None)
+        self.client
+            .current_url()
             .await
-            .expect("the current URL")
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
+            .unwrap_or_else(|e| panic!("the current URL: {}", WdError(e)))
+            .into()
     }
 
     /// Runs `script` (a function body; `arguments` holds `args`) in the page; its return value.
@@ -305,12 +288,7 @@ impl Browser {
     /// # Errors
     /// The script's exception, or WebDriver's.
     pub async fn try_js(&self, script: &str, args: Vec<Value>) -> Result<Value, WdError> {
-        self.cmd(
-            reqwest::Method::POST,
-            "/execute/sync",
-            Some(json!({ "script": script, "args": args })),
-        )
-        .await
+        self.client.execute(script, args).await.map_err(WdError)
     }
 
     /// [`Browser::try_js`] that panics on failure.
@@ -321,32 +299,21 @@ impl Browser {
     }
 
     /// The elements matching a CSS selector, in document order.
-    pub async fn find_all(&self, css: &str) -> Vec<Element<'_>> {
-        let found = self
-            .cmd(
-                reqwest::Method::POST,
-                "/elements",
-                Some(json!({ "using": "css selector", "value": css })),
-            )
+    pub async fn find_all(&self, css: &str) -> Vec<Element> {
+        self.client
+            .find_all(Locator::Css(css))
             .await
-            .unwrap_or_else(|e| panic!("finding `{css}`: {e}"));
-        found
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|e| e[ELEMENT_KEY].as_str())
-                    .map(|id| Element {
-                        browser: self,
-                        id: id.to_owned(),
-                        css: css.to_owned(),
-                    })
-                    .collect()
+            .unwrap_or_else(|e| panic!("finding `{css}`: {}", WdError(e)))
+            .into_iter()
+            .map(|inner| Element {
+                inner,
+                css: css.to_owned(),
             })
-            .unwrap_or_default()
+            .collect()
     }
 
     /// The one element matching a CSS selector; panics when there is none or more than one.
-    pub async fn find(&self, css: &str) -> Element<'_> {
+    pub async fn find(&self, css: &str) -> Element {
         let mut all = self.find_all(css).await;
         assert_eq!(
             all.len(),
@@ -357,8 +324,9 @@ impl Browser {
         all.remove(0)
     }
 
-    /// A PNG of the whole page (beyond the window, up to [`MAX_SHOT_HEIGHT`] pixels), through
-    /// Chromium's DevTools protocol.
+    /// A PNG of the whole page (beyond the window, up to [`MAX_SHOT_HEIGHT`] pixels): the
+    /// viewport is stretched over the page through Chromium's DevTools protocol for the
+    /// WebDriver screenshot, which shows only the viewport, then put back.
     pub async fn png(&self) -> Vec<u8> {
         let metrics = self.cdp("Page.getLayoutMetrics", json!({})).await;
         let size = &metrics["cssContentSize"];
@@ -367,113 +335,69 @@ impl Browser {
             .as_f64()
             .unwrap_or(f64::from(WINDOW.1))
             .min(MAX_SHOT_HEIGHT);
-        let shot = self
-            .cdp(
-                "Page.captureScreenshot",
-                json!({
-                    "format": "png",
-                    "captureBeyondViewport": true,
-                    "clip": { "x": 0, "y": 0, "width": width, "height": height, "scale": 1 },
-                }),
-            )
+        self.cdp(
+            "Emulation.setDeviceMetricsOverride",
+            json!({
+                "width": width.ceil(),
+                "height": height.ceil(),
+                "deviceScaleFactor": 1,
+                "mobile": false,
+            }),
+        )
+        .await;
+        let shot = self.client.screenshot().await;
+        self.cdp("Emulation.clearDeviceMetricsOverride", json!({}))
             .await;
-        base64_decode(shot["data"].as_str().unwrap_or_default())
+        shot.unwrap_or_else(|e| panic!("screenshot: {}", WdError(e)))
     }
 
-    async fn cdp(&self, cmd: &str, params: Value) -> Value {
-        self.cmd(
-            reqwest::Method::POST,
-            "/goog/cdp/execute",
-            Some(json!({ "cmd": cmd, "params": params })),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("DevTools {cmd}: {e}"))
+    async fn cdp(&self, cmd: &'static str, params: Value) -> Value {
+        self.client
+            .issue_cmd(Cdp { cmd, params })
+            .await
+            .unwrap_or_else(|e| panic!("DevTools {cmd}: {}", WdError(e)))
     }
 }
 
-/// An element of the page, found by a CSS selector.
+/// An element of the page, found by a CSS selector (kept for the messages).
 #[derive(Debug)]
-pub struct Element<'b> {
-    browser: &'b Browser,
-    id: String,
+pub struct Element {
+    inner: fantoccini::elements::Element,
     css: String,
 }
 
-impl Element<'_> {
-    async fn cmd(
-        &self,
-        method: reqwest::Method,
-        what: &str,
-        body: Option<Value>,
-    ) -> Result<Value, WdError> {
-        self.browser
-            .cmd(method, &format!("/element/{}{what}", self.id), body)
-            .await
-    }
-
+impl Element {
     /// Clicks it as a user would (scrolled into view, at its centre).
     pub async fn click(&self) {
-        self.cmd(reqwest::Method::POST, "/click", Some(json!({})))
+        self.inner
+            .click()
             .await
-            .unwrap_or_else(|e| panic!("clicking `{}`: {e}", self.css));
+            .unwrap_or_else(|e| panic!("clicking `{}`: {}", self.css, WdError(e)));
     }
 
     /// Types `text` into it.
     pub async fn type_text(&self, text: &str) {
-        self.cmd(
-            reqwest::Method::POST,
-            "/value",
-            Some(json!({ "text": text })),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("typing into `{}`: {e}", self.css));
+        self.inner
+            .send_keys(text)
+            .await
+            .unwrap_or_else(|e| panic!("typing into `{}`: {}", self.css, WdError(e)));
     }
 
     /// Its rendered text.
     pub async fn text(&self) -> String {
-        self.cmd(reqwest::Method::GET, "/text", None)
+        self.inner
+            .text()
             .await
-            .unwrap_or_else(|e| panic!("text of `{}`: {e}", self.css))
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
+            .unwrap_or_else(|e| panic!("text of `{}`: {}", self.css, WdError(e)))
     }
 
     /// An attribute's value.
     pub async fn attr(&self, name: &str) -> Option<String> {
-        self.cmd(reqwest::Method::GET, &format!("/attribute/{name}"), None)
+        self.inner
+            .attr(name)
             .await
-            .unwrap_or_else(|e| panic!("attribute {name} of `{}`: {e}", self.css))
-            .as_str()
-            .map(str::to_owned)
+            .unwrap_or_else(|e| panic!("attribute {name} of `{}`: {}", self.css, WdError(e)))
     }
-}
-
-fn base64_decode(text: &str) -> Vec<u8> {
-    let value = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => u32::from(c - b'A'),
-            b'a'..=b'z' => u32::from(c - b'a') + 26,
-            b'0'..=b'9' => u32::from(c - b'0') + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("not base64: {c:?}"),
-        }
-    };
-    let clean: Vec<u8> = text
-        .bytes()
-        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
-        .collect();
-    let mut out = Vec::with_capacity(clean.len() * 3 / 4);
-    for chunk in clean.chunks(4) {
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            n |= value(*c) << (18 - 6 * i);
-        }
-        let bytes = n.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    out
 }
 
 /// Logs in through the form on `/login` and waits to land on the overview.
@@ -502,22 +426,14 @@ pub async fn session_login(b: &Browser, base: &str, token: &str) {
         .get("set-cookie")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_else(|| panic!("no session cookie from /login ({})", r.status()));
-    let (name, value) = set
-        .split(';')
-        .next()
-        .and_then(|kv| kv.split_once('='))
-        .unwrap_or_else(|| panic!("odd cookie {set}"));
+    // The cookie as the server set it (`Path`, `HttpOnly`, `SameSite`).
+    let cookie = Cookie::parse(set.to_owned()).unwrap_or_else(|e| panic!("odd cookie {set}: {e}"));
     // A cookie is set for the page's own site, so open one of its pages first.
     b.goto(&format!("{base}/login")).await;
-    b.cmd(
-        reqwest::Method::POST,
-        "/cookie",
-        Some(json!({ "cookie": {
-            "name": name, "value": value, "path": "/", "httpOnly": true, "sameSite": "Strict",
-        }})),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("setting the session cookie: {e}"));
+    b.client
+        .add_cookie(cookie)
+        .await
+        .unwrap_or_else(|e| panic!("setting the session cookie: {}", WdError(e)));
     b.goto(&format!("{base}/")).await;
     let url = b.current_url().await;
     assert_eq!(
@@ -527,7 +443,7 @@ pub async fn session_login(b: &Browser, base: &str, token: &str) {
     );
 }
 
-/// Saves a screenshot of the window as `<target>/screenshots/<name>.png`; returns its path.
+/// Saves a screenshot of the whole page as `<target>/screenshots/<name>.png`; returns its path.
 pub async fn screenshot(b: &Browser, name: &str) -> PathBuf {
     let dir = screenshot_dir();
     std::fs::create_dir_all(&dir).expect("screenshot dir");
