@@ -6,8 +6,10 @@
 mod broker;
 mod client;
 mod context;
+mod exec;
 mod expand;
 mod local;
+mod probe;
 mod services;
 
 use std::process::ExitCode;
@@ -48,6 +50,10 @@ enum Command {
     Retry(client::RetryArgs),
     /// A sweep's results as CSV or JSON lines.
     Results(client::ResultsArgs),
+    /// What each host offers: CPUs, memory, disk, GPUs, Docker (over SSH, in parallel).
+    Probe(probe::ProbeArgs),
+    /// Run a command once on every host, in parallel (over SSH).
+    Exec(exec::ExecArgs),
 }
 
 /// A failure with the exit code it maps to.
@@ -84,6 +90,8 @@ pub fn main() -> ExitCode {
         Command::Cancel(args) => client::cancel(args),
         Command::Retry(args) => client::retry(args),
         Command::Results(args) => client::results(args),
+        Command::Probe(args) => probe::run(args),
+        Command::Exec(args) => exec::run(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -427,7 +427,14 @@ pub async fn session_login(b: &Browser, base: &str, token: &str) {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_else(|| panic!("no session cookie from /login ({})", r.status()));
     // The cookie as the server set it (`Path`, `HttpOnly`, `SameSite`).
-    let cookie = Cookie::parse(set.to_owned()).unwrap_or_else(|e| panic!("odd cookie {set}: {e}"));
+    let mut cookie =
+        Cookie::parse(set.to_owned()).unwrap_or_else(|e| panic!("odd cookie {set}: {e}"));
+    // fantoccini sends a missing domain as `null`, which chromedriver refuses: name the host.
+    let host = reqwest::Url::parse(base)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("no host in {base}"));
+    cookie.set_domain(host);
     // A cookie is set for the page's own site, so open one of its pages first.
     b.goto(&format!("{base}/login")).await;
     b.client

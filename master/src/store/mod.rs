@@ -332,8 +332,9 @@ CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs(worker) WHERE state = 'running
 -- The monitor's listings: expansion order, time of finishing and duration within a sweep.
 CREATE INDEX IF NOT EXISTS jobs_by_sweep_idx ON jobs(sweep, idx);
 CREATE INDEX IF NOT EXISTS jobs_by_id ON jobs(id);
-CREATE INDEX IF NOT EXISTS jobs_by_finished ON jobs(sweep, finished_ms);
-CREATE INDEX IF NOT EXISTS jobs_by_duration ON jobs(sweep, finished_ms - started_ms);
+-- Partial: only finished jobs have entries, so submitting and claiming never touch them.
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(sweep, finished_ms) WHERE finished_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_duration ON jobs(sweep, finished_ms - started_ms) WHERE finished_ms IS NOT NULL;
 -- Each job's parameter values (key `p:<name>`) and numeric result metrics (`m:<name>`),
 -- typed so numbers sort as numbers: the monitor sorts and filters a sweep's jobs by any
 -- parameter or metric through this index, also at a million jobs.
@@ -526,14 +527,18 @@ impl Store {
         Ok(store)
     }
 
-    /// Refreshes the query planner's statistics (sampled, so it stays fast at millions of
-    /// rows): the monitor's listings pick their index from them.
+    /// Refreshes the query planner's statistics of the parameter and metric values (sampled,
+    /// so it stays fast at millions of rows): the monitor's filtered listings pick their
+    /// index from them. Only that table: statistics on the jobs table, taken while a sweep is
+    /// young, steer the core's own queries to worse plans (measured: 0.5 ms more per job).
     ///
     /// # Errors
     /// SQLite's.
     pub fn refresh_statistics(&self) -> Result<()> {
-        self.conn
-            .execute_batch("PRAGMA analysis_limit = 1000; ANALYZE;")?;
+        self.conn.execute_batch(
+            "PRAGMA analysis_limit = 1000; ANALYZE job_values;
+             DELETE FROM sqlite_stat1 WHERE tbl != 'job_values'; ANALYZE sqlite_schema;",
+        )?;
         Ok(())
     }
 
@@ -1507,7 +1512,9 @@ impl ReadView<'_> {
     fn last_finished(&self, sweep: &SweepId) -> Result<Option<u64>> {
         let ms: Option<i64> = self
             .conn
-            .prepare_cached("SELECT max(finished_ms) FROM jobs WHERE sweep = ?1")?
+            .prepare_cached(
+                "SELECT max(finished_ms) FROM jobs WHERE sweep = ?1 AND finished_ms IS NOT NULL",
+            )?
             .query_row([sweep.as_str()], |r| r.get(0))?;
         Ok(opt_u64(ms))
     }

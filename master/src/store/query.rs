@@ -17,9 +17,9 @@ pub enum SortKey {
     /// Expansion order.
     Index,
     State,
-    /// Finish time.
+    /// Finish time; jobs not finished are not listed.
     Finished,
-    /// Run time of the last attempt.
+    /// Run time of the last attempt; jobs not finished are not listed.
     Duration,
     /// A parameter's value (numbers as numbers).
     Param(String),
@@ -102,6 +102,10 @@ impl ReadView<'_> {
         let mut from = String::from("jobs j");
         let mut filters = String::from("j.sweep = ?1");
         let by_value = matches!(q.sort, SortKey::Param(_) | SortKey::Metric(_));
+        if matches!(q.sort, SortKey::Finished | SortKey::Duration) {
+            // What the partial finish-time indexes hold.
+            filters.push_str(" AND j.finished_ms IS NOT NULL");
+        }
         let order = match &q.sort {
             SortKey::Index => "j.idx".to_owned(),
             SortKey::State => "j.state".to_owned(),
@@ -141,7 +145,9 @@ impl ReadView<'_> {
             .all(|s| q.states.iter().any(|x| x.as_str() == s));
         let state_filter = !q.states.is_empty() && !redundant;
         if by_value && (state_filter || !q.text.as_deref().unwrap_or("").is_empty()) {
-            from.push_str(" JOIN jobs j ON j.sweep = ?1 AND j.id = s.job");
+            // Always probed per match (CROSS JOIN fixes the order): without statistics on
+            // the jobs table the planner could otherwise walk every job in the state.
+            from.push_str(" CROSS JOIN jobs j ON j.sweep = ?1 AND j.id = s.job");
         }
         if state_filter {
             let mut marks = Vec::new();
@@ -217,7 +223,10 @@ impl ReadView<'_> {
     ) -> Result<MatchCount> {
         let scan_needed = !q.params.is_empty()
             || q.text.as_deref().is_some_and(|t| !t.is_empty())
-            || matches!(q.sort, SortKey::Metric(_));
+            || matches!(
+                q.sort,
+                SortKey::Metric(_) | SortKey::Finished | SortKey::Duration
+            );
         if !scan_needed {
             // Counts by state are kept by triggers (every job has every parameter).
             let counts = self.counts(&q.sweep)?;

@@ -1,0 +1,915 @@
+//! SSH to many hosts at once, over the `openssh` crate (the system `ssh` client with
+//! ControlMaster multiplexing): [`Sessions::connect`] logs in to every host in parallel, a
+//! bounded number at a time, and [`Sessions::for_each`] runs work on every connected host the
+//! same way.
+//!
+//! Remote commands are argv lists: every element goes through `openssh`'s `.arg()`, which
+//! quotes it for the remote shell, so a value arrives as exactly one argument whatever it holds.
+//! Nothing here builds a shell command line from values.
+//!
+//! Failures are [`SshError`]s that name the host and say what to do: unreachable, login refused
+//! (wrong key), host key mismatch or unknown, command not found, deadline. They are classified
+//! from `openssh`'s errors and from what `ssh` wrote to its log, which is the only place ssh
+//! says why a login failed.
+//!
+//! The control sockets live in a private (0700) directory under the system temporary directory,
+//! removed with the [`Sessions`]; a master that outlives a crashed gridq exits after a minute
+//! idle (`ControlPersist=60s`).
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openssh::{ControlPersist, KnownHosts, SessionBuilder, Stdio};
+use tokio::io::AsyncReadExt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::hosts::Host;
+
+/// `Result` with [`SshError`].
+pub type Result<T, E = SshError> = std::result::Result<T, E>;
+
+/// How host keys are checked against the known_hosts file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HostKeyPolicy {
+    /// The host must be in known_hosts with the key it presents (`StrictHostKeyChecking=yes`).
+    #[default]
+    Strict,
+    /// A host not yet in known_hosts is added; a changed key is still refused
+    /// (`StrictHostKeyChecking=accept-new`).
+    AcceptNew,
+}
+
+/// How to reach the hosts.
+#[derive(Debug, Clone)]
+pub struct SshOptions {
+    /// The private key to log in with (`ssh -i`, with `IdentitiesOnly=yes`); ssh's defaults
+    /// and agent when absent.
+    pub identity: Option<PathBuf>,
+    /// The known_hosts file (`UserKnownHostsFile`); `~/.ssh/known_hosts` when absent.
+    pub known_hosts: Option<PathBuf>,
+    /// How host keys are checked.
+    pub host_keys: HostKeyPolicy,
+    /// An ssh config file (`ssh -F`); `none` reads no config file at all, so that only these
+    /// options apply. `~/.ssh/config` when absent.
+    pub config_file: Option<PathBuf>,
+    /// How long a TCP connection and the SSH banner may take (`ConnectTimeout`); a whole login
+    /// may take twice this plus five seconds.
+    pub connect_timeout: Duration,
+    /// How many hosts are logged in to, or worked on, at once.
+    pub parallel: usize,
+}
+
+impl Default for SshOptions {
+    fn default() -> Self {
+        Self {
+            identity: None,
+            known_hosts: None,
+            host_keys: HostKeyPolicy::Strict,
+            config_file: None,
+            connect_timeout: Duration::from_secs(10),
+            parallel: 8,
+        }
+    }
+}
+
+/// Why something failed on a host. Every message starts with `host N [user@]addr[:port]`.
+///
+/// Worth retrying: [`Unreachable`](Self::Unreachable) and [`Disconnected`](Self::Disconnected)
+/// (see [`SshError::is_retryable`]); the others need the user to fix something first.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SshError {
+    /// No SSH server answered: connection refused, timed out, no route, unknown name.
+    #[error(
+        "{host}: unreachable ({detail}); check the address and port, and that sshd is running there"
+    )]
+    Unreachable {
+        /// `host N [user@]addr[:port]`.
+        host: String,
+        /// What ssh said.
+        detail: String,
+    },
+    /// The server refused the login: the key is not authorized for that user.
+    #[error(
+        "{host}: authentication failed ({detail}); {key} is not accepted for {user}: add its public key to that user's ~/.ssh/authorized_keys, or give the right key with -i"
+    )]
+    AuthFailed {
+        /// `host N [user@]addr[:port]`.
+        host: String,
+        /// The user logged in as (`the default user` when none was given).
+        user: String,
+        /// The key tried (`the default keys` when none was given).
+        key: String,
+        /// What ssh said.
+        detail: String,
+    },
+    /// ssh could not load the private key given with -i (too open, or not a key), so the
+    /// server refused the login.
+    #[error(
+        "{host}: authentication failed: ssh cannot use the key {key} ({detail}); a private key must be readable by its owner only (chmod 600) and in a format ssh reads"
+    )]
+    BadKey {
+        /// `host N [user@]addr[:port]`.
+        host: String,
+        /// The key file.
+        key: String,
+        /// What ssh said about it.
+        detail: String,
+    },
+    /// The host presented a key other than the one known_hosts records for it.
+    #[error(
+        "{host}: host key mismatch: the server's key differs from the one recorded for {known_as} in {known_hosts}; this may be an attack, or the host was reinstalled: check its fingerprint, then remove the old key with `ssh-keygen -f {known_hosts} -R '{known_as}'`"
+    )]
+    HostKeyMismatch {
+        /// `host N [user@]addr[:port]`.
+        host: String,
+        /// The name known_hosts knows the host by: `addr` or `[addr]:port`.
+        known_as: String,
+        /// The known_hosts file checked.
+        known_hosts: String,
+    },
+    /// The host is not in known_hosts and host keys are checked strictly.
+    #[error(
+        "{host}: unknown host key: {known_as} is not in {known_hosts}; check the host's fingerprint and add it to that file (`ssh-keyscan{keyscan_port} {addr}`), or pass --accept-new-host-keys"
+    )]
+    UnknownHostKey {
+        /// `host N [user@]addr[:port]`.
+        host: String,
+        /// The name known_hosts would know the host by.
+        known_as: String,
+        /// The known_hosts file checked.
+        known_hosts: String,
+        /// ` -p PORT`, or nothing for the default port.
+        keyscan_port: String,
+        /// The host's address.
+        addr: String,
+    },
+    /// The remote shell could not find the program (exit status 127).
+    #[error(
+        "{host}: command not found: `{program}` is not installed or not on {user}'s PATH there"
+    )]
+    CommandNotFound {
+        /// `host N [user@]addr[:port]`.
+        host: String,
+        /// The program (`argv[0]`).
+        program: String,
+        /// The remote user.
+        user: String,
+    },
+    /// The command ran past its deadline; gridq stopped waiting and closed its channel.
+    #[error("{host}: `{program}` did not finish within {limit}")]
+    Deadline {
+        /// `host N [user@]addr[:port]`.
+        host: String,
+        /// The program (`argv[0]`).
+        program: String,
+        /// The deadline, e.g. `30s`.
+        limit: String,
+    },
+    /// The connection broke, or the remote command was killed by a signal (ssh's
+    /// multiplexing cannot tell these apart).
+    #[error("{host}: the connection was lost or `{program}` was killed by a signal ({detail})")]
+    Disconnected {
+        /// `host N [user@]addr[:port]`.
+        host: String,
+        /// The program (`argv[0]`), or `ssh` for the login itself.
+        program: String,
+        /// What openssh said.
+        detail: String,
+    },
+    /// Any other failure of ssh on this host.
+    #[error("{host}: ssh failed: {detail}")]
+    Other {
+        /// `host N [user@]addr[:port]`.
+        host: String,
+        /// What ssh or openssh said.
+        detail: String,
+    },
+    /// A local failure before any host was contacted.
+    #[error("cannot create a private directory for the SSH control sockets in {dir}: {detail}")]
+    ControlDir {
+        /// Where it was to be created.
+        dir: String,
+        /// The I/O error.
+        detail: String,
+    },
+}
+
+impl SshError {
+    /// [`SshError::Other`] for `host`: a failure this module cannot classify further (a
+    /// caller's own check of a command's output, say).
+    pub fn other(host: &Host, detail: impl Into<String>) -> Self {
+        Self::Other {
+            host: who(host),
+            detail: detail.into(),
+        }
+    }
+
+    /// Whether trying again later may succeed without anything being fixed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unreachable { .. } | Self::Disconnected { .. })
+    }
+
+    /// A short machine-readable name: `unreachable`, `auth_failed`, `bad_key`, `host_key_mismatch`,
+    /// `unknown_host_key`, `command_not_found`, `deadline`, `disconnected`, `other`,
+    /// `control_dir`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Unreachable { .. } => "unreachable",
+            Self::AuthFailed { .. } => "auth_failed",
+            Self::BadKey { .. } => "bad_key",
+            Self::HostKeyMismatch { .. } => "host_key_mismatch",
+            Self::UnknownHostKey { .. } => "unknown_host_key",
+            Self::CommandNotFound { .. } => "command_not_found",
+            Self::Deadline { .. } => "deadline",
+            Self::Disconnected { .. } => "disconnected",
+            Self::Other { .. } => "other",
+            Self::ControlDir { .. } => "control_dir",
+        }
+    }
+}
+
+/// `host N [user@]addr[:port]`: how errors name a host.
+fn who(host: &Host) -> String {
+    format!("host {} {host}", host.index)
+}
+
+/// The name ssh files a host under in known_hosts: `addr`, or `[addr]:port` off port 22.
+fn known_as(host: &Host) -> String {
+    match host.port {
+        Some(port) if port != 22 => format!("[{}]:{port}", host.addr),
+        _ => host.addr.clone(),
+    }
+}
+
+/// Turns what ssh logged when a login failed into an error for `host`.
+fn classify_login_failure(host: &Host, options: &SshOptions, log: &str) -> SshError {
+    let known_hosts = options.known_hosts.as_ref().map_or_else(
+        || "~/.ssh/known_hosts".to_owned(),
+        |p| p.display().to_string(),
+    );
+    let lower = log.to_ascii_lowercase();
+    if lower.contains("remote host identification has changed")
+        || lower.contains("has changed and you have requested strict checking")
+    {
+        return SshError::HostKeyMismatch {
+            host: who(host),
+            known_as: known_as(host),
+            known_hosts,
+        };
+    }
+    if lower.contains("host key is known for") || lower.contains("host key verification failed") {
+        return SshError::UnknownHostKey {
+            host: who(host),
+            known_as: known_as(host),
+            known_hosts,
+            keyscan_port: host.port.map(|p| format!(" -p {p}")).unwrap_or_default(),
+            addr: host.addr.clone(),
+        };
+    }
+    // The last line is ssh's reason; the lines before it are warnings and banners.
+    let detail = log
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("ssh exited without saying why")
+        .trim_start_matches("ssh: ")
+        .to_owned();
+    if let Some(line) = log.lines().find(|l| l.starts_with("Load key \"")) {
+        return SshError::BadKey {
+            host: who(host),
+            key: options
+                .identity
+                .as_ref()
+                .map_or_else(|| "(default)".to_owned(), |p| p.display().to_string()),
+            detail: line.trim().to_owned(),
+        };
+    }
+    if lower.contains("permission denied (") || lower.contains("too many authentication failures") {
+        return SshError::AuthFailed {
+            host: who(host),
+            user: host
+                .user
+                .clone()
+                .unwrap_or_else(|| "the default user".to_owned()),
+            key: options.identity.as_ref().map_or_else(
+                || "none of the default keys".to_owned(),
+                |p| format!("the key {}", p.display()),
+            ),
+            detail,
+        };
+    }
+    const UNREACHABLE: [&str; 9] = [
+        "connection refused",
+        "timed out",
+        "no route to host",
+        "network is unreachable",
+        "could not resolve hostname",
+        "name or service not known",
+        "connection closed by",
+        "connection reset",
+        "kex_exchange_identification",
+    ];
+    if UNREACHABLE.iter().any(|s| lower.contains(s)) {
+        return SshError::Unreachable {
+            host: who(host),
+            detail,
+        };
+    }
+    SshError::Other {
+        host: who(host),
+        detail,
+    }
+}
+
+/// An openssh error while running `program` on `host`.
+fn command_error(host: &Host, program: &str, err: openssh::Error) -> SshError {
+    match err {
+        // openssh reports exit status 127, the shell's "command not found", this way.
+        openssh::Error::Remote(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            SshError::CommandNotFound {
+                host: who(host),
+                program: program.to_owned(),
+                user: host
+                    .user
+                    .clone()
+                    .unwrap_or_else(|| "the remote user".to_owned()),
+            }
+        }
+        openssh::Error::Disconnected
+        | openssh::Error::RemoteProcessTerminated
+        | openssh::Error::SshMux(_)
+        | openssh::Error::Master(_) => SshError::Disconnected {
+            host: who(host),
+            program: program.to_owned(),
+            detail: error_chain(&err),
+        },
+        _ => SshError::Other {
+            host: who(host),
+            detail: error_chain(&err),
+        },
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// A private directory for control sockets, removed on drop.
+#[derive(Debug)]
+struct ControlDir(PathBuf);
+
+impl ControlDir {
+    fn create() -> Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let base = std::env::temp_dir();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let mut last = None;
+        // `create` (not `create_all`) fails on an existing path, so a directory planted by
+        // someone else under a guessed name is never used.
+        for attempt in 0..16u32 {
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let dir = base.join(format!(
+                "gridq-ssh-{}-{stamp:08x}-{n}-{attempt}",
+                std::process::id()
+            ));
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok(Self(dir)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+                Err(e) => {
+                    return Err(SshError::ControlDir {
+                        dir: base.display().to_string(),
+                        detail: e.to_string(),
+                    });
+                }
+            }
+        }
+        Err(SshError::ControlDir {
+            dir: base.display().to_string(),
+            detail: last.map_or_else(String::new, |e| e.to_string()),
+        })
+    }
+}
+
+impl Drop for ControlDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Which stream an output line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// The remote command's standard output.
+    Stdout,
+    /// Its standard error.
+    Stderr,
+}
+
+/// What a remote command left behind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// Its exit status.
+    pub code: i32,
+    /// Its standard output.
+    pub stdout: Vec<u8>,
+    /// Its standard error.
+    pub stderr: Vec<u8>,
+}
+
+impl Output {
+    /// Whether it exited with status 0.
+    pub fn success(&self) -> bool {
+        self.code == 0
+    }
+}
+
+/// A logged-in connection to one host.
+#[derive(Debug)]
+pub struct HostSession {
+    host: Host,
+    // Declared before `_control`: dropping the session asks its master to exit through the
+    // socket in that directory, so the directory must outlive it.
+    session: openssh::Session,
+    _control: Arc<ControlDir>,
+}
+
+/// Lines longer than this are passed on in pieces, so a remote program that never writes a
+/// newline cannot make gridq buffer without bound.
+const MAX_LINE: usize = 64 * 1024;
+
+impl HostSession {
+    /// The host this session is logged in to.
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    /// Runs `argv` on the host with no input and collects its output.
+    ///
+    /// # Errors
+    /// [`SshError::CommandNotFound`] when the remote shell cannot find `argv[0]` (openssh
+    /// reads exit status 127 so, whoever exited with it),
+    /// [`SshError::Deadline`] past `deadline` (the remote program is not killed: its channel
+    /// is closed, so it gets EOF and SIGPIPE), [`SshError::Disconnected`] when the connection
+    /// drops or the program is killed by a signal. A nonzero exit status is not an error.
+    pub async fn run<S: AsRef<str>>(
+        &self,
+        argv: &[S],
+        deadline: Option<Duration>,
+    ) -> Result<Output> {
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let code = self
+            .run_lines(argv, deadline, |stream, line| {
+                let buf = match stream {
+                    Stream::Stdout => &mut stdout,
+                    Stream::Stderr => &mut stderr,
+                };
+                buf.extend_from_slice(line);
+                buf.push(b'\n');
+            })
+            .await?;
+        Ok(Output {
+            code,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Runs `argv` on the host with no input, calling `on_line` with every line of its output
+    /// as it arrives (without the newline), and returns its exit status.
+    ///
+    /// # Errors
+    /// As for [`HostSession::run`].
+    pub async fn run_lines<S: AsRef<str>>(
+        &self,
+        argv: &[S],
+        deadline: Option<Duration>,
+        mut on_line: impl FnMut(Stream, &[u8]),
+    ) -> Result<i32> {
+        let Some(program) = argv.first().map(|p| p.as_ref().to_owned()) else {
+            return Err(SshError::other(
+                &self.host,
+                "no command to run (empty argv)",
+            ));
+        };
+        let work = async {
+            let mut cmd = self.session.command(program.as_str());
+            cmd.args(argv.iter().skip(1).map(AsRef::as_ref))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = cmd
+                .spawn()
+                .await
+                .map_err(|e| command_error(&self.host, &program, e))?;
+            let mut out = child.stdout().take();
+            let mut err = child.stderr().take();
+            let (mut out_lines, mut err_lines) = (LineBuffer::default(), LineBuffer::default());
+            let (mut out_buf, mut err_buf) = ([0u8; 8192], [0u8; 8192]);
+            while out.is_some() || err.is_some() {
+                tokio::select! {
+                    read = async { out.as_mut().expect("guarded").read(&mut out_buf).await }, if out.is_some() => {
+                        match read {
+                            Ok(0) | Err(_) => {
+                                out = None;
+                                out_lines.finish(|l| on_line(Stream::Stdout, l));
+                            }
+                            Ok(n) => out_lines.push(&out_buf[..n], |l| on_line(Stream::Stdout, l)),
+                        }
+                    }
+                    read = async { err.as_mut().expect("guarded").read(&mut err_buf).await }, if err.is_some() => {
+                        let mut emit = |l: &[u8]| on_line(Stream::Stderr, l);
+                        match read {
+                            Ok(0) | Err(_) => {
+                                err = None;
+                                err_lines.finish(&mut emit);
+                            }
+                            Ok(n) => err_lines.push(&err_buf[..n], &mut emit),
+                        }
+                    }
+                }
+            }
+            let status = child
+                .wait()
+                .await
+                .map_err(|e| command_error(&self.host, &program, e))?;
+            status.code().ok_or_else(|| SshError::Disconnected {
+                host: who(&self.host),
+                program: program.clone(),
+                detail: "no exit status".to_owned(),
+            })
+        };
+        match deadline {
+            Some(limit) => {
+                tokio::time::timeout(limit, work)
+                    .await
+                    .map_err(|_| SshError::Deadline {
+                        host: who(&self.host),
+                        program: program.clone(),
+                        limit: humantime::format_duration(limit).to_string(),
+                    })?
+            }
+            None => work.await,
+        }
+    }
+
+    /// Makes the ssh master exit now (`ssh -O exit`), dropping the channels of commands still
+    /// running; those remote programs are not killed (they get EOF and SIGPIPE). A no-op when
+    /// the master is gone already.
+    pub async fn abort(&self) {
+        let mut cmd = tokio::process::Command::new("ssh");
+        cmd.arg("-S")
+            .arg(self.session.control_socket())
+            .args(["-O", "exit", "gridq"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        match tokio::time::timeout(Duration::from_secs(5), cmd.status()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(host = %self.host, cause = %e, "ssh -O exit failed"),
+            Err(_) => tracing::debug!(host = %self.host, "ssh -O exit timed out"),
+        }
+    }
+
+    /// Ends the connection: the ssh master exits once no command runs on it.
+    pub async fn close(self) {
+        if let Err(e) = self.session.close().await {
+            tracing::debug!(host = %self.host, cause = %e, "closing the ssh session failed");
+        }
+    }
+}
+
+/// Splits a byte stream into lines.
+#[derive(Debug, Default)]
+struct LineBuffer(Vec<u8>);
+
+impl LineBuffer {
+    fn push(&mut self, mut bytes: &[u8], mut emit: impl FnMut(&[u8])) {
+        while let Some(nl) = bytes.iter().position(|&b| b == b'\n') {
+            if self.0.is_empty() {
+                emit(&bytes[..nl]);
+            } else {
+                self.0.extend_from_slice(&bytes[..nl]);
+                emit(&self.0);
+                self.0.clear();
+            }
+            bytes = &bytes[nl + 1..];
+        }
+        self.0.extend_from_slice(bytes);
+        while self.0.len() >= MAX_LINE {
+            let rest = self.0.split_off(MAX_LINE);
+            emit(&self.0);
+            self.0 = rest;
+        }
+    }
+
+    fn finish(&mut self, mut emit: impl FnMut(&[u8])) {
+        if !self.0.is_empty() {
+            emit(&self.0);
+            self.0.clear();
+        }
+    }
+}
+
+/// One host of a [`Sessions`]: logged in, or why not.
+pub type Connection = Result<Arc<HostSession>, SshError>;
+
+/// Connections to many hosts, in the order of the host list.
+#[derive(Debug)]
+pub struct Sessions {
+    // Every session holds the control directory too: it is removed when the last one is
+    // gone, even when a session outlives this (held by a task of an interrupted `for_each`).
+    connections: Vec<(Host, Connection)>,
+    parallel: usize,
+    _control: Arc<ControlDir>,
+}
+
+impl Sessions {
+    /// Logs in to every host, `options.parallel` at a time. A host that cannot be reached is
+    /// recorded with its error; the others are unaffected.
+    ///
+    /// # Errors
+    /// Only [`SshError::ControlDir`], when the private socket directory cannot be made.
+    pub async fn connect(hosts: &[Host], options: &SshOptions) -> Result<Self> {
+        let control = Arc::new(ControlDir::create()?);
+        let parallel = options.parallel.max(1);
+        let limit = Arc::new(Semaphore::new(parallel));
+        let mut tasks = JoinSet::new();
+        for (i, host) in hosts.iter().enumerate() {
+            let (host, options, control, limit) = (
+                host.clone(),
+                options.clone(),
+                Arc::clone(&control),
+                Arc::clone(&limit),
+            );
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                (i, connect_one(&host, &options, control).await)
+            });
+        }
+        let mut results: Vec<Option<Connection>> = vec![None; hosts.len()];
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((i, result)) => results[i] = Some(result.map(Arc::new)),
+                Err(e) => tracing::error!(cause = %e, "an ssh login task failed"),
+            }
+        }
+        let connections = hosts
+            .iter()
+            .zip(results)
+            .map(|(host, result)| {
+                let result = result.unwrap_or_else(|| {
+                    Err(SshError::Other {
+                        host: who(host),
+                        detail: "the login task panicked".to_owned(),
+                    })
+                });
+                (host.clone(), result)
+            })
+            .collect();
+        Ok(Self {
+            connections,
+            parallel,
+            _control: control,
+        })
+    }
+
+    /// Every host with its connection or the error that kept it from logging in.
+    pub fn connections(&self) -> &[(Host, Connection)] {
+        &self.connections
+    }
+
+    /// Runs `work` on every connected host, `parallel` at a time (the `parallel` of the
+    /// options), and returns each host's outcome in host-list order; a host that did not log
+    /// in gets its login error.
+    pub async fn for_each<T, F, Fut>(&self, work: F) -> Vec<(Host, Result<T>)>
+    where
+        T: Send + 'static,
+        F: Fn(Arc<HostSession>) -> Fut,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+    {
+        let limit = Arc::new(Semaphore::new(self.parallel));
+        let mut tasks = JoinSet::new();
+        let mut results: Vec<Option<Result<T>>> = Vec::with_capacity(self.connections.len());
+        for (i, (_, connection)) in self.connections.iter().enumerate() {
+            match connection {
+                Ok(session) => {
+                    results.push(None);
+                    let job = work(Arc::clone(session));
+                    let limit = Arc::clone(&limit);
+                    tasks.spawn(async move {
+                        let _permit = limit.acquire_owned().await;
+                        (i, job.await)
+                    });
+                }
+                Err(e) => results.push(Some(Err(e.clone()))),
+            }
+        }
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((i, result)) => results[i] = Some(result),
+                Err(e) => tracing::error!(cause = %e, "a per-host task failed"),
+            }
+        }
+        self.connections
+            .iter()
+            .zip(results)
+            .map(|((host, _), result)| {
+                let result = result.unwrap_or_else(|| {
+                    Err(SshError::Other {
+                        host: who(host),
+                        detail: "the task panicked".to_owned(),
+                    })
+                });
+                (host.clone(), result)
+            })
+            .collect()
+    }
+
+    /// Ends every connection at once, even with commands still running (see
+    /// [`HostSession::abort`]): for an interrupted run.
+    pub async fn abort(self) {
+        let mut tasks = JoinSet::new();
+        for (_, connection) in &self.connections {
+            if let Ok(session) = connection {
+                let session = Arc::clone(session);
+                tasks.spawn(async move { session.abort().await });
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Ends every connection (in parallel); the control directory goes with the last one.
+    /// A session still held by a task of an interrupted [`Sessions::for_each`] ends when that
+    /// task is dropped.
+    pub async fn close(self) {
+        let mut tasks = JoinSet::new();
+        for (_, connection) in self.connections {
+            if let Ok(session) = connection {
+                if let Ok(session) = Arc::try_unwrap(session) {
+                    tasks.spawn(session.close());
+                }
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Logs in to one host, within twice the connect timeout plus five seconds.
+async fn connect_one(
+    host: &Host,
+    options: &SshOptions,
+    control: Arc<ControlDir>,
+) -> Result<HostSession> {
+    let mut builder = SessionBuilder::default();
+    builder
+        .known_hosts_check(match options.host_keys {
+            HostKeyPolicy::Strict => KnownHosts::Strict,
+            HostKeyPolicy::AcceptNew => KnownHosts::Add,
+        })
+        .connect_timeout(options.connect_timeout.max(Duration::from_secs(1)))
+        .server_alive_interval(Duration::from_secs(15))
+        .control_directory(&control.0)
+        .control_persist(ControlPersist::IdleFor(
+            std::num::NonZeroUsize::new(60).expect("nonzero"),
+        ));
+    if let Some(user) = &host.user {
+        builder.user(user.clone());
+    }
+    if let Some(port) = host.port {
+        builder.port(port);
+    }
+    if let Some(key) = &options.identity {
+        builder.keyfile(key);
+    }
+    if let Some(file) = &options.known_hosts {
+        builder.user_known_hosts_file(file);
+    }
+    if let Some(file) = &options.config_file {
+        builder.config_file(file);
+    }
+    let limit = options.connect_timeout * 2 + Duration::from_secs(5);
+    let connected = tokio::time::timeout(limit, builder.connect_mux(&host.addr))
+        .await
+        .map_err(|_| SshError::Unreachable {
+            host: who(host),
+            detail: format!("no SSH login within {}", humantime::format_duration(limit)),
+        })?;
+    match connected {
+        Ok(session) => Ok(HostSession {
+            host: host.clone(),
+            session,
+            _control: control,
+        }),
+        // openssh puts what ssh logged into the io::Error's message.
+        Err(openssh::Error::Connect(e)) => {
+            Err(classify_login_failure(host, options, &e.to_string()))
+        }
+        Err(e) => Err(SshError::Other {
+            host: who(host),
+            detail: error_chain(&e),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hosts::parse_hosts;
+
+    fn host() -> Host {
+        parse_hosts("gridq-h1@127.0.0.2:2222").unwrap().remove(0)
+    }
+
+    fn options() -> SshOptions {
+        SshOptions {
+            identity: Some("/k/id".into()),
+            known_hosts: Some("/k/known_hosts".into()),
+            ..SshOptions::default()
+        }
+    }
+
+    #[test]
+    fn refused_connections_are_unreachable() {
+        let e = classify_login_failure(
+            &host(),
+            &options(),
+            "connect to host 127.0.0.2 port 2222: Connection refused",
+        );
+        assert_eq!(
+            e.to_string(),
+            "host 1 gridq-h1@127.0.0.2:2222: unreachable (connect to host 127.0.0.2 port 2222: Connection refused); check the address and port, and that sshd is running there"
+        );
+        assert!(e.is_retryable());
+    }
+
+    #[test]
+    fn refused_keys_are_authentication_failures() {
+        let e = classify_login_failure(
+            &host(),
+            &options(),
+            "Warning: something\ngridq-h1@127.0.0.2: Permission denied (publickey).",
+        );
+        assert_eq!(
+            e.to_string(),
+            "host 1 gridq-h1@127.0.0.2:2222: authentication failed (gridq-h1@127.0.0.2: Permission denied (publickey).); the key /k/id is not accepted for gridq-h1: add its public key to that user's ~/.ssh/authorized_keys, or give the right key with -i"
+        );
+        assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn unusable_keys_are_named() {
+        let log = "@@@\nPermissions 0644 for '/k/id' are too open.\nLoad key \"/k/id\": bad permissions\ngridq-h1@127.0.0.2: Permission denied (publickey).";
+        let e = classify_login_failure(&host(), &options(), log);
+        assert_eq!(
+            e.to_string(),
+            "host 1 gridq-h1@127.0.0.2:2222: authentication failed: ssh cannot use the key /k/id (Load key \"/k/id\": bad permissions); a private key must be readable by its owner only (chmod 600) and in a format ssh reads"
+        );
+    }
+
+    #[test]
+    fn host_key_problems_are_told_apart() {
+        let changed = "@@@\n@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\nHost key for [127.0.0.2]:2222 has changed and you have requested strict checking.\nHost key verification failed.";
+        let e = classify_login_failure(&host(), &options(), changed);
+        assert_eq!(e.kind(), "host_key_mismatch");
+        assert!(
+            e.to_string()
+                .contains("ssh-keygen -f /k/known_hosts -R '[127.0.0.2]:2222'")
+        );
+        let unknown = "No ED25519 host key is known for [127.0.0.2]:2222 and you have requested strict checking.\nHost key verification failed.";
+        let e = classify_login_failure(&host(), &options(), unknown);
+        assert_eq!(
+            e.to_string(),
+            "host 1 gridq-h1@127.0.0.2:2222: unknown host key: [127.0.0.2]:2222 is not in /k/known_hosts; check the host's fingerprint and add it to that file (`ssh-keyscan -p 2222 127.0.0.2`), or pass --accept-new-host-keys"
+        );
+    }
+
+    #[test]
+    fn lines_are_split_and_bounded() {
+        let mut lines = Vec::new();
+        let mut buf = LineBuffer::default();
+        buf.push(b"a\nb", |l| lines.push(l.to_vec()));
+        buf.push(b"c\n\nd", |l| lines.push(l.to_vec()));
+        buf.finish(|l| lines.push(l.to_vec()));
+        assert_eq!(lines, [&b"a"[..], b"bc", b"", b"d"]);
+        let mut sizes = Vec::new();
+        buf.push(&vec![b'x'; MAX_LINE * 2 + 5], |l| sizes.push(l.len()));
+        buf.finish(|l| sizes.push(l.len()));
+        assert_eq!(sizes, [MAX_LINE, MAX_LINE, 5]);
+    }
+}
