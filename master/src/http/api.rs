@@ -661,10 +661,7 @@ async fn overview(State(state): State<AppState>) -> ApiResult<Json<serde_json::V
     })
     .await?;
     let now = super::pages::now_ms();
-    let online = workers
-        .iter()
-        .filter(|w| w.state == "online" || w.state == "draining")
-        .count();
+    let online = workers.iter().filter(|w| w.is_online()).count();
     let lost = workers.iter().filter(|w| w.state == "lost").count();
     Ok(Json(serde_json::json!({
         "jobs": totals.into_iter().collect::<std::collections::BTreeMap<_, _>>(),

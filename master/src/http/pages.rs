@@ -25,6 +25,9 @@ use super::activity::Activity;
 use super::auth::{self, Caller};
 use super::metrics::{self, Snapshot};
 use super::{ApiResult, AppError, AppState, plots, read, sweep_id};
+// `q`: a query value or path segment, percent-encoded (slashes too).
+use gridq_common::rabbit_node::percent_encode as q;
+
 use crate::broker_stats::{self, BrokerStats, ManagementApi};
 use crate::store::{JobQuery, JobRow, JobState, SortKey, SweepSummary, WorkerRow};
 
@@ -155,21 +158,10 @@ fn ago(ms: u64) -> String {
     format!("{} ago", span(now.saturating_sub(ms)))
 }
 
-/// Percent-encodes everything but unreserved characters (for query values and paths).
+/// Percent-encodes a local path with its query for a `next=` parameter, keeping its slashes
+/// readable.
 pub fn url_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn q(s: &str) -> String {
-    url_encode(s).replace('/', "%2F")
+    q(s).replace("%2F", "/")
 }
 
 fn plain(v: &serde_json::Value) -> String {
@@ -454,10 +446,7 @@ pub(crate) async fn overview(
     let stats = state.monitor.broker_stats(&queues).await;
     let now = now_ms();
     let throughput = state.monitor.activity.throughput(now);
-    let online = workers
-        .iter()
-        .filter(|w| w.state != "lost" && w.state != "stopped")
-        .count();
+    let online = workers.iter().filter(|w| w.is_online()).count();
     let lost = workers.iter().filter(|w| w.state == "lost").count();
     let csrf = csrf_of(caller.as_deref());
     let body = html! {
@@ -1184,10 +1173,7 @@ pub(crate) async fn workers_page(
     let csrf = csrf_of(caller.as_deref());
     let row = |w: &WorkerRow| {
         let i = &w.info;
-        let running = i
-            .get("running")
-            .and_then(|r| r.as_array())
-            .map_or(0, Vec::len);
+        let running = w.running_jobs();
         html! {
             tr {
                 td { code { (w.id) } }
@@ -1212,9 +1198,8 @@ pub(crate) async fn workers_page(
             }
         }
     };
-    let (live, gone): (Vec<&WorkerRow>, Vec<&WorkerRow>) = workers
-        .iter()
-        .partition(|w| w.state == "online" || w.state == "draining");
+    let (live, gone): (Vec<&WorkerRow>, Vec<&WorkerRow>) =
+        workers.iter().partition(|w| w.is_online());
     let head = html! { thead { tr { th { "worker" } th { "host" } th { "state" } th.num { "slots" } th.num { "running" } th.num { "processed" } th.num { "failed" } th.num { "load" } th { "memory" } th { "GPUs" } th { "last heartbeat" } th {} } } };
     let body = html! {
         h1 { "Workers" }
@@ -1304,10 +1289,7 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> ApiResult<Response
     })
     .await?;
     let stats = state.monitor.broker_stats(&queues).await;
-    let online: Vec<&WorkerRow> = workers
-        .iter()
-        .filter(|w| w.state == "online" || w.state == "draining")
-        .collect();
+    let online: Vec<&WorkerRow> = workers.iter().filter(|w| w.is_online()).collect();
     let mut jobs_by_state: Vec<(String, u64)> = STATES
         .iter()
         .map(|s| {
@@ -1323,15 +1305,7 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> ApiResult<Response
         workers_online: online.len() as u64,
         running_by_worker: online
             .iter()
-            .map(|w| {
-                (
-                    w.id.clone(),
-                    w.info
-                        .get("running")
-                        .and_then(|r| r.as_array())
-                        .map_or(0, |r| r.len() as u64),
-                )
-            })
+            .map(|w| (w.id.clone(), w.running_jobs() as u64))
             .collect(),
         queues: stats.queues,
         gpu_utilization: online

@@ -294,6 +294,21 @@ pub struct WorkerRow {
     pub failed: u64,
 }
 
+impl WorkerRow {
+    /// Online or draining: it still sends heartbeats and may hold jobs.
+    pub fn is_online(&self) -> bool {
+        self.state == "online" || self.state == "draining"
+    }
+
+    /// Jobs running there, as its last heartbeat listed them.
+    pub fn running_jobs(&self) -> usize {
+        self.info
+            .get("running")
+            .and_then(serde_json::Value::as_array)
+            .map_or(0, Vec::len)
+    }
+}
+
 const SCHEMA: &str = r"
 CREATE TABLE IF NOT EXISTS sweeps(
     name TEXT PRIMARY KEY,
