@@ -443,7 +443,7 @@ pub struct HostSession {
     host: Host,
     // Declared before `_control`: dropping the session asks its master to exit through the
     // socket in that directory, so the directory must outlive it.
-    session: openssh::Session,
+    session: Arc<openssh::Session>,
     _control: Arc<ControlDir>,
 }
 
@@ -455,6 +455,18 @@ impl HostSession {
     /// The host this session is logged in to.
     pub fn host(&self) -> &Host {
         &self.host
+    }
+
+    /// The multiplexed `openssh` session, for what [`HostSession::run`] does not cover: a
+    /// command with piped standard input (a tar stream, `docker system dial-stdio`), or a
+    /// port forward. Commands spawned on it must still be argv lists (`.arg()` per element).
+    pub fn openssh(&self) -> &Arc<openssh::Session> {
+        &self.session
+    }
+
+    /// `host N [user@]addr[:port]`: how errors name this host.
+    pub fn who(&self) -> String {
+        who(&self.host)
     }
 
     /// Runs `argv` on the host with no input and collects its output.
@@ -588,8 +600,11 @@ impl HostSession {
 
     /// Ends the connection: the ssh master exits once no command runs on it.
     pub async fn close(self) {
-        if let Err(e) = self.session.close().await {
-            tracing::debug!(host = %self.host, cause = %e, "closing the ssh session failed");
+        // A session still shared (a Docker connection over it) ends with its last holder.
+        if let Ok(session) = Arc::try_unwrap(self.session) {
+            if let Err(e) = session.close().await {
+                tracing::debug!(host = %self.host, cause = %e, "closing the ssh session failed");
+            }
         }
     }
 }
@@ -813,7 +828,7 @@ async fn connect_one(
     match connected {
         Ok(session) => Ok(HostSession {
             host: host.clone(),
-            session,
+            session: Arc::new(session),
             _control: control,
         }),
         // openssh puts what ssh logged into the io::Error's message.

@@ -101,7 +101,15 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// The host name the worker reports: `GRIDQ_HOSTNAME` when set (deploy sets it to the host's
+/// address, since a container on the host network sees only the machine's name), else the
+/// system's.
 fn hostname() -> String {
+    if let Some(name) = std::env::var_os("GRIDQ_HOSTNAME").and_then(|n| n.into_string().ok()) {
+        if !name.is_empty() {
+            return name;
+        }
+    }
     nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())

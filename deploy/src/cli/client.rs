@@ -2,6 +2,7 @@
 //! `cancel`, `retry`, `results`. Human tables by default, `--json` for scripts.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
@@ -17,13 +18,22 @@ use super::context;
 pub(crate) struct MasterConn {
     /// The master's URL (default: the saved context of the last `gridq master` or `gridq run`).
     #[arg(long, env = "GRIDQ_MASTER", global = true)]
-    master: Option<String>,
+    pub(crate) master: Option<String>,
     /// The master's token (default: the saved context).
     #[arg(long, env = "GRIDQ_TOKEN", global = true, hide_env_values = true)]
-    token: Option<String>,
+    pub(crate) token: Option<String>,
+    /// A deployed cluster's file: reach its master through an SSH tunnel (default: the
+    /// saved context, then ./gridq-cluster.yaml).
+    #[arg(
+        long = "cluster",
+        env = "GRIDQ_CLUSTER",
+        global = true,
+        value_name = "FILE"
+    )]
+    pub(crate) cluster: Option<PathBuf>,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// An API client.
@@ -32,6 +42,8 @@ pub(crate) struct Client {
     base: String,
     token: String,
     http: reqwest::Client,
+    /// The SSH tunnel to a deployed master, open while the client lives.
+    _tunnel: Option<Arc<super::cluster::TunnelGuard>>,
 }
 
 impl Client {
@@ -40,10 +52,19 @@ impl Client {
             base: base.trim_end_matches('/').to_owned(),
             token,
             http: reqwest::Client::new(),
+            _tunnel: None,
         }
     }
 
     fn from_conn(conn: &MasterConn) -> Result<Self, Failure> {
+        if conn.master.is_none() {
+            if let Some(file) = super::cluster::cluster_for(conn) {
+                let (url, token, guard) = super::cluster::open_master(&file)?;
+                let mut client = Self::new(url, conn.token.clone().unwrap_or(token));
+                client._tunnel = Some(Arc::new(guard));
+                return Ok(client);
+            }
+        }
         let saved = context::load();
         let base = conn
             .master
@@ -356,6 +377,11 @@ pub(crate) async fn watch(client: &Client, sweep: &str, human: bool) -> anyhow::
 }
 
 pub(crate) fn status(args: &StatusArgs) -> Result<(), Failure> {
+    if args.conn.master.is_none() {
+        if let Some(file) = super::cluster::cluster_for(&args.conn) {
+            return super::cluster::status(&file, args.conn.json);
+        }
+    }
     let client = Client::from_conn(&args.conn)?;
     block_on(async {
         let sweeps = client.get("/sweeps").await.map_err(classify)?;

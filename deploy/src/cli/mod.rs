@@ -5,6 +5,7 @@
 
 mod broker;
 mod client;
+mod cluster;
 mod context;
 mod exec;
 mod expand;
@@ -54,6 +55,14 @@ enum Command {
     Probe(probe::ProbeArgs),
     /// Run a command once on every host, in parallel (over SSH).
     Exec(exec::ExecArgs),
+    /// Start the broker, master and workers on your hosts over SSH and Docker (idempotent).
+    Deploy(Box<cluster::DeployArgs>),
+    /// Re-sync the project and restart the workers one at a time; no job is lost.
+    Update(cluster::UpdateArgs),
+    /// Remove every container of the cluster on every host (--purge: volumes and files too).
+    Clean(cluster::CleanArgs),
+    /// Open an SSH tunnel to the cluster's monitor and print its local URL and token.
+    Monitor(cluster::MonitorArgs),
 }
 
 /// A failure with the exit code it maps to.
@@ -92,6 +101,10 @@ pub fn main() -> ExitCode {
         Command::Results(args) => client::results(args),
         Command::Probe(args) => probe::run(args),
         Command::Exec(args) => exec::run(args),
+        Command::Deploy(args) => cluster::deploy(args),
+        Command::Update(args) => cluster::update(args),
+        Command::Clean(args) => cluster::clean(args),
+        Command::Monitor(args) => cluster::monitor(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

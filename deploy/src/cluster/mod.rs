@@ -1,0 +1,1250 @@
+//! A gridq cluster on the team's machines: `gridq deploy`, `status`, `update`, `clean` and
+//! `monitor`, as a library.
+//!
+//! - [`config`]: the cluster file and its checks.
+//! - [`plan`]: the containers of each place (broker, master, workers) and the broker secrets.
+//! - [`containers`]: labelled containers made to match their spec, idempotently.
+//! - this module: [`Fleet`] (SSH and Docker connections to every place, made in parallel) and
+//!   the operations, each reporting per place through a [`Progress`] callback.
+//!
+//! A *place* is where a role runs: a host of the list (over SSH; Docker through
+//! `docker system dial-stdio` on the same multiplexed connection) or this machine.
+
+pub mod config;
+pub mod containers;
+pub mod plan;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use self::config::{Cluster, Gpus, HostRef};
+use self::containers::{Found, Outcome, Role};
+use self::plan::{Secrets, WorkerFacts};
+use crate::docker::{DockerHost, ImageOutcome};
+use crate::ssh::{HostSession, Sessions, SshOptions};
+use crate::sync::{SyncOptions, remote_abs_path, sync_project};
+
+/// Receives progress lines: the place's label and what happened there.
+pub type Progress = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
+/// A progress sink that drops everything.
+pub fn quiet() -> Progress {
+    Arc::new(|_, _| {})
+}
+
+/// A connected place.
+#[derive(Debug)]
+pub struct PlaceConn {
+    /// Where.
+    pub place: HostRef,
+    /// `host N [user@]addr[:port]` or `local`.
+    pub label: String,
+    /// The SSH session (none for local).
+    pub session: Option<Arc<HostSession>>,
+    /// Its Docker engine.
+    pub docker: DockerHost,
+}
+
+/// A place with its connection, or why it has none.
+pub type PlaceEntry = (HostRef, Result<Arc<PlaceConn>, String>);
+
+/// Connections to every place of a cluster, made in parallel. A place that cannot be reached
+/// keeps its error; the others are unaffected.
+#[derive(Debug)]
+pub struct Fleet {
+    /// The cluster.
+    pub cluster: Cluster,
+    /// Each place with its connection or the reason it has none, master first.
+    pub places: Vec<PlaceEntry>,
+    /// This machine's engine, where images come from (when it has one).
+    pub local: Option<DockerHost>,
+    sessions: Option<Sessions>,
+}
+
+/// The SSH options a cluster file asks for, on top of `base` (timeouts, parallelism).
+pub fn ssh_options(cluster: &Cluster, base: &SshOptions) -> SshOptions {
+    let mut o = base.clone();
+    if cluster.identity.is_some() {
+        o.identity.clone_from(&cluster.identity);
+    }
+    if cluster.known_hosts.is_some() {
+        o.known_hosts.clone_from(&cluster.known_hosts);
+    }
+    if cluster.ssh_config.is_some() {
+        o.config_file.clone_from(&cluster.ssh_config);
+    }
+    if cluster.file.ssh.accept_new_host_keys {
+        o.host_keys = crate::ssh::HostKeyPolicy::AcceptNew;
+    }
+    o
+}
+
+impl Fleet {
+    /// Logs in to every remote place and opens its Docker engine, in parallel.
+    ///
+    /// # Errors
+    /// Only when the SSH control directory cannot be made; per-place failures are kept in
+    /// [`Fleet::places`].
+    pub async fn connect(
+        cluster: &Cluster,
+        ssh: &SshOptions,
+        progress: &Progress,
+    ) -> anyhow::Result<Self> {
+        let remote = cluster.remote_hosts();
+        let sessions = if remote.is_empty() {
+            None
+        } else {
+            Some(Sessions::connect(&remote, ssh).await?)
+        };
+        let local = crate::docker::local().await.ok();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, place) in cluster.places().into_iter().enumerate() {
+            let label = cluster.place_label(place);
+            let session = match (place, &sessions) {
+                (HostRef::Local, _) => None,
+                (HostRef::Index(n), Some(s)) => Some(
+                    s.connections()
+                        .iter()
+                        .find(|(h, _)| h.index == n)
+                        .map(|(_, c)| c.clone())
+                        .unwrap_or_else(|| {
+                            Err(crate::ssh::SshError::Other {
+                                host: label.clone(),
+                                detail: "not connected".into(),
+                            })
+                        }),
+                ),
+                (HostRef::Index(_), None) => None,
+            };
+            let progress = progress.clone();
+            tasks.spawn(async move {
+                let conn = match session {
+                    None => crate::docker::local()
+                        .await
+                        .map(|docker| PlaceConn {
+                            place,
+                            label: "local".into(),
+                            session: None,
+                            docker,
+                        })
+                        .map_err(|e| format!("local: {e}")),
+                    Some(Err(e)) => Err(e.to_string()),
+                    Some(Ok(session)) => {
+                        let label = session.who();
+                        match crate::docker::over_ssh(Arc::clone(&session)).await {
+                            Ok(docker) => Ok(PlaceConn {
+                                place,
+                                label,
+                                session: Some(session),
+                                docker,
+                            }),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                };
+                match &conn {
+                    Ok(c) => progress(&c.label, "connected (ssh, docker)"),
+                    Err(e) => progress(&label, &format!("unreachable: {e}")),
+                }
+                (i, place, conn.map(Arc::new))
+            });
+        }
+        let mut places: Vec<Option<PlaceEntry>> =
+            (0..cluster.places().len()).map(|_| None).collect();
+        while let Some(joined) = tasks.join_next().await {
+            let (i, place, conn) = joined?;
+            places[i] = Some((place, conn));
+        }
+        Ok(Self {
+            cluster: cluster.clone(),
+            places: places.into_iter().flatten().collect(),
+            local,
+            sessions,
+        })
+    }
+
+    /// The connection of a place, if it has one.
+    pub fn conn(&self, place: HostRef) -> Option<&Arc<PlaceConn>> {
+        self.places
+            .iter()
+            .find(|(p, _)| *p == place)
+            .and_then(|(_, c)| c.as_ref().ok())
+    }
+
+    /// The error of a place, if it has no connection.
+    pub fn error(&self, place: HostRef) -> Option<&str> {
+        self.places
+            .iter()
+            .find(|(p, _)| *p == place)
+            .and_then(|(_, c)| c.as_ref().err().map(String::as_str))
+    }
+
+    /// The label of a place.
+    pub fn label(&self, place: HostRef) -> String {
+        self.conn(place).map_or_else(
+            || match self.cluster.host(place) {
+                Some(h) => format!("host {} {h}", h.index),
+                None => "local".into(),
+            },
+            |c| c.label.clone(),
+        )
+    }
+
+    /// Ends every SSH connection.
+    pub async fn close(self) {
+        drop(self.places);
+        if let Some(s) = self.sessions {
+            s.close().await;
+        }
+    }
+}
+
+/// How a deploy went at one place.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlaceReport {
+    /// `host N ...` or `local`.
+    pub place: String,
+    /// Whether everything there is in place.
+    pub ok: bool,
+    /// What was done, in order.
+    pub steps: Vec<String>,
+    /// What failed, naming the host.
+    pub error: Option<String>,
+}
+
+/// The outcome of a deploy.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeployReport {
+    /// Per place.
+    pub places: Vec<PlaceReport>,
+    /// Containers created, replaced or started (zero on a re-run with nothing changed).
+    pub changed: usize,
+    /// Workers the master sees online, per host.
+    pub workers_online: BTreeMap<String, usize>,
+    /// The monitor's token (read from the master's state volume).
+    #[serde(skip)]
+    pub token: Option<String>,
+    /// Whether the health check passed.
+    pub healthy: bool,
+}
+
+impl DeployReport {
+    /// Whether every place is in place and the health check passed.
+    pub fn ok(&self) -> bool {
+        self.healthy && self.places.iter().all(|p| p.ok)
+    }
+}
+
+/// Options of `deploy` and `update`.
+#[derive(Debug, Clone)]
+pub struct DeployOptions {
+    /// How long workers may take to come online.
+    pub health_timeout: Duration,
+    /// How the project is synced.
+    pub sync: SyncOptions,
+}
+
+/// Checks every place before anything starts: reachable, Docker usable, GPUs where wanted,
+/// the master's ports free (or held by this cluster's own containers). Returns the GPUs to
+/// use per worker place, or every failure, each naming its host.
+///
+/// # Errors
+/// The list of failures.
+pub async fn preflight(fleet: &Fleet) -> Result<HashMap<HostRef, Vec<u32>>, Vec<String>> {
+    let cluster = &fleet.cluster;
+    let mut failures = Vec::new();
+    for (place, conn) in &fleet.places {
+        if let Err(e) = conn {
+            let _ = place;
+            failures.push(e.clone());
+        }
+    }
+    let mut gpus = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, w) in cluster.file.workers.iter().enumerate() {
+        let Some(conn) = fleet.conn(w.host).cloned() else {
+            continue;
+        };
+        let want = w.gpus.clone();
+        tasks.spawn(async move {
+            let found = detect_gpus(&conn).await;
+            let field = format!("workers[{}].gpus", i + 1);
+            let result = match (want, found) {
+                (Gpus::None, _) => Ok(Vec::new()),
+                (Gpus::Auto, Ok(g)) => Ok(g),
+                (Gpus::Auto, Err(_)) => Ok(Vec::new()),
+                (Gpus::All, Ok(g)) if !g.is_empty() => Ok(g),
+                (Gpus::All, Ok(_)) => Err(format!(
+                    "{}: {field} is `all` but nvidia-smi lists no GPU there",
+                    conn.label
+                )),
+                (Gpus::List(l), Ok(g)) => match l.iter().find(|i| !g.contains(i)) {
+                    None => Ok(l),
+                    Some(missing) => Err(format!(
+                        "{}: {field} asks for GPU {missing}, but the host has GPUs {g:?}",
+                        conn.label
+                    )),
+                },
+                (_, Err(e)) => Err(format!("{}: {field}: {e}", conn.label)),
+            };
+            (conn.place, result)
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((place, Ok(g))) => {
+                gpus.insert(place, g);
+            }
+            Ok((_, Err(e))) => failures.push(e),
+            Err(e) => failures.push(format!("a check failed: {e}")),
+        }
+    }
+    let m = &cluster.file.master;
+    if let Some(conn) = fleet.conn(m.host) {
+        let ours = containers::list(conn.docker.docker(), cluster.name(), None)
+            .await
+            .map(|found| {
+                found
+                    .into_iter()
+                    .filter(|c| c.state == "running")
+                    .map(|c| c.name)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let broker_ours = ours.contains(&plan::broker_name(cluster.name()));
+        let master_ours = ours.contains(&plan::master_name(cluster.name()));
+        match listening_ports(conn).await {
+            Ok(listening) => {
+                let ports = [
+                    ("master.broker_port (AMQP)", m.broker_port, broker_ours),
+                    (
+                        "master.management_port (RabbitMQ management)",
+                        m.management_port,
+                        broker_ours,
+                    ),
+                    ("master.monitor_port (monitor)", m.monitor_port, master_ours),
+                ];
+                for (what, port, ours) in ports {
+                    if !ours && listening.contains(&port) {
+                        failures.push(format!(
+                            "{}: port {port} is taken ({what}): another program listens on it; stop it or pick another port in the cluster file",
+                            conn.label
+                        ));
+                    }
+                }
+            }
+            Err(e) => failures.push(format!("{}: cannot list listening ports: {e}", conn.label)),
+        }
+    }
+    if failures.is_empty() {
+        Ok(gpus)
+    } else {
+        failures.sort();
+        failures.dedup();
+        Err(failures)
+    }
+}
+
+/// GPUs on a place: the NVIDIA runtime must be in `docker info`, and `nvidia-smi` lists them.
+async fn detect_gpus(conn: &PlaceConn) -> Result<Vec<u32>, String> {
+    let info = conn
+        .docker
+        .docker()
+        .info()
+        .await
+        .map_err(|e| format!("docker info: {e}"))?;
+    let has_runtime = info
+        .runtimes
+        .as_ref()
+        .is_some_and(|r| r.keys().any(|k| k.contains("nvidia")));
+    if !has_runtime {
+        return Err("Docker has no NVIDIA runtime: install the NVIDIA Container Toolkit and run `nvidia-ctk runtime configure --runtime=docker`".into());
+    }
+    let argv = ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"];
+    let out = run_at(conn, &argv).await?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.trim().parse::<u32>().ok())
+        .collect())
+}
+
+/// Runs a fixed argv at a place and returns its standard output; a nonzero exit is an error.
+async fn run_at(conn: &PlaceConn, argv: &[&str]) -> Result<String, String> {
+    match &conn.session {
+        Some(session) => {
+            let out = session
+                .run(argv, Some(Duration::from_secs(60)))
+                .await
+                .map_err(|e| e.to_string())?;
+            if out.success() {
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            } else {
+                Err(format!(
+                    "{} exited with {}: {}",
+                    argv[0],
+                    out.code,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        }
+        None => {
+            let out = tokio::process::Command::new(argv[0])
+                .args(&argv[1..])
+                .output()
+                .await
+                .map_err(|e| format!("{}: {e}", argv[0]))?;
+            if out.status.success() {
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            } else {
+                Err(format!(
+                    "{} failed: {}",
+                    argv[0],
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        }
+    }
+}
+
+/// TCP ports something listens on at a place (any address), from /proc/net/tcp{,6}.
+async fn listening_ports(conn: &PlaceConn) -> Result<Vec<u16>, String> {
+    let text = run_at(conn, &["cat", "/proc/net/tcp", "/proc/net/tcp6"]).await?;
+    Ok(parse_listening(&text))
+}
+
+fn parse_listening(text: &str) -> Vec<u16> {
+    let mut ports: Vec<u16> = text
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let local = f.nth(1)?;
+            let state = f.nth(1)?;
+            if state != "0A" {
+                return None;
+            }
+            let port = local.rsplit(':').next()?;
+            u16::from_str_radix(port, 16).ok()
+        })
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// The broker credentials: the secrets file, else the running broker's config, else new.
+async fn secrets(fleet: &Fleet) -> anyhow::Result<(Secrets, &'static str)> {
+    let path = fleet.cluster.secrets_path();
+    if let Some(s) = Secrets::load(&path).map_err(anyhow::Error::msg)? {
+        return Ok((s, "kept"));
+    }
+    if let Some(conn) = fleet.conn(fleet.cluster.file.master.host) {
+        let conf = containers::read_file(
+            conn.docker.docker(),
+            &plan::broker_name(fleet.cluster.name()),
+            &format!("{}/{}", plan::BROKER_CONF_DIR, plan::BROKER_CONF),
+        )
+        .await
+        .ok()
+        .flatten();
+        if let Some(s) = conf.as_deref().and_then(Secrets::from_broker_conf) {
+            s.save(&path).map_err(anyhow::Error::msg)?;
+            return Ok((s, "recovered from the broker"));
+        }
+    }
+    let s = Secrets::generate();
+    s.save(&path).map_err(anyhow::Error::msg)?;
+    Ok((s, "generated"))
+}
+
+/// Makes sure `image` is on a place's engine (streamed from this machine, or pulled) and
+/// returns its ID there.
+async fn image_at(
+    fleet: &Fleet,
+    conn: &PlaceConn,
+    image: &str,
+    progress: &Progress,
+) -> anyhow::Result<String> {
+    let present = conn.docker.docker().inspect_image(image).await.ok();
+    let pull = fleet.cluster.file.images.pull;
+    if present.is_none() || !pull {
+        if pull {
+            progress(&conn.label, &format!("pulling {image}"));
+            crate::docker::pull_image(&conn.docker, image).await?;
+        } else {
+            let Some(local) = &fleet.local else {
+                anyhow::bail!(
+                    "{}: image {image} is missing and this machine has no Docker engine to send it from",
+                    conn.label
+                );
+            };
+            let label = conn.label.clone();
+            let p = progress.clone();
+            let mut last = 0u64;
+            let outcome = crate::docker::ensure_image(local, &conn.docker, image, move |sent| {
+                if sent >= last + 64 * 1024 * 1024 {
+                    last = sent;
+                    p(&label, &format!("sending {image}: {} MiB", sent >> 20));
+                }
+            })
+            .await?;
+            if let ImageOutcome::Transferred { bytes } = outcome {
+                progress(
+                    &conn.label,
+                    &format!("image {image} sent ({} MiB)", bytes >> 20),
+                );
+            }
+        }
+    }
+    let inspected = conn
+        .docker
+        .docker()
+        .inspect_image(image)
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: inspecting image {image}: {e}", conn.label))?;
+    inspected
+        .id
+        .ok_or_else(|| anyhow::anyhow!("{}: image {image} has no ID", conn.label))
+}
+
+/// `uid:gid` of the SSH user (or of this process, locally).
+async fn user_ids(conn: &PlaceConn) -> Result<String, String> {
+    let uid = run_at(conn, &["id", "-u"]).await?;
+    let gid = run_at(conn, &["id", "-g"]).await?;
+    Ok(format!("{}:{}", uid.trim(), gid.trim()))
+}
+
+/// The project directory at a place: synced there (remote) or this machine's.
+async fn project_at(
+    fleet: &Fleet,
+    conn: &PlaceConn,
+    options: &SyncOptions,
+    progress: &Progress,
+) -> anyhow::Result<String> {
+    let cluster = &fleet.cluster;
+    match &conn.session {
+        None => Ok(std::fs::canonicalize(&cluster.project)?
+            .to_string_lossy()
+            .into_owned()),
+        Some(session) => {
+            let report = sync_project(
+                session,
+                &cluster.project,
+                &cluster.file.remote_path,
+                options,
+            )
+            .await?;
+            progress(
+                &conn.label,
+                &format!(
+                    "project synced to {} ({:?}: {} of {} files sent)",
+                    cluster.file.remote_path, report.method, report.sent, report.files
+                ),
+            );
+            Ok(remote_abs_path(session, &cluster.file.remote_path).await?)
+        }
+    }
+}
+
+/// Everything deploy puts at one place, in order; returns the steps and how many containers
+/// changed.
+async fn deploy_place(
+    fleet: &Fleet,
+    conn: &PlaceConn,
+    secrets: &Secrets,
+    gpus: &HashMap<HostRef, Vec<u32>>,
+    options: &DeployOptions,
+    progress: &Progress,
+) -> anyhow::Result<(Vec<String>, usize)> {
+    let cluster = &fleet.cluster;
+    let mut steps = Vec::new();
+    let mut changed = 0;
+    let note = |steps: &mut Vec<String>, changed: &mut usize, name: &str, outcome: Outcome| {
+        let line = format!("{name}: {}", outcome.verb());
+        progress(&conn.label, &line);
+        if outcome != Outcome::Unchanged {
+            *changed += 1;
+        }
+        steps.push(line);
+    };
+    if cluster.file.master.host == conn.place {
+        let broker_image = image_at(fleet, conn, &cluster.file.images.broker, progress).await?;
+        let spec = plan::broker_spec(cluster, secrets, &broker_image);
+        let outcome = containers::ensure(conn.docker.docker(), &spec).await?;
+        note(&mut steps, &mut changed, &spec.name, outcome);
+        let gridq_image = image_at(fleet, conn, &cluster.file.images.gridq, progress).await?;
+        let spec = plan::master_spec(cluster, secrets, &gridq_image);
+        let outcome = containers::ensure(conn.docker.docker(), &spec).await?;
+        note(&mut steps, &mut changed, &spec.name, outcome);
+    }
+    for (i, w) in cluster.file.workers.iter().enumerate() {
+        if w.host != conn.place {
+            continue;
+        }
+        let image_id = image_at(fleet, conn, &cluster.file.images.worker, progress).await?;
+        let project_dir = project_at(fleet, conn, &options.sync, progress).await?;
+        let user = user_ids(conn).await.map_err(anyhow::Error::msg)?;
+        let facts = WorkerFacts {
+            user: Some(user),
+            project_dir,
+            gpus: gpus.get(&w.host).cloned().unwrap_or_default(),
+            image_id,
+        };
+        let specs = plan::worker_specs(cluster, secrets, i, &facts);
+        let wanted: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+        for spec in &specs {
+            let outcome = containers::ensure(conn.docker.docker(), spec).await?;
+            note(&mut steps, &mut changed, &spec.name, outcome);
+        }
+        // Worker containers of this place that the configuration no longer has (a GPU
+        // layout changed): removed.
+        let label = cluster.place_label(w.host);
+        for old in containers::list(conn.docker.docker(), cluster.name(), Some(&label)).await? {
+            if old.role == Role::Worker.as_str() && !wanted.contains(&old.name) {
+                containers::stop_and_remove(conn.docker.docker(), &old.name, 30).await?;
+                let line = format!("{}: removed (no longer configured)", old.name);
+                progress(&conn.label, &line);
+                steps.push(line);
+                changed += 1;
+            }
+        }
+    }
+    Ok((steps, changed))
+}
+
+/// `gridq deploy`: checks, then images, project, broker, master and workers at every place
+/// in parallel, then the health check. Idempotent: what already matches is left running.
+///
+/// # Errors
+/// Preflight failures (nothing was started) as one error listing them all; later failures
+/// are per place in the report.
+pub async fn deploy(
+    fleet: &Fleet,
+    options: &DeployOptions,
+    progress: &Progress,
+) -> anyhow::Result<DeployReport> {
+    let gpus = match preflight(fleet).await {
+        Ok(g) => g,
+        Err(failures) => {
+            anyhow::bail!(
+                "deploy checks failed; nothing was started:\n  {}",
+                failures.join("\n  ")
+            );
+        }
+    };
+    let (secrets, how) = secrets(fleet).await?;
+    progress(
+        "local",
+        &format!(
+            "broker credentials {how} ({})",
+            fleet.cluster.secrets_path().display()
+        ),
+    );
+    let mut tasks = Vec::new();
+    for (place, conn) in &fleet.places {
+        let Ok(conn) = conn else { continue };
+        let (secrets, gpus) = (&secrets, &gpus);
+        tasks.push(async move {
+            let result = deploy_place(fleet, conn, secrets, gpus, options, progress).await;
+            (*place, conn.label.clone(), result)
+        });
+    }
+    let outcomes = futures_util::future::join_all(tasks).await;
+    let mut places = Vec::new();
+    let mut changed = 0;
+    for (_, label, result) in outcomes {
+        match result {
+            Ok((steps, n)) => {
+                changed += n;
+                places.push(PlaceReport {
+                    place: label,
+                    ok: true,
+                    steps,
+                    error: None,
+                });
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                let error = if error.starts_with(&label) {
+                    error
+                } else {
+                    format!("{label}: {error}")
+                };
+                progress(&label, &format!("FAILED: {error}"));
+                places.push(PlaceReport {
+                    place: label,
+                    ok: false,
+                    steps: Vec::new(),
+                    error: Some(error),
+                });
+            }
+        }
+    }
+    let (healthy, workers_online, token) = health(fleet, options.health_timeout, progress).await;
+    Ok(DeployReport {
+        places,
+        changed,
+        workers_online,
+        token,
+        healthy,
+    })
+}
+
+/// Waits until the master sees, for every worker place, as many online workers as it has
+/// containers there; returns whether it did, what it saw, and the token.
+async fn health(
+    fleet: &Fleet,
+    timeout: Duration,
+    progress: &Progress,
+) -> (bool, BTreeMap<String, usize>, Option<String>) {
+    let cluster = &fleet.cluster;
+    let master = cluster.file.master.host;
+    let label = fleet.label(master);
+    let deadline = Instant::now() + timeout;
+    let api = match MasterApi::open(fleet, deadline).await {
+        Ok(api) => api,
+        Err(e) => {
+            progress(&label, &format!("health check: {e:#}"));
+            return (false, BTreeMap::new(), None);
+        }
+    };
+    let mut wanted: BTreeMap<String, usize> = BTreeMap::new();
+    for w in &cluster.file.workers {
+        let Some(conn) = fleet.conn(w.host) else {
+            continue;
+        };
+        let n = containers::list(
+            conn.docker.docker(),
+            cluster.name(),
+            Some(&cluster.place_label(w.host)),
+        )
+        .await
+        .map(|found| found.iter().filter(|c| c.role == "worker").count())
+        .unwrap_or(0);
+        wanted.insert(worker_host_name(cluster, w.host), n);
+    }
+    let mut seen = BTreeMap::new();
+    loop {
+        if let Ok(online) = api.online_workers().await {
+            seen = online;
+            if wanted
+                .iter()
+                .all(|(h, n)| seen.get(h).copied().unwrap_or(0) >= *n)
+            {
+                progress(
+                    &label,
+                    &format!(
+                        "health check passed: {} worker{} online",
+                        seen.values().sum::<usize>(),
+                        if seen.values().sum::<usize>() == 1 {
+                            ""
+                        } else {
+                            "s"
+                        }
+                    ),
+                );
+                return (true, seen, Some(api.token.clone()));
+            }
+        }
+        if Instant::now() >= deadline {
+            let missing: Vec<String> = wanted
+                .iter()
+                .filter(|(h, n)| seen.get(*h).copied().unwrap_or(0) < **n)
+                .map(|(h, n)| format!("{h} ({} of {n} online)", seen.get(h).copied().unwrap_or(0)))
+                .collect();
+            progress(
+                &label,
+                &format!(
+                    "health check failed after {}: workers not seen by the master: {}; see `docker logs` of their containers",
+                    humantime::format_duration(timeout),
+                    missing.join(", ")
+                ),
+            );
+            return (false, seen, Some(api.token.clone()));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The name a worker place reports as its host (`GRIDQ_HOSTNAME`).
+pub fn worker_host_name(cluster: &Cluster, place: HostRef) -> String {
+    cluster
+        .host(place)
+        .map_or_else(|| "local".to_owned(), |h| h.addr.clone())
+}
+
+/// The master's API, reached through an SSH tunnel to the master host's loopback (or
+/// directly for a local master).
+#[derive(Debug)]
+pub struct MasterApi {
+    /// `http://127.0.0.1:PORT` on this machine.
+    pub url: String,
+    /// The token.
+    pub token: String,
+    http: reqwest::Client,
+    _tunnel: Option<crate::tunnel::Tunnel>,
+}
+
+impl MasterApi {
+    /// Opens the tunnel and reads the token from the master's state volume (waiting for the
+    /// master to have written it, until `deadline`).
+    ///
+    /// # Errors
+    /// No connection to the master host, no master container, no token before the deadline.
+    pub async fn open(fleet: &Fleet, deadline: Instant) -> anyhow::Result<Self> {
+        let cluster = &fleet.cluster;
+        let place = cluster.file.master.host;
+        let Some(conn) = fleet.conn(place) else {
+            anyhow::bail!(
+                "{}",
+                fleet
+                    .error(place)
+                    .unwrap_or("the master host is not connected")
+            );
+        };
+        let name = plan::master_name(cluster.name());
+        let token = loop {
+            let read = containers::read_file(
+                conn.docker.docker(),
+                &name,
+                &format!("{}/token", plan::MASTER_STATE),
+            )
+            .await?;
+            if let Some(t) = read.filter(|t| !t.trim().is_empty()) {
+                break t.trim().to_owned();
+            }
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "{}: the master ({name}) has not written its token; is it running? see `docker logs {name}`",
+                    conn.label
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        let port = cluster.file.master.monitor_port;
+        let (url, tunnel) = match &conn.session {
+            None => (format!("http://127.0.0.1:{port}"), None),
+            Some(session) => {
+                let t = crate::tunnel::Tunnel::open(session, port, None).await?;
+                (format!("http://{}", t.local), Some(t))
+            }
+        };
+        Ok(Self {
+            url,
+            token,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+            _tunnel: tunnel,
+        })
+    }
+
+    /// `GET /api/v1{path}` as JSON.
+    ///
+    /// # Errors
+    /// Transport errors and non-2xx answers.
+    pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .get(format!("{}/api/v1{path}", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(resp.json().await?)
+    }
+
+    /// `POST /api/v1{path}` with a JSON body.
+    ///
+    /// # Errors
+    /// Transport errors and non-2xx answers.
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let resp = self
+            .http
+            .post(format!("{}/api/v1{path}", self.url))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(resp.json().await?)
+    }
+
+    /// The raw worker rows.
+    ///
+    /// # Errors
+    /// As for [`MasterApi::get`].
+    pub async fn workers(&self) -> anyhow::Result<Vec<Value>> {
+        let v = self.get("/workers").await?;
+        Ok(v["workers"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Online workers per reported host.
+    ///
+    /// # Errors
+    /// As for [`MasterApi::get`].
+    pub async fn online_workers(&self) -> anyhow::Result<BTreeMap<String, usize>> {
+        let mut by_host = BTreeMap::new();
+        for w in self.workers().await? {
+            if matches!(w["state"].as_str(), Some("online" | "draining")) {
+                *by_host
+                    .entry(w["host"].as_str().unwrap_or_default().to_owned())
+                    .or_insert(0) += 1;
+            }
+        }
+        Ok(by_host)
+    }
+}
+
+/// One place in `gridq status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlaceStatus {
+    /// `host N ...` or `local`.
+    pub place: String,
+    /// Roles configured there.
+    pub roles: Vec<String>,
+    /// Whether SSH and Docker answered.
+    pub reachable: bool,
+    /// Why not.
+    pub error: Option<String>,
+    /// This cluster's containers there.
+    pub containers: Vec<Found>,
+}
+
+/// `gridq status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    /// The cluster's name.
+    pub cluster: String,
+    /// Per place.
+    pub places: Vec<PlaceStatus>,
+    /// The master's view: workers, queues, sweeps (absent when it cannot be reached).
+    pub master: Option<Value>,
+    /// Why the master's view is missing.
+    pub master_error: Option<String>,
+}
+
+/// Gathers `gridq status`: containers at every place, and the master's view.
+///
+/// # Errors
+/// Never for a host: unreachable places are reported in the status.
+pub async fn status(fleet: &Fleet) -> ClusterStatus {
+    let cluster = &fleet.cluster;
+    let mut places = Vec::new();
+    for (place, conn) in &fleet.places {
+        let mut roles = Vec::new();
+        if cluster.file.master.host == *place {
+            roles.extend(["broker".to_owned(), "master".to_owned()]);
+        }
+        if cluster.file.workers.iter().any(|w| w.host == *place) {
+            roles.push("worker".into());
+        }
+        match conn {
+            Ok(conn) => {
+                let label = cluster.place_label(*place);
+                let (containers, error) = match containers::list(
+                    conn.docker.docker(),
+                    cluster.name(),
+                    Some(&label),
+                )
+                .await
+                {
+                    Ok(c) => (c, None),
+                    Err(e) => (Vec::new(), Some(format!("{}: {e}", conn.label))),
+                };
+                places.push(PlaceStatus {
+                    place: conn.label.clone(),
+                    roles,
+                    reachable: error.is_none(),
+                    error,
+                    containers,
+                });
+            }
+            Err(e) => places.push(PlaceStatus {
+                place: fleet.label(*place),
+                roles,
+                reachable: false,
+                error: Some(e.clone()),
+                containers: Vec::new(),
+            }),
+        }
+    }
+    let (master, master_error) = match MasterApi::open(
+        fleet,
+        Instant::now() + Duration::from_secs(2),
+    )
+    .await
+    {
+        Ok(api) => {
+            let view = async {
+                let workers = api.get("/workers").await?;
+                let queues = api.get("/queues").await.unwrap_or(Value::Null);
+                let sweeps = api.get("/sweeps").await?;
+                anyhow::Ok(serde_json::json!({
+                    "url_on_master_host": format!("http://127.0.0.1:{}", cluster.file.master.monitor_port),
+                    "workers": workers["workers"],
+                    "queues": queues,
+                    "sweeps": sweeps["sweeps"],
+                }))
+            };
+            match view.await {
+                Ok(v) => (Some(v), None),
+                Err(e) => (None, Some(format!("{e:#}"))),
+            }
+        }
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
+    ClusterStatus {
+        cluster: cluster.name().to_owned(),
+        places,
+        master,
+        master_error,
+    }
+}
+
+/// How `clean` went at one place.
+#[derive(Debug, Clone, Serialize)]
+pub struct CleanReport {
+    /// `host N ...` or `local`.
+    pub place: String,
+    /// Containers removed.
+    pub removed: Vec<String>,
+    /// Volumes removed (with `--purge`).
+    pub volumes: Vec<String>,
+    /// Whether the synced project was removed (with `--purge`).
+    pub files_removed: bool,
+    /// Why this place was not cleaned (unreachable) or not completely.
+    pub error: Option<String>,
+}
+
+/// `gridq clean`: removes every container labelled with the cluster at every place, in
+/// parallel; with `purge`, also its volumes and the synced project. Unreachable places are
+/// reported, not fatal.
+pub async fn clean(fleet: &Fleet, purge: bool, progress: &Progress) -> Vec<CleanReport> {
+    let cluster = &fleet.cluster;
+    let tasks = fleet.places.iter().map(|(place, conn)| async move {
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                return CleanReport {
+                    place: fleet.label(*place),
+                    removed: Vec::new(),
+                    volumes: Vec::new(),
+                    files_removed: false,
+                    error: Some(e.clone()),
+                };
+            }
+        };
+        let mut report = CleanReport {
+            place: conn.label.clone(),
+            removed: Vec::new(),
+            volumes: Vec::new(),
+            files_removed: false,
+            error: None,
+        };
+        let work = async {
+            let docker = conn.docker.docker();
+            // This place's containers, and orphans whose host is no longer configured. (Hosts
+            // may share an engine, as the test hosts do: each removes only its own.)
+            let own = cluster.place_label(*place);
+            let known: Vec<String> = cluster
+                .places()
+                .into_iter()
+                .map(|p| cluster.place_label(p))
+                .collect();
+            let found: Vec<Found> = containers::list(docker, cluster.name(), None)
+                .await?
+                .into_iter()
+                .filter(|c| c.host == own || !known.contains(&c.host))
+                .collect();
+            let removals = found.iter().map(|c| async move {
+                containers::stop_and_remove(docker, &c.name, 30)
+                    .await
+                    .map(|()| c.name.clone())
+            });
+            for r in futures_util::future::join_all(removals).await {
+                let name = r?;
+                progress(&conn.label, &format!("{name}: removed"));
+                report.removed.push(name);
+            }
+            if purge {
+                for v in containers::list_volumes(docker, cluster.name(), Some(&own)).await? {
+                    containers::remove_volume(docker, &v).await?;
+                    progress(&conn.label, &format!("volume {v}: removed"));
+                    report.volumes.push(v);
+                }
+                let is_worker = cluster.file.workers.iter().any(|w| w.host == *place);
+                if let (true, Some(session)) = (is_worker, &conn.session) {
+                    crate::sync::remove_remote(session, &cluster.file.remote_path).await?;
+                    progress(
+                        &conn.label,
+                        &format!("{}: removed", cluster.file.remote_path),
+                    );
+                    report.files_removed = true;
+                }
+            }
+            anyhow::Ok(())
+        };
+        if let Err(e) = work.await {
+            let msg = format!("{e:#}");
+            report.error = Some(if msg.starts_with(&conn.label) {
+                msg
+            } else {
+                format!("{}: {msg}", conn.label)
+            });
+        }
+        report
+    });
+    futures_util::future::join_all(tasks).await
+}
+
+/// How `update` went.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpdateReport {
+    /// Worker containers restarted, in order.
+    pub restarted: Vec<String>,
+    /// Failures, each naming its host.
+    pub errors: Vec<String>,
+}
+
+/// `gridq update`: syncs the project to every worker place, then restarts the worker
+/// containers one at a time (rolling). A stopped worker hands its running jobs back
+/// (`--on-stop requeue`), so they run again elsewhere as new attempts; each new worker must be
+/// online before the next one stops.
+///
+/// # Errors
+/// Preflight-like failures before anything was restarted.
+pub async fn update(
+    fleet: &Fleet,
+    options: &DeployOptions,
+    progress: &Progress,
+) -> anyhow::Result<UpdateReport> {
+    let cluster = &fleet.cluster;
+    let (secrets, _) = secrets(fleet).await?;
+    let gpus = preflight(fleet).await.unwrap_or_default();
+    let deadline = Instant::now() + options.health_timeout;
+    let api = MasterApi::open(fleet, deadline).await?;
+    let mut report = UpdateReport {
+        restarted: Vec::new(),
+        errors: Vec::new(),
+    };
+    // Sync everywhere first (in parallel), so every restarted worker sees the new project.
+    let mut facts: HashMap<HostRef, Result<WorkerFacts, String>> = HashMap::new();
+    let syncs = cluster.file.workers.iter().map(|w| async {
+        let place = w.host;
+        let Some(conn) = fleet.conn(place) else {
+            return (
+                place,
+                Err(fleet.error(place).unwrap_or("not connected").to_owned()),
+            );
+        };
+        let work = async {
+            let image_id = image_at(fleet, conn, &cluster.file.images.worker, progress).await?;
+            let project_dir = project_at(fleet, conn, &options.sync, progress).await?;
+            let user = user_ids(conn).await.map_err(anyhow::Error::msg)?;
+            anyhow::Ok(WorkerFacts {
+                user: Some(user),
+                project_dir,
+                gpus: gpus.get(&place).cloned().unwrap_or_default(),
+                image_id,
+            })
+        };
+        (
+            place,
+            work.await.map_err(|e| format!("{}: {e:#}", conn.label)),
+        )
+    });
+    for (place, f) in futures_util::future::join_all(syncs).await {
+        facts.insert(place, f);
+    }
+    for (i, w) in cluster.file.workers.iter().enumerate() {
+        let conn = match (fleet.conn(w.host), facts.get(&w.host)) {
+            (Some(conn), Some(Ok(_))) => conn,
+            (_, Some(Err(e))) => {
+                report.errors.push(e.clone());
+                continue;
+            }
+            _ => continue,
+        };
+        let Some(Ok(f)) = facts.get(&w.host) else {
+            continue;
+        };
+        let host_name = worker_host_name(cluster, w.host);
+        for spec in plan::worker_specs(cluster, &secrets, i, f) {
+            let before: Vec<String> = api
+                .workers()
+                .await
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|w| w["id"].as_str().map(str::to_owned))
+                .collect();
+            let step = async {
+                progress(
+                    &conn.label,
+                    &format!("{}: stopping (jobs handed back)", spec.name),
+                );
+                containers::stop_and_remove(conn.docker.docker(), &spec.name, spec.stop_timeout)
+                    .await?;
+                containers::create_and_start(conn.docker.docker(), &spec).await?;
+                // The new worker: online, with an id not seen before the restart.
+                loop {
+                    let rows = api.workers().await.unwrap_or_default();
+                    let fresh = rows.iter().any(|r| {
+                        r["host"].as_str() == Some(host_name.as_str())
+                            && matches!(r["state"].as_str(), Some("online"))
+                            && r["id"]
+                                .as_str()
+                                .is_some_and(|id| !before.iter().any(|b| b == id))
+                    });
+                    if fresh {
+                        break;
+                    }
+                    if Instant::now() >= deadline + options.health_timeout {
+                        anyhow::bail!(
+                            "{}: the restarted worker did not come online; see `docker logs {}`",
+                            spec.name,
+                            spec.name
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                anyhow::Ok(())
+            };
+            match step.await {
+                Ok(()) => {
+                    progress(&conn.label, &format!("{}: restarted, online", spec.name));
+                    report.restarted.push(spec.name.clone());
+                }
+                Err(e) => report.errors.push(format!("{}: {e:#}", conn.label)),
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Where `gridq deploy` saves the cluster file by default.
+pub fn default_cluster_path(project: &std::path::Path) -> PathBuf {
+    project.join(config::CLUSTER_FILE)
+}
+
+/// A free port on this machine's loopback (for a tunnel's local end).
+pub fn free_local_port() -> std::io::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    l.local_addr()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_ports_come_from_proc_net_tcp() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:2A3A 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0\n   1: 0100007F:9C40 0100007F:2A3A 01 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0\n   0: 00000000000000000000000000000000:1628 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0000000000000000 100 0 0 10 0\n";
+        assert_eq!(parse_listening(text), vec![5672, 10810]);
+    }
+}

@@ -1,0 +1,689 @@
+//! End to end: `gridq deploy`, `submit`, `status`, `monitor`, `update` and `clean` against
+//! three real sshd hosts (127.0.0.2-4, each its own user and home) sharing this machine's
+//! Docker engine, with the images built offline by scripts/build-images.sh.
+//!
+//! One cluster goes through its whole life in [`cluster_lifecycle`] (deploy, the echo sweep,
+//! a re-deploy that restarts nothing, status, the monitor tunnel, a worker container removed
+//! mid-sweep, an update mid-sweep, clean twice, purge); [`deploy_errors`] checks that each
+//! bad setup is refused before anything starts, with its message. Every cluster has its own
+//! name (labels, container names) and ports, and is removed at the end, even on failure.
+
+mod hosts;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn gridq() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gridq"))
+}
+
+/// The images to deploy: scripts/test.sh names them in GRIDQ_TEST_IMAGES_ENV; the `:local`
+/// tags otherwise.
+fn images() -> [(String, String); 3] {
+    let mut found: BTreeMap<String, String> = BTreeMap::new();
+    if let Ok(path) = std::env::var("GRIDQ_TEST_IMAGES_ENV") {
+        let text = std::fs::read_to_string(&path).expect("images env file");
+        for line in text.lines() {
+            if let Some((k, v)) = line.split_once('=') {
+                found.insert(k.trim().to_owned(), v.trim().trim_matches('"').to_owned());
+            }
+        }
+    }
+    let get = |k: &str, d: &str| found.get(k).cloned().unwrap_or_else(|| d.to_owned());
+    let list = [
+        (
+            "--gridq-image".to_owned(),
+            get("GRIDQ_IMAGE", "gridq:local"),
+        ),
+        (
+            "--worker-image".to_owned(),
+            get("GRIDQ_WORKER_IMAGE", "gridq-worker:local"),
+        ),
+        (
+            "--broker-image".to_owned(),
+            get("GRIDQ_RABBITMQ_IMAGE", "gridq-rabbitmq:local"),
+        ),
+    ];
+    for (_, image) in &list {
+        let ok = Command::new("docker")
+            .args(["image", "inspect", "--format", "{{.Id}}", image])
+            .output()
+            .expect("docker")
+            .status
+            .success();
+        assert!(
+            ok,
+            "image {image} is missing: build it with scripts/build-images.sh (scripts/test.sh does)"
+        );
+    }
+    list
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A test cluster: its project copy, name, ports, and the flags that reach the test hosts.
+struct TestCluster {
+    name: String,
+    dir: tempfile::TempDir,
+    context: PathBuf,
+    ports: [u16; 3],
+}
+
+impl TestCluster {
+    fn new(tag: &str) -> Self {
+        let name = format!("t{tag}-{}", std::process::id());
+        let dir = tempfile::tempdir().unwrap();
+        let project = dir.path().join("project");
+        copy_dir(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../projects/echo"),
+            &project,
+        );
+        // A longer sweep for the mid-sweep tests: 24 jobs of about 1.5 s.
+        std::fs::write(
+            project.join("long.yaml"),
+            "name: long\ncommand: python3 echo.py {args}\nparameters:\n  word: [a, b, c, d, e, f]\n  n: [1, 2, 3, 4]\n  lines: 3\n  sleep: 0.5\n",
+        )
+        .unwrap();
+        let context = dir.path().join("context.json");
+        Self {
+            name,
+            dir,
+            context,
+            ports: [free_port(), free_port(), free_port()],
+        }
+    }
+
+    fn project(&self) -> PathBuf {
+        self.dir.path().join("project")
+    }
+
+    fn file(&self) -> PathBuf {
+        self.project().join("gridq-cluster.yaml")
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = gridq();
+        c.env("GRIDQ_CONTEXT", &self.context)
+            .env_remove("GRIDQ_MASTER")
+            .env_remove("GRIDQ_TOKEN")
+            .env_remove("GRIDQ_CLUSTER")
+            .env_remove("GRIDQ_IMAGE")
+            .env_remove("GRIDQ_WORKER_IMAGE")
+            .env_remove("GRIDQ_RABBITMQ_IMAGE")
+            .env("RUST_LOG", "warn");
+        c
+    }
+
+    /// `gridq deploy` with the test hosts, this cluster's name and ports, and `extra`.
+    fn deploy_args(&self, hosts_list: &str, master: &str, workers: &str) -> Vec<String> {
+        let h = hosts::hosts();
+        let key = &h.docker[0].key;
+        let known = &h.docker[0].known_hosts;
+        let mut args: Vec<String> = vec![
+            "deploy".into(),
+            "-a".into(),
+            hosts_list.into(),
+            "-i".into(),
+            key.display().to_string(),
+            "--known-hosts".into(),
+            known.display().to_string(),
+            "--ssh-config".into(),
+            "none".into(),
+            "-d".into(),
+            self.project().display().to_string(),
+            "-m".into(),
+            master.into(),
+            "-w".into(),
+            workers.into(),
+            "--slots".into(),
+            "2".into(),
+            "--name".into(),
+            self.name.clone(),
+            "--broker-port".into(),
+            self.ports[0].to_string(),
+            "--management-port".into(),
+            self.ports[1].to_string(),
+            "--monitor-port".into(),
+            self.ports[2].to_string(),
+            "--heartbeat-timeout".into(),
+            "5s".into(),
+            "--health-timeout".into(),
+            "120s".into(),
+        ];
+        for (flag, image) in images() {
+            args.push(flag);
+            args.push(image);
+        }
+        args
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd()
+            .args(args)
+            .current_dir(self.project())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "gridq {args:?} failed:\n{}",
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).expect("JSON output")
+    }
+
+    /// `(name, role, host label)` of every container carrying this cluster's label.
+    fn containers(&self) -> BTreeSet<(String, String, String)> {
+        let out = Command::new("docker")
+            .args([
+                "ps",
+                "-a",
+                "--filter",
+                &format!("label=gridq.cluster={}", self.name),
+                "--format",
+                "{{.Names}}\t{{.Label \"gridq.role\"}}\t{{.Label \"gridq.host\"}}",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split('\t');
+                Some((
+                    f.next()?.to_owned(),
+                    f.next()?.to_owned(),
+                    f.next()?.to_owned(),
+                ))
+            })
+            .collect()
+    }
+
+    fn volumes(&self) -> Vec<String> {
+        let out = Command::new("docker")
+            .args([
+                "volume",
+                "ls",
+                "-q",
+                "--filter",
+                &format!("label=gridq.cluster={}", self.name),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Container name → (ID, StartedAt).
+    fn starts(&self) -> BTreeMap<String, String> {
+        self.containers()
+            .into_iter()
+            .map(|(name, _, _)| {
+                let out = Command::new("docker")
+                    .args(["inspect", "--format", "{{.Id}} {{.State.StartedAt}}", &name])
+                    .output()
+                    .unwrap();
+                (name, String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            })
+            .collect()
+    }
+
+    /// The sweep's row in `gridq status --json`.
+    fn sweep(&self, name: &str) -> Value {
+        let st = self.json(&["status", "--json"]);
+        st["master"]["sweeps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// Waits until `cond` holds on the sweep's row.
+    fn wait_sweep(&self, name: &str, what: &str, limit: Duration, cond: impl Fn(&Value) -> bool) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let row = self.sweep(name);
+            if cond(&row) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sweep {name}: {what} not reached within {limit:?}; last seen: {row}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// The results of a sweep, one JSON object per job.
+    fn results(&self, sweep: &str) -> Vec<Value> {
+        self.ok(&["results", sweep, "--format", "jsonl"])
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        // Whatever the test did, nothing of this cluster stays behind.
+        for (name, _, _) in self.containers() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f", "-v", &name])
+                .output();
+        }
+        for v in self.volumes() {
+            let _ = Command::new("docker")
+                .args(["volume", "rm", "-f", &v])
+                .output();
+        }
+        for h in &hosts::hosts().docker {
+            let _ = h.run(
+                ["rm", "-rf", "--", &format!("gridq/{}", self.name)],
+                b"",
+                Duration::from_secs(30),
+            );
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Checks a finished sweep: every job exactly once, succeeded; returns the attempt counts.
+fn check_complete(results: &[Value], expected_jobs: usize) -> BTreeMap<String, u64> {
+    let ids: BTreeSet<&str> = results.iter().filter_map(|r| r["id"].as_str()).collect();
+    assert_eq!(
+        results.len(),
+        expected_jobs,
+        "one row per job: {results:#?}"
+    );
+    assert_eq!(ids.len(), expected_jobs, "no job twice");
+    for r in results {
+        assert_eq!(r["state"], "succeeded", "{r}");
+    }
+    results
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_owned(),
+                r["attempt"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn cluster_lifecycle() {
+    let h = hosts::hosts();
+    let list = h
+        .docker
+        .iter()
+        .map(hosts::TestHost::target)
+        .collect::<Vec<_>>()
+        .join(",");
+    let c = TestCluster::new("life");
+
+    // 1. deploy, then the echo sweep, and its results.
+    let args = c.deploy_args(&list, "1", "1,2,3");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = c.ok(&args);
+    assert!(out.contains("workers online: 3"), "{out}");
+    assert!(out.contains("5 containers changed"), "{out}");
+    assert!(
+        c.file().exists(),
+        "the configuration is saved in the project"
+    );
+    let labels: Vec<String> = h.docker.iter().map(hosts::TestHost::target).collect();
+    let want: BTreeSet<(String, String, String)> = [
+        (format!("gridq-{}-broker", c.name), "broker", &labels[0]),
+        (format!("gridq-{}-master", c.name), "master", &labels[0]),
+        (format!("gridq-{}-worker-1", c.name), "worker", &labels[0]),
+        (format!("gridq-{}-worker-2", c.name), "worker", &labels[1]),
+        (format!("gridq-{}-worker-3", c.name), "worker", &labels[2]),
+    ]
+    .into_iter()
+    .map(|(n, r, h)| (n, r.to_owned(), h.clone()))
+    .collect();
+    assert_eq!(c.containers(), want);
+    // The project reached every host, without what .gridq holds (the secrets).
+    for host in &h.docker {
+        let out = host.run(
+            ["find", &format!("gridq/{}", c.name), "-type", "f"],
+            b"",
+            Duration::from_secs(30),
+        );
+        let files: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.rsplit('/').next().unwrap_or(l).to_owned())
+            .collect();
+        assert!(
+            files.contains("echo.py") && files.contains("long.yaml"),
+            "{files:?}"
+        );
+        assert!(!files.iter().any(|f| f.contains("secrets")), "{files:?}");
+    }
+
+    let out = c.ok(&["submit", "sweep.yaml", "--watch"]);
+    assert!(out.contains("6 new"), "{out}");
+    let results = c.results("echo");
+    check_complete(&results, 6);
+    let got: BTreeSet<(String, i64)> = results
+        .iter()
+        .map(|r| {
+            let p = &r["result"]["params"];
+            (
+                p["word"].as_str().unwrap_or("").to_owned(),
+                p["n"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let expected: BTreeSet<(String, i64)> = ["alpha", "beta", "gamma"]
+        .iter()
+        .flat_map(|w| [1, 2].map(|n| ((*w).to_owned(), n)))
+        .collect();
+    assert_eq!(got, expected, "each job's own parameters came back");
+
+    // 2. deploy again with the saved configuration: nothing restarted.
+    let before = c.starts();
+    let out = c.ok(&["deploy", "-f", "-d", c.project().to_str().unwrap()]);
+    assert!(out.contains("0 containers changed"), "{out}");
+    assert_eq!(
+        c.starts(),
+        before,
+        "no container was recreated or restarted"
+    );
+
+    // 3. status: every host, its containers, the master's view.
+    let st = c.json(&["status", "--json"]);
+    let places = st["places"].as_array().unwrap();
+    assert_eq!(places.len(), 3, "{st}");
+    for (p, n) in places.iter().zip([3, 1, 1]) {
+        assert_eq!(p["reachable"], true, "{p}");
+        let containers = p["containers"].as_array().unwrap();
+        assert_eq!(containers.len(), n, "{p}");
+        assert!(containers.iter().all(|c| c["state"] == "running"), "{p}");
+    }
+    let online = st["master"]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "online")
+        .count();
+    assert_eq!(online, 3, "{st}");
+    let echo = c.sweep("echo");
+    assert_eq!(echo["counts"]["succeeded"], 6, "{echo}");
+
+    // The monitor, through its tunnel, with the token.
+    let mut monitor = c
+        .cmd()
+        .args(["monitor", "--json"])
+        .current_dir(c.project())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(monitor.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let m: Value = serde_json::from_str(&line).expect("monitor --json line");
+    let url = m["url"].as_str().unwrap();
+    let token = m["token"].as_str().unwrap();
+    let health = Command::new("curl")
+        .args(["-fsS", "-H", &format!("Authorization: Bearer {token}")])
+        .arg(format!("{url}api/v1/workers"))
+        .output()
+        .unwrap();
+    assert!(health.status.success(), "{}", text(&health));
+    let workers: Value = serde_json::from_slice(&health.stdout).unwrap();
+    assert_eq!(workers["workers"].as_array().map(Vec::len), Some(3));
+    let refused = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("{url}api/v1/workers"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&refused.stdout), "401");
+    let _ = nix_kill(&monitor);
+    let _ = monitor.wait();
+
+    // 4. a worker host's container removed mid-sweep: every job completes exactly once.
+    c.ok(&["submit", "long.yaml"]);
+    c.wait_sweep("long", "jobs running", Duration::from_secs(60), |s| {
+        s["counts"]["running"].as_u64().unwrap_or(0) >= 4
+    });
+    let victim = format!("gridq-{}-worker-2", c.name);
+    let rm = Command::new("docker")
+        .args(["rm", "-f", &victim])
+        .output()
+        .unwrap();
+    assert!(rm.status.success(), "{}", text(&rm));
+    c.wait_sweep("long", "24 succeeded", Duration::from_secs(180), |s| {
+        s["counts"]["succeeded"] == 24
+    });
+    let attempts = check_complete(&c.results("long"), 24);
+    assert!(
+        attempts.values().any(|a| *a >= 2),
+        "the jobs that were running on the removed worker ran again: {attempts:?}"
+    );
+    // A re-deploy repairs exactly what is missing.
+    let before = c.starts();
+    let out = c.ok(&["deploy", "-f", "-d", c.project().to_str().unwrap()]);
+    assert!(out.contains("1 container changed"), "{out}");
+    let after = c.starts();
+    assert_eq!(after.len(), 5);
+    for (name, started) in &before {
+        assert_eq!(after.get(name), Some(started), "{name} was left alone");
+    }
+
+    // 5. update mid-sweep: a rolling restart of the workers, no job lost.
+    std::fs::write(
+        c.project().join("long2.yaml"),
+        std::fs::read_to_string(c.project().join("long.yaml"))
+            .unwrap()
+            .replace("name: long", "name: long2"),
+    )
+    .unwrap();
+    c.ok(&["submit", "long2.yaml"]);
+    c.wait_sweep("long2", "jobs running", Duration::from_secs(60), |s| {
+        s["counts"]["running"].as_u64().unwrap_or(0) >= 2
+    });
+    let before = c.starts();
+    let out = c.ok(&["update"]);
+    assert!(out.contains("3 worker containers restarted"), "{out}");
+    let after = c.starts();
+    for n in 1..=3 {
+        let name = format!("gridq-{}-worker-{n}", c.name);
+        assert_ne!(after.get(&name), before.get(&name), "{name} was restarted");
+    }
+    for role in ["broker", "master"] {
+        let name = format!("gridq-{}-{role}", c.name);
+        assert_eq!(after.get(&name), before.get(&name), "{name} was left alone");
+    }
+    c.wait_sweep("long2", "24 succeeded", Duration::from_secs(180), |s| {
+        s["counts"]["succeeded"] == 24
+    });
+    check_complete(&c.results("long2"), 24);
+
+    // 6. clean: nothing labelled with the cluster is left; clean again is fine; purge.
+    let out = c.ok(&["clean"]);
+    assert!(out.contains("5 containers removed"), "{out}");
+    assert!(c.containers().is_empty(), "{:?}", c.containers());
+    assert_eq!(c.volumes().len(), 2, "volumes are kept without --purge");
+    let out = c.ok(&["clean"]);
+    assert!(out.contains("0 containers removed"), "{out}");
+    let out = c.ok(&["clean", "--purge"]);
+    assert!(out.contains("2 volumes removed"), "{out}");
+    assert!(c.volumes().is_empty());
+    for host in &h.docker {
+        let out = host.run(
+            ["test", "-e", &format!("gridq/{}", c.name)],
+            b"",
+            Duration::from_secs(30),
+        );
+        assert_eq!(out.status.code(), Some(1), "the synced project is gone");
+    }
+}
+
+fn nix_kill(child: &std::process::Child) -> std::io::Result<()> {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    assert!(status.success());
+    Ok(())
+}
+
+#[test]
+fn deploy_errors() {
+    let h = hosts::hosts();
+    let h1 = &h.docker[0];
+
+    // An unreachable host (nothing listens on 127.0.0.9).
+    let c = TestCluster::new("err1");
+    let bad = format!("{}@127.0.0.9:{}", h1.user, h1.port);
+    let args = c.deploy_args(&format!("{},{bad}", h1.target()), "1", "1,2");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = c.run(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("deploy checks failed; nothing was started"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("host 2 {bad}: unreachable (")),
+        "the message names the host: {err}"
+    );
+    assert!(
+        err.contains("check the address and port, and that sshd is running there"),
+        "{err}"
+    );
+    assert!(c.containers().is_empty());
+
+    // A host whose user may not use Docker.
+    let args = c.deploy_args(
+        &format!("{},{}", h1.target(), h.nodocker.target()),
+        "1",
+        "1,2",
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = c.run(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let user = &h.nodocker.user;
+    assert!(
+        err.contains(&format!(
+            "host 2 {}: permission denied on the Docker socket",
+            h.nodocker.target()
+        )) && err.contains(&format!(
+            "add {user} to the docker group: `sudo usermod -aG docker {user}`"
+        )),
+        "{err}"
+    );
+    assert!(c.containers().is_empty());
+
+    // A taken port on the master host.
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut args = c.deploy_args(&h1.target(), "1", "1");
+    let i = args.iter().position(|a| a == "--broker-port").unwrap();
+    args[i + 1] = port.to_string();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = c.run(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "host 1 {}: port {port} is taken (master.broker_port (AMQP)): another program listens on it; stop it or pick another port in the cluster file",
+            h1.target()
+        )),
+        "{err}"
+    );
+    assert!(c.containers().is_empty());
+    drop(taken);
+
+    // A key the hosts do not accept.
+    let keydir = tempfile::tempdir().unwrap();
+    let key = keydir.path().join("other");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", text(&made));
+    let mut args = c.deploy_args(&h1.target(), "1", "1");
+    let i = args.iter().position(|a| a == "-i").unwrap();
+    args[i + 1] = key.display().to_string();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = c.run(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("host 1 {}: authentication failed", h1.target()))
+            && err.contains(&format!(
+                "{} is not accepted for {}",
+                key.display(),
+                h1.user
+            )),
+        "{err}"
+    );
+    assert!(c.containers().is_empty());
+
+    // Bad flags and a bad cluster file: exit 2, nothing touched.
+    let out = c.run(&["deploy", "-a", &h1.target(), "-m", "3", "-w", "1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: command line: master.host: host 3 does not exist: 1 host is listed"
+    );
+    std::fs::write(c.file(), "name: x\nremote_path: p\nhosts: []\nmaster: {host: local}\nworkers: [{host: local, slot: 2}]\n").unwrap();
+    let out = c.run(&["deploy", "-f", "-d", c.project().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gridq-cluster.yaml: workers[0]: unknown field `slot`")
+            || err.contains("unknown field `slot`"),
+        "{err}"
+    );
+    assert!(err.contains("line 5"), "{err}");
+}
