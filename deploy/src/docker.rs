@@ -7,8 +7,9 @@
 //! to its daemon's socket and copies bytes between that socket and its stdin/stdout, so each
 //! HTTP connection of bollard's hyper client is one SSH channel with one `dial-stdio` on it. A
 //! channel on an open connection costs a round trip, not a login. Connections are pooled for
-//! [`POOL_IDLE`] and at most [`MAX_CHANNELS`] are open per host at once, which leaves room in
-//! sshd's `MaxSessions` (10 by default) for the other commands sharing the session. When a
+//! [`POOL_IDLE`] and at most [`MAX_CHANNELS`] are open per host at once (more requests wait
+//! for one), which leaves room in sshd's `MaxSessions` (10 by default) for the other commands
+//! sharing the session. When a
 //! `dial-stdio` ends (the daemon closed the connection) the stream reads EOF, hyper drops the
 //! connection from its pool, and further writes fail instead of vanishing; shutting down the
 //! write half closes the remote stdin, which is how `dial-stdio` learns the client is done.
@@ -84,7 +85,7 @@ pub type Result<T, E = DockerError> = std::result::Result<T, E>;
 pub enum DockerError {
     /// There is no `docker` program on the host.
     #[error(
-        "{host}: Docker is not installed (no `docker` on {user}'s PATH there); install Docker Engine: https://docs.docker.com/engine/install/"
+        "{host}: Docker is not installed (no `docker` on {user}'s PATH there); install Docker Engine there (e.g. Debian's docker.io package) and add {user} to the docker group"
     )]
     NotInstalled {
         /// The host's label.
@@ -181,11 +182,13 @@ impl DockerError {
         match self {
             Self::DaemonNotRunning { .. } | Self::Timeout { .. } => true,
             Self::Ssh(e) => e.is_retryable(),
-            // Answered by the daemon: a refusal that stands. Otherwise the connection broke.
-            Self::Api { error, .. } => !matches!(
+            // The connection broke before an answer; a refusal by the daemon stands.
+            Self::Api { error, .. } => matches!(
                 error,
-                BollardError::DockerResponseServerError { .. }
-                    | BollardError::DockerStreamError { .. }
+                BollardError::HyperLegacyError { .. }
+                    | BollardError::HyperResponseError { .. }
+                    | BollardError::IOError { .. }
+                    | BollardError::RequestTimeoutError
             ),
             _ => false,
         }
@@ -492,7 +495,7 @@ impl DialStdio {
             .await
             .map_err(|e| {
                 io::Error::other(format!(
-                    "{who}: cannot start `docker system dial-stdio`: {}",
+                    "cannot start `docker system dial-stdio` over SSH: {}",
                     error_chain(&e)
                 ))
             })?;

@@ -133,7 +133,7 @@ impl Fleet {
                             session: None,
                             docker,
                         })
-                        .map_err(|e| format!("local: {e}")),
+                        .map_err(|e| e.to_string()),
                     Some(Err(e)) => Err(e.to_string()),
                     Some(Ok(session)) => {
                         let label = session.who();
