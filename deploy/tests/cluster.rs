@@ -642,6 +642,22 @@ fn deploy_errors() {
     assert!(c.containers().is_empty());
     drop(taken);
 
+    // GPUs wanted where Docker has no NVIDIA runtime.
+    let mut args = c.deploy_args(&h1.target(), "1", "1");
+    args.extend(["--gpus".to_owned(), "all".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = c.run(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "host 1 {}: workers[1].gpus: Docker has no NVIDIA runtime: install the NVIDIA Container Toolkit and run `nvidia-ctk runtime configure --runtime=docker`",
+            h1.target()
+        )),
+        "{err}"
+    );
+    assert!(c.containers().is_empty());
+
     // A key the hosts do not accept.
     let keydir = tempfile::tempdir().unwrap();
     let key = keydir.path().join("other");
