@@ -489,9 +489,32 @@ fn cluster_lifecycle() {
 
     // 4. a worker host's container removed mid-sweep: every job completes exactly once.
     c.ok(&["submit", "long.yaml"]);
-    c.wait_sweep("long", "jobs running", Duration::from_secs(60), |s| {
-        s["counts"]["running"].as_u64().unwrap_or(0) >= 4
-    });
+    // Until host 2's worker runs jobs, as its heartbeats say.
+    let h2 = &h.docker[1].addr;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = c.json(&["status", "--json"]);
+        let busy = st["master"]["workers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|w| {
+                w["host"] == h2.as_str()
+                    && w["state"] == "online"
+                    && w["info"]["running"]
+                        .as_array()
+                        .is_some_and(|r| !r.is_empty())
+            });
+        if busy {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "host 2's worker never ran a job: {}",
+            st["master"]["workers"]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let victim = format!("gridq-{}-worker-2", c.name);
     let rm = Command::new("docker")
         .args(["rm", "-f", &victim])

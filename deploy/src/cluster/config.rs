@@ -717,9 +717,12 @@ mod tests {
             let e = file(&text).resolve(Path::new("/p"), "c.yaml").unwrap_err();
             assert_eq!(e.to_string(), want);
         }
-        let e = ClusterFile::parse(&BASIC.replace("workers: [{host: 1}", "workers: [{host: 0}"), "c.yaml")
-            .unwrap_err()
-            .to_string();
+        let e = ClusterFile::parse(
+            &BASIC.replace("workers: [{host: 1}", "workers: [{host: 0}"),
+            "c.yaml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("hosts are numbered from 1"), "{e}");
         let e = ClusterFile::parse(
             &BASIC.replace(
