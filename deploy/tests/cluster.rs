@@ -708,6 +708,36 @@ fn deploy_errors() {
     );
     assert!(c.containers().is_empty());
 
+    // clean with an unreachable host: reported, and the reachable hosts are still cleaned.
+    let args = c.deploy_args(&h1.target(), "1", "1");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.ok(&args);
+    assert_eq!(c.containers().len(), 3);
+    let saved = std::fs::read_to_string(c.file()).unwrap();
+    let with_bad = saved.replacen(
+        &format!("- {}\n", h1.target()),
+        &format!("- {}\n- {bad}\n", h1.target()),
+        1,
+    );
+    assert_ne!(with_bad, saved);
+    let with_bad = with_bad.replacen("workers:\n", "workers:\n- host: 2\n", 1);
+    std::fs::write(c.file(), with_bad).unwrap();
+    let out = c.run(&["clean"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "warning: not cleaned: host 2 {bad}: unreachable ("
+        )),
+        "{err}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("3 containers removed"),
+        "{}",
+        text(&out)
+    );
+    assert!(c.containers().is_empty());
+
     // Bad flags and a bad cluster file: exit 2, nothing touched.
     let out = c.run(&["deploy", "-a", &h1.target(), "-m", "3", "-w", "1"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
