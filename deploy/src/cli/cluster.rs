@@ -281,14 +281,12 @@ impl DeployArgs {
         if let Some(t) = self.heartbeat_timeout {
             m.heartbeat_timeout = t;
         }
-        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let abs = |p: &PathBuf| -> PathBuf {
             if p.as_os_str() == "none" {
                 return p.clone();
             }
             std::path::absolute(p).unwrap_or_else(|_| p.clone())
         };
-        let _ = base;
         if let Some(k) = &self.identity {
             file.ssh.identity = Some(abs(k));
         }

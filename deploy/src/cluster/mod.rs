@@ -259,9 +259,8 @@ pub struct DeployOptions {
 pub async fn preflight(fleet: &Fleet) -> Result<HashMap<HostRef, Vec<u32>>, Vec<String>> {
     let cluster = &fleet.cluster;
     let mut failures = Vec::new();
-    for (place, conn) in &fleet.places {
+    for (_, conn) in &fleet.places {
         if let Err(e) = conn {
-            let _ = place;
             failures.push(e.clone());
         }
     }
