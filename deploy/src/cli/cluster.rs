@@ -88,9 +88,8 @@ pub(crate) struct DeployArgs {
     /// The hosts, comma-separated: `[user@]host[:port],...`, numbered from 1.
     #[arg(short = 'a', long = "hosts", env = "GRIDQ_HOSTS", value_name = "HOSTS")]
     hosts: Option<String>,
-    /// The private key to log in with.
-    #[arg(short = 'i', long, env = "GRIDQ_IDENTITY", value_name = "KEY")]
-    identity: Option<PathBuf>,
+    #[command(flatten)]
+    login: super::probe::LoginArgs,
     /// Where the project goes on the hosts, relative to the remote home (default gridq/NAME).
     #[arg(short = 'r', long, value_name = "PATH")]
     remote_path: Option<String>,
@@ -149,15 +148,6 @@ pub(crate) struct DeployArgs {
     /// Pull missing images from a registry instead of sending them from this machine.
     #[arg(long)]
     pull: bool,
-    /// The known_hosts file host keys are checked against.
-    #[arg(long, env = "GRIDQ_KNOWN_HOSTS", value_name = "FILE")]
-    known_hosts: Option<PathBuf>,
-    /// Add keys of hosts not yet in known_hosts (a changed key is still refused).
-    #[arg(long)]
-    accept_new_host_keys: bool,
-    /// An ssh config file instead of ~/.ssh/config; `none` for none.
-    #[arg(long, env = "GRIDQ_SSH_CONFIG", value_name = "FILE")]
-    ssh_config: Option<PathBuf>,
     /// How the project is copied.
     #[arg(long, value_enum, default_value_t = SyncArg::Auto)]
     sync: SyncArg,
@@ -287,16 +277,16 @@ impl DeployArgs {
             }
             std::path::absolute(p).unwrap_or_else(|_| p.clone())
         };
-        if let Some(k) = &self.identity {
+        if let Some(k) = &self.login.identity {
             file.ssh.identity = Some(abs(k));
         }
-        if let Some(k) = &self.known_hosts {
+        if let Some(k) = &self.login.known_hosts {
             file.ssh.known_hosts = Some(abs(k));
         }
-        if let Some(c) = &self.ssh_config {
+        if let Some(c) = &self.login.ssh_config {
             file.ssh.config = Some(abs(c));
         }
-        if self.accept_new_host_keys {
+        if self.login.accept_new_host_keys {
             file.ssh.accept_new_host_keys = true;
         }
         if let Some(i) = &self.gridq_image {

@@ -16,26 +16,34 @@ use super::Failure;
 use crate::hosts::{Host, parse_hosts};
 use crate::ssh::{HostKeyPolicy, SshError, SshOptions};
 
-/// How to reach the hosts (mlframework's `-a` and `-i`, plus ssh's host key options).
+/// How to log in (mlframework's `-i`, plus ssh's host key options): shared by the SSH
+/// commands (`probe`, `exec`, `deploy`).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct LoginArgs {
+    /// The private key to log in with (only this key is offered); ssh's defaults otherwise.
+    #[arg(short = 'i', long, env = "GRIDQ_IDENTITY", value_name = "KEY")]
+    pub(crate) identity: Option<PathBuf>,
+    /// The known_hosts file that host keys are checked against (default ~/.ssh/known_hosts).
+    #[arg(long, env = "GRIDQ_KNOWN_HOSTS", value_name = "FILE")]
+    pub(crate) known_hosts: Option<PathBuf>,
+    /// Add the keys of hosts not yet in known_hosts instead of refusing them (a changed key is
+    /// still refused).
+    #[arg(long)]
+    pub(crate) accept_new_host_keys: bool,
+    /// An ssh config file to use instead of ~/.ssh/config; `none` for none at all.
+    #[arg(long, env = "GRIDQ_SSH_CONFIG", value_name = "FILE")]
+    pub(crate) ssh_config: Option<PathBuf>,
+}
+
+/// How to reach the hosts: mlframework's `-a`, the login, timeouts.
 #[derive(Debug, Args)]
 pub(crate) struct SshArgs {
     /// The hosts, comma-separated: `[user@]host[:port],...` (IPv6 with a port as
     /// `[addr]:port`), numbered from 1.
     #[arg(short = 'a', long = "hosts", env = "GRIDQ_HOSTS", value_name = "HOSTS")]
     hosts: String,
-    /// The private key to log in with (only this key is offered); ssh's defaults otherwise.
-    #[arg(short = 'i', long, env = "GRIDQ_IDENTITY", value_name = "KEY")]
-    identity: Option<PathBuf>,
-    /// The known_hosts file that host keys are checked against (default ~/.ssh/known_hosts).
-    #[arg(long, env = "GRIDQ_KNOWN_HOSTS", value_name = "FILE")]
-    known_hosts: Option<PathBuf>,
-    /// Add the keys of hosts not yet in known_hosts instead of refusing them (a changed key is
-    /// still refused).
-    #[arg(long)]
-    accept_new_host_keys: bool,
-    /// An ssh config file to use instead of ~/.ssh/config; `none` for none at all.
-    #[arg(long, env = "GRIDQ_SSH_CONFIG", value_name = "FILE")]
-    ssh_config: Option<PathBuf>,
+    #[command(flatten)]
+    login: LoginArgs,
     /// How long connecting to a host may take (e.g. 10s).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
@@ -50,8 +58,8 @@ impl SshArgs {
     pub(crate) fn resolve(&self) -> Result<(Vec<Host>, SshOptions), Failure> {
         let hosts = parse_hosts(&self.hosts).map_err(|e| Failure::Usage(e.to_string()))?;
         for (flag, path) in [
-            ("--identity", &self.identity),
-            ("--known-hosts", &self.known_hosts),
+            ("--identity", &self.login.identity),
+            ("--known-hosts", &self.login.known_hosts),
         ] {
             if let Some(path) = path {
                 if let Err(e) = std::fs::metadata(path) {
@@ -60,14 +68,14 @@ impl SshArgs {
             }
         }
         let options = SshOptions {
-            identity: self.identity.clone(),
-            known_hosts: self.known_hosts.clone(),
-            host_keys: if self.accept_new_host_keys {
+            identity: self.login.identity.clone(),
+            known_hosts: self.login.known_hosts.clone(),
+            host_keys: if self.login.accept_new_host_keys {
                 HostKeyPolicy::AcceptNew
             } else {
                 HostKeyPolicy::Strict
             },
-            config_file: self.ssh_config.clone(),
+            config_file: self.login.ssh_config.clone(),
             connect_timeout: self.connect_timeout,
             parallel: usize::from(self.parallel),
         };
