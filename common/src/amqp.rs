@@ -57,6 +57,31 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> 
     Connection::connect(url, properties).await
 }
 
+/// The largest frame a small connection asks for (AMQP's minimum is 4,096 bytes).
+pub const SMALL_FRAME_MAX: u32 = 16 * 1024;
+
+/// Like [`connect`], for a process that should stay small (a worker): it asks the broker for
+/// frames of at most [`SMALL_FRAME_MAX`] bytes unless the URL sets `frame_max` itself.
+///
+/// lapin keeps a send and a receive buffer of 32 frames each, zero-filled, so with RabbitMQ's
+/// default `frame_max` of 128 KiB a connection holds 8 MiB of resident memory (which every
+/// `fork` of a job then copies page tables for). A message larger than a frame is split into
+/// more body frames: a little more framing for large results, none for claims and grants.
+///
+/// # Errors
+/// lapin's error, also for a URL that does not parse.
+pub async fn connect_small(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let Ok(mut uri) = url.parse::<lapin::uri::AMQPUri>() else {
+        // lapin reports the parse error.
+        return connect(url, name).await;
+    };
+    if uri.query.frame_max.is_none() {
+        uri.query.frame_max = Some(SMALL_FRAME_MAX);
+    }
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect_uri(uri, properties).await
+}
+
 /// Exponential backoff with a cap: 100 ms, 200 ms, ... up to `max`.
 #[derive(Debug, Clone)]
 pub struct Backoff {

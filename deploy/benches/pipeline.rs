@@ -3,9 +3,11 @@
 //! binary first) or `cargo bench -p gridq-deploy --bench pipeline`.
 //!
 //! - submit rate: jobs confirmed on the broker per second, 20,000-job sweep, no workers;
-//! - end to end: `true` jobs per second, 20,000-job sweep, submit to all results stored;
+//! - end to end: `true` jobs per second, 20,000-job sweep, submit to all results stored, and
+//!   the CPU time the broker, the master and the workers spent per job;
 //! - latency: one job's submit-to-stored time, median and p99 over 200 jobs in sequence;
-//! - memory: idle worker RSS, and master RSS after 100,000 stored jobs.
+//! - memory: idle worker RSS, and master RSS after 100,000 stored jobs (skipped when
+//!   `GRIDQ_BENCH_SKIP_MASTER_RSS` is set).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -49,6 +51,49 @@ fn rss_mb(pid: u32) -> f64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// CPU time (user + system) a process has used so far, in seconds.
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the `(comm)`: state is field 3, utime 14 and stime 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // USER_HZ is 100 on Linux.
+    (ticks(14) + ticks(15)) / 100.0
+}
+
+/// The broker's Erlang VM: the `beam.smp` descending from the `gridq broker` process.
+fn beam_pid(broker: u32) -> Option<u32> {
+    let parent_of = |pid: u32| -> Option<u32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        if !comm.starts_with("beam") {
+            return None;
+        }
+        let mut p = pid;
+        for _ in 0..8 {
+            p = parent_of(p)?;
+            if p == broker {
+                return Some(pid);
+            }
+        }
+        None
+    })
 }
 
 fn wait_file(path: &Path) -> String {
@@ -121,7 +166,7 @@ fn main() {
 
     // Broker.
     let env_file = dir.path().join("broker.env");
-    let _broker = Proc(
+    let broker_node = Proc(
         Command::new(&exe)
             .args(["broker", "--dir"])
             .arg(dir.path().join("broker"))
@@ -187,11 +232,21 @@ fn main() {
                 .expect("gridq worker"),
         )
     };
+    let beam = beam_pid(broker_node.0.id());
+    let cpu_before = (beam.map_or(0.0, cpu_s), cpu_s(master.0.id()));
     let t = Instant::now();
     let workers = [spawn_worker(1), spawn_worker(2)];
     api.wait("submit", |c| count(c, "succeeded") == 20_000);
     let e2e = 20_000.0 / t.elapsed().as_secs_f64();
     println!("end to end: {e2e:.0} `true` jobs/s (20,000 jobs, 2 workers x 2 slots)");
+    // CPU per job of each process during that run (the jobs' own processes not counted).
+    let per_job = |s: f64| s * 1000.0 / 20_000.0;
+    println!(
+        "cpu per job: broker {:.2} ms, master {:.2} ms, workers {:.2} ms",
+        per_job(beam.map_or(0.0, cpu_s) - cpu_before.0),
+        per_job(cpu_s(master.0.id()) - cpu_before.1),
+        per_job(workers.iter().map(|w| cpu_s(w.0.id())).sum::<f64>()),
+    );
 
     // 2. Latency: one job at a time, submit to stored.
     let mut samples = Vec::with_capacity(200);
@@ -217,6 +272,11 @@ fn main() {
         .map(|w| format!("{:.1} MB", rss_mb(w.0.id())))
         .collect();
     println!("idle worker RSS: {}", worker_rss.join(", "));
+    if std::env::var_os("GRIDQ_BENCH_SKIP_MASTER_RSS").is_some() {
+        // The 80,000-job master memory run takes minutes; skipped when only the rest matters.
+        drop(workers);
+        return;
+    }
     for k in 0..4 {
         api.submit(&format!(
             "name: mem{k}\ncommand: [\"true\"]\nmax_jobs: 20000\nparameters:\n  i: {{range: [0, 20000]}}\n"

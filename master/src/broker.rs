@@ -52,8 +52,9 @@ pub enum Inbound {
 pub enum Outbound {
     /// Job messages to put on their queues, confirmed in order.
     Jobs(Vec<(Publish, JobMessage)>),
-    /// A message to one worker (no confirm: a lost grant makes the worker claim again).
-    Control { queue: String, message: ToWorker },
+    /// Messages to workers, each to its worker's queue (no confirm: a lost grant makes the
+    /// worker claim again).
+    Control(Vec<(String, ToWorker)>),
     /// Declare a job queue (on submit of a sweep that names a new queue).
     DeclareQueue(String),
 }
@@ -260,12 +261,9 @@ async fn session(
                             }
                         }
                     }
-                    Outbound::Control { queue, message } => {
-                        let enc = wire::encode(&message);
-                        // A worker queue that is gone (worker dead) drops the message: fine.
-                        let props = enc.properties.with_delivery_mode(1);
-                        if let Err(e) = control.basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), &enc.body, props).await {
-                            return SessionEnd::Lost(format!("publishing to {queue}: {e}"));
+                    Outbound::Control(messages) => {
+                        if let Err(e) = publish_control(&control, messages).await {
+                            return SessionEnd::Lost(e);
                         }
                     }
                     Outbound::DeclareQueue(name) => {
@@ -303,6 +301,35 @@ async fn publish_jobs(
     }
     debug!(n = confirms.len(), "published job messages");
     Ok(confirms)
+}
+
+/// Publishes messages to workers' queues, all at once: each publish is a round trip to lapin's
+/// I/O thread, and a step of the core often grants several claims. A worker queue that is gone
+/// (the worker died) drops its message: fine.
+async fn publish_control(
+    channel: &Channel,
+    messages: Vec<(String, ToWorker)>,
+) -> Result<(), String> {
+    let encoded: Vec<(String, wire::Encoded)> = messages
+        .into_iter()
+        .map(|(queue, message)| (queue, wire::encode(&message)))
+        .collect();
+    let sent = futures_util::future::join_all(encoded.iter().map(|(queue, enc)| {
+        channel.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &enc.body,
+            enc.properties.clone().with_delivery_mode(1),
+        )
+    }))
+    .await;
+    for ((queue, _), result) in encoded.iter().zip(sent) {
+        if let Err(e) = result {
+            return Err(format!("publishing to {queue}: {e}"));
+        }
+    }
+    Ok(())
 }
 
 /// Reads why a dead-lettered message died: gridq's own reason header, or the broker's

@@ -514,10 +514,15 @@ impl Core {
         if big_submit {
             self.store.refresh_statistics()?;
         }
-        // Committed: now ack, reply, publish.
-        for acker in effects.acks {
-            let _ = acker.ack(lapin::options::BasicAckOptions::default()).await;
-        }
+        // Committed: now ack, reply, publish. The acks go out together: each is a round trip to
+        // lapin's I/O thread, and awaiting them one by one costs a thread switch per event.
+        futures_util::future::join_all(
+            effects
+                .acks
+                .iter()
+                .map(|acker| acker.ack(lapin::options::BasicAckOptions::default())),
+        )
+        .await;
         for reply in effects.replies {
             reply();
         }
@@ -532,8 +537,8 @@ impl Core {
         if self.broker_up && !effects.publish.is_empty() {
             self.publish(effects.publish).await?;
         }
-        for (queue, message) in effects.control {
-            let _ = self.out.send(Outbound::Control { queue, message }).await;
+        if !effects.control.is_empty() {
+            let _ = self.out.send(Outbound::Control(effects.control)).await;
         }
         if effects.changed {
             self.changes.send_modify(|v| *v += 1);

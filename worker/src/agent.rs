@@ -276,7 +276,7 @@ async fn sessions(shared: Arc<Shared>, session_tx: watch::Sender<Option<Arc<Sess
     let mut backoff = Backoff::default();
     let name = format!("gridq-worker {}", shared.id);
     loop {
-        let connection = match amqp::connect(&shared.config.broker_url, &name).await {
+        let connection = match amqp::connect_small(&shared.config.broker_url, &name).await {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 let delay = backoff.next_delay();
