@@ -708,6 +708,56 @@ fn deploy_errors() {
     );
     assert!(c.containers().is_empty());
 
+    // A failure after the checks is reported per host; the rest is deployed, and a re-run
+    // repairs only what failed.
+    let two = format!("{},{}", h1.target(), h.docker[1].target());
+    let mut args = c.deploy_args(&two, "1", "1,2");
+    let i = args.iter().position(|a| a == "--worker-image").unwrap();
+    let good_worker =
+        std::mem::replace(&mut args[i + 1], format!("gridq-no-such-image:{}", c.name));
+    let bad_args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = c.run(&bad_args);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("0 places deployed, 2 failed"),
+        "{}",
+        text(&out)
+    );
+    for host in [h1, &h.docker[1]] {
+        assert!(
+            stdout.contains(&format!(
+                "FAILED host {} {}:",
+                if host.name == "h1" { 1 } else { 2 },
+                host.target()
+            )) && stdout.contains(&format!(
+                "there is no image gridq-no-such-image:{} to copy",
+                c.name
+            )),
+            "{}",
+            text(&out)
+        );
+    }
+    let roles: BTreeSet<String> = c.containers().into_iter().map(|(_, r, _)| r).collect();
+    assert_eq!(
+        roles,
+        BTreeSet::from(["broker".to_owned(), "master".to_owned()]),
+        "the broker and master were deployed before the worker image failed"
+    );
+    let before = c.starts();
+    args[i + 1] = good_worker;
+    let args2: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = c.ok(&args2);
+    assert!(
+        out.contains("2 containers changed") && out.contains("workers online: 2"),
+        "{out}"
+    );
+    let after = c.starts();
+    for (name, started) in &before {
+        assert_eq!(after.get(name), Some(started), "{name} was left alone");
+    }
+    assert!(c.ok(&["clean"]).contains("4 containers removed"));
+
     // clean with an unreachable host: reported, and the reachable hosts are still cleaned.
     let args = c.deploy_args(&h1.target(), "1", "1");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
