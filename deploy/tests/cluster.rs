@@ -568,6 +568,29 @@ fn cluster_lifecycle() {
     });
     check_complete(&c.results("long2"), 24);
 
+    // ... and `update --drain`: running jobs finish first, so no job runs twice.
+    std::fs::write(
+        c.project().join("long3.yaml"),
+        std::fs::read_to_string(c.project().join("long.yaml"))
+            .unwrap()
+            .replace("name: long", "name: long3"),
+    )
+    .unwrap();
+    c.ok(&["submit", "long3.yaml"]);
+    c.wait_sweep("long3", "jobs running", Duration::from_secs(60), |s| {
+        s["counts"]["running"].as_u64().unwrap_or(0) >= 2
+    });
+    let out = c.ok(&["update", "--drain"]);
+    assert!(out.contains("3 worker containers restarted"), "{out}");
+    c.wait_sweep("long3", "24 succeeded", Duration::from_secs(180), |s| {
+        s["counts"]["succeeded"] == 24
+    });
+    let attempts = check_complete(&c.results("long3"), 24);
+    assert!(
+        attempts.values().all(|a| *a == 1),
+        "drained workers let their jobs finish: {attempts:?}"
+    );
+
     // 6. clean: nothing labelled with the cluster is left; clean again is fine; purge.
     let out = c.ok(&["clean"]);
     assert!(out.contains("5 containers removed"), "{out}");

@@ -217,13 +217,15 @@ pub async fn run(config: WorkerConfig, mut stop: StopSignal) -> std::io::Result<
 
     // Wait for the first stop request (signal or drain).
     let mut drain_seen = draining_rx.clone();
-    tokio::select! {
-        () = until(&mut stop, |n| *n >= 1) => {}
-        () = until(&mut drain_seen, |d| *d) => {}
-    }
+    // A drain (asked by the master) always lets running jobs finish; `--on-stop` is what a
+    // signal does.
+    let signaled = tokio::select! {
+        () = until(&mut stop, |n| *n >= 1) => true,
+        () = until(&mut drain_seen, |d| *d) => false,
+    };
     let _ = shared.draining.send(true);
-    info!(worker = %id, mode = ?config.on_stop, "stopping: no new jobs");
-    if config.on_stop == OnStop::Requeue {
+    info!(worker = %id, mode = ?config.on_stop, signaled, "stopping: no new jobs");
+    if signaled && config.on_stop == OnStop::Requeue {
         kill_all(&shared, KillReason::Shutdown);
     }
     // Slots end once their job (if any) is reported; a second request ends everything now.

@@ -362,6 +362,7 @@ pub(crate) fn deploy(args: &DeployArgs) -> Result<(), Failure> {
             },
             ..SyncOptions::default()
         },
+        drain: false,
     };
     let ssh = lib::ssh_options(&cluster, &args.sel.ssh());
     let progress = printer();
@@ -441,6 +442,10 @@ pub(crate) struct UpdateArgs {
     /// How long each restarted worker may take to come online.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     health_timeout: Duration,
+    /// Let running jobs finish before each worker restarts (it takes no new job meanwhile),
+    /// instead of handing them back to run again elsewhere.
+    #[arg(long)]
+    drain: bool,
 }
 
 pub(crate) fn update(args: &UpdateArgs) -> Result<(), Failure> {
@@ -451,6 +456,7 @@ pub(crate) fn update(args: &UpdateArgs) -> Result<(), Failure> {
     let options = DeployOptions {
         health_timeout: args.health_timeout,
         sync: SyncOptions::default(),
+        drain: args.drain,
     };
     let report = runtime()?.block_on(async {
         let fleet = Fleet::connect(&cluster, &ssh, &progress).await?;

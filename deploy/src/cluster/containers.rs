@@ -418,6 +418,25 @@ fn files_tar(files: &[File]) -> std::io::Result<Vec<u8>> {
     builder.into_inner()
 }
 
+/// Sets a container's restart policy to `no` (a missing container is fine).
+///
+/// # Errors
+/// [`ContainerError::Docker`].
+pub async fn no_restart(docker: &Docker, name: &str) -> Result<(), ContainerError> {
+    let body = bollard::models::ContainerUpdateBody {
+        restart_policy: Some(RestartPolicy {
+            name: Some(RestartPolicyNameEnum::NO),
+            maximum_retry_count: None,
+        }),
+        ..Default::default()
+    };
+    match docker.update_container(name, body).await {
+        Ok(()) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(docker_err("updating the restart policy of", name)(e)),
+    }
+}
+
 /// Stops (SIGTERM, then SIGKILL after `timeout` seconds) and removes a container; a missing
 /// one is fine.
 ///

@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -248,6 +249,9 @@ pub struct DeployOptions {
     pub health_timeout: Duration,
     /// How the project is synced.
     pub sync: SyncOptions,
+    /// `update` only: drain each worker (no new jobs, running ones finish) before its restart,
+    /// instead of handing its running jobs back.
+    pub drain: bool,
 }
 
 /// Checks every place before anything starts: reachable, Docker usable, GPUs where wanted,
@@ -1175,17 +1179,31 @@ pub async fn update(
         };
         let host_name = worker_host_name(cluster, w.host);
         for spec in plan::worker_specs(cluster, &secrets, i, f) {
-            let before: Vec<String> = api
-                .workers()
-                .await
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|w| w["id"].as_str().map(str::to_owned))
-                .collect();
             let step = async {
+                if options.drain {
+                    // A drained worker exits once idle; Docker must not start it again (it
+                    // would take new jobs only to be stopped).
+                    containers::no_restart(conn.docker.docker(), &spec.name).await?;
+                    drain_host(&api, &host_name, &spec.name, &conn.label, progress).await?;
+                }
+                let before: Vec<String> = api
+                    .workers()
+                    .await
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|w| w["id"].as_str().map(str::to_owned))
+                    .collect();
                 progress(
                     &conn.label,
-                    &format!("{}: stopping (jobs handed back)", spec.name),
+                    &format!(
+                        "{}: stopping ({})",
+                        spec.name,
+                        if options.drain {
+                            "drained"
+                        } else {
+                            "jobs handed back"
+                        }
+                    ),
                 );
                 containers::stop_and_remove(conn.docker.docker(), &spec.name, spec.stop_timeout)
                     .await?;
@@ -1224,6 +1242,58 @@ pub async fn update(
         }
     }
     Ok(report)
+}
+
+/// Asks the master to drain every online worker of `host` (they take no new job; running
+/// ones finish) and waits until none of them runs a job, as their heartbeats say.
+async fn drain_host(
+    api: &MasterApi,
+    host: &str,
+    container: &str,
+    label: &str,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let ids: Vec<String> = api
+        .workers()
+        .await?
+        .iter()
+        .filter(|w| w["host"].as_str() == Some(host) && w["state"] == "online")
+        .filter_map(|w| w["id"].as_str().map(str::to_owned))
+        .collect();
+    for id in &ids {
+        api.post(&format!("/workers/{id}/drain"), &Value::Null)
+            .await
+            .with_context(|| format!("asking the master to drain {id}"))?;
+    }
+    let mut reported = usize::MAX;
+    loop {
+        let busy: usize = api
+            .workers()
+            .await?
+            .iter()
+            .filter(|w| {
+                w["id"]
+                    .as_str()
+                    .is_some_and(|id| ids.iter().any(|i| i == id))
+                    && matches!(w["state"].as_str(), Some("online" | "draining"))
+            })
+            .map(|w| w["info"]["running"].as_array().map_or(0, Vec::len))
+            .sum();
+        if busy == 0 {
+            return Ok(());
+        }
+        if busy != reported {
+            progress(
+                label,
+                &format!(
+                    "{container}: draining, {busy} running job{} to finish",
+                    if busy == 1 { "" } else { "s" }
+                ),
+            );
+            reported = busy;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Where `gridq deploy` saves the cluster file by default.
