@@ -186,6 +186,15 @@ impl TestCluster {
             .unwrap()
     }
 
+    /// Runs a deploy that must be refused with exit 1 and leave no container; its stderr.
+    fn refused(&self, args: &[String]) -> String {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.run(&args);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(self.containers().is_empty(), "{:?}", self.containers());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
     fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert!(
@@ -628,10 +637,7 @@ fn deploy_errors() {
     let c = TestCluster::new("err1");
     let bad = format!("{}@127.0.0.9:{}", h1.user, h1.port);
     let args = c.deploy_args(&format!("{},{bad}", h1.target()), "1", "1,2");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = c.run(&args);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = c.refused(&args);
     assert!(
         err.contains("deploy checks failed; nothing was started"),
         "{err}"
@@ -644,7 +650,6 @@ fn deploy_errors() {
         err.contains("check the address and port, and that sshd is running there"),
         "{err}"
     );
-    assert!(c.containers().is_empty());
 
     // A host whose user may not use Docker.
     let args = c.deploy_args(
@@ -652,10 +657,7 @@ fn deploy_errors() {
         "1",
         "1,2",
     );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = c.run(&args);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = c.refused(&args);
     let user = &h.nodocker.user;
     assert!(
         err.contains(&format!(
@@ -666,7 +668,6 @@ fn deploy_errors() {
         )),
         "{err}"
     );
-    assert!(c.containers().is_empty());
 
     // A taken port on the master host.
     let taken = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
@@ -674,10 +675,7 @@ fn deploy_errors() {
     let mut args = c.deploy_args(&h1.target(), "1", "1");
     let i = args.iter().position(|a| a == "--broker-port").unwrap();
     args[i + 1] = port.to_string();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = c.run(&args);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = c.refused(&args);
     assert!(
         err.contains(&format!(
             "host 1 {}: port {port} is taken (master.broker_port (AMQP)): another program listens on it; stop it or pick another port in the cluster file",
@@ -685,16 +683,12 @@ fn deploy_errors() {
         )),
         "{err}"
     );
-    assert!(c.containers().is_empty());
     drop(taken);
 
     // GPUs wanted where Docker has no NVIDIA runtime.
     let mut args = c.deploy_args(&h1.target(), "1", "1");
     args.extend(["--gpus".to_owned(), "all".to_owned()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = c.run(&args);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = c.refused(&args);
     assert!(
         err.contains(&format!(
             "host 1 {}: workers[1].gpus: Docker has no NVIDIA runtime: install the NVIDIA Container Toolkit and run `nvidia-ctk runtime configure --runtime=docker`",
@@ -702,7 +696,6 @@ fn deploy_errors() {
         )),
         "{err}"
     );
-    assert!(c.containers().is_empty());
 
     // A key the hosts do not accept.
     let keydir = tempfile::tempdir().unwrap();
@@ -716,10 +709,7 @@ fn deploy_errors() {
     let mut args = c.deploy_args(&h1.target(), "1", "1");
     let i = args.iter().position(|a| a == "-i").unwrap();
     args[i + 1] = key.display().to_string();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = c.run(&args);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = c.refused(&args);
     assert!(
         err.contains(&format!("host 1 {}: authentication failed", h1.target()))
             && err.contains(&format!(
@@ -729,7 +719,6 @@ fn deploy_errors() {
             )),
         "{err}"
     );
-    assert!(c.containers().is_empty());
 
     // A failure after the checks is reported per host; the rest is deployed, and a re-run
     // repairs only what failed.
