@@ -69,12 +69,12 @@ impl Client {
         let base = conn
             .master
             .clone()
-            .or_else(|| saved.as_ref().map(|s| s.url.clone()))
-            .ok_or_else(|| Failure::Usage("no master: pass --master URL (or GRIDQ_MASTER), or start one with `gridq master`".into()))?;
+            .or_else(|| saved.as_ref().map(|s| s.url.clone()).filter(|u| !u.is_empty()))
+            .ok_or_else(|| Failure::Usage("no master: pass --master URL (or GRIDQ_MASTER), or --cluster FILE for a deployed cluster, or start one with `gridq master`".into()))?;
         let token = conn
             .token
             .clone()
-            .or_else(|| saved.as_ref().map(|s| s.token.clone()))
+            .or_else(|| saved.as_ref().map(|s| s.token.clone()).filter(|t| !t.is_empty()))
             .ok_or_else(|| Failure::Usage("no token: pass --token (or GRIDQ_TOKEN); it is in the master's state directory".into()))?;
         Ok(Self::new(base, token))
     }
