@@ -625,7 +625,8 @@ pub enum ImageOutcome {
 
 /// Makes sure `dst` has `image` with the same ID as on `src`: nothing to do when it has,
 /// otherwise [`transfer_image`], then a check of the ID on `dst`. `on_progress` gets the bytes
-/// sent so far as the transfer goes on.
+/// sent so far as the transfer goes on. Returns the image's ID (the same on both) and what was
+/// done.
 ///
 /// # Errors
 /// [`DockerError::ImageMissing`] when `src` has no such image (build it first),
@@ -636,7 +637,7 @@ pub async fn ensure_image(
     dst: &DockerHost,
     image: &str,
     on_progress: impl FnMut(u64),
-) -> Result<ImageOutcome> {
+) -> Result<(String, ImageOutcome)> {
     let Some(expected) = src.image_id(image).await? else {
         return Err(DockerError::ImageMissing {
             host: src.label.clone(),
@@ -644,11 +645,11 @@ pub async fn ensure_image(
         });
     };
     if dst.image_id(image).await?.as_ref() == Some(&expected) {
-        return Ok(ImageOutcome::Present);
+        return Ok((expected, ImageOutcome::Present));
     }
     let bytes = transfer_image(src, dst, image, on_progress).await?;
     match dst.image_id(image).await? {
-        Some(found) if found == expected => Ok(ImageOutcome::Transferred { bytes }),
+        Some(found) if found == expected => Ok((expected, ImageOutcome::Transferred { bytes })),
         found => Err(DockerError::ImageMismatch {
             host: dst.label.clone(),
             op: format!("loading it from {}", src.label),

@@ -231,8 +231,8 @@ impl SshError {
     }
 }
 
-/// `host N [user@]addr[:port]`: how errors name a host.
-fn who(host: &Host) -> String {
+/// `host N [user@]addr[:port]`: how errors and messages name a host.
+pub fn who(host: &Host) -> String {
     format!("host {} {host}", host.index)
 }
 

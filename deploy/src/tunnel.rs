@@ -64,7 +64,7 @@ impl Tunnel {
                 })?;
                 a
             }
-            None => crate::cluster::free_local_port().map_err(|source| TunnelError::Local {
+            None => free_local_port().map_err(|source| TunnelError::Local {
                 addr: "127.0.0.1:0".into(),
                 source,
             })?,
@@ -96,4 +96,9 @@ impl Tunnel {
             .close_port_forward(ForwardType::Local, self.local, remote)
             .await;
     }
+}
+
+/// A free port on this machine's loopback, for a tunnel's local end.
+fn free_local_port() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }

@@ -305,10 +305,11 @@ async fn images_are_handed_over_without_a_registry() {
 
         // Same engine: the IDs match, nothing moves.
         let mut calls = 0;
-        let outcome = docker::ensure_image(&local, &d1, &image, |_| calls += 1)
+        let (id, outcome) = docker::ensure_image(&local, &d1, &image, |_| calls += 1)
             .await
             .expect("ensure_image");
         assert_eq!(outcome, ImageOutcome::Present);
+        assert_eq!(id, image_id);
         assert_eq!(calls, 0);
 
         let missing = format!("{}:t", unique("missing"));

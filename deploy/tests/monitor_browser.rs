@@ -48,6 +48,24 @@ async fn text_of(b: &Browser, css: &str) -> Result<Option<String>, String> {
     Ok(v.as_str().map(|s| s.trim().to_owned()))
 }
 
+/// Waits until the page's live indicator is on: its event stream is open.
+async fn wait_live(b: &Browser, what: &str, limit: Duration) {
+    wait_for(b, what, limit, async |b| {
+        let on = b
+            .try_js(
+                "return document.getElementById('live').classList.contains('on');",
+                Vec::new(),
+            )
+            .await?;
+        if on == true {
+            Ok(())
+        } else {
+            Err(on.to_string())
+        }
+    })
+    .await;
+}
+
 /// What a sweep page's progress bar says: `aria-valuenow`, `data-done`, `data-total`.
 async fn progress(b: &Browser) -> Result<(String, String, String), String> {
     let v = b
@@ -105,20 +123,7 @@ async fn logging_in_lands_on_the_page_asked_for_and_a_wrong_token_is_refused() {
     // The session cookie is HttpOnly: the page's scripts cannot read it, yet the live stream
     // (an EventSource on the API) opens with it.
     assert_eq!(b.js("return document.cookie;").await, "");
-    wait_for(&b, "the live indicator on", MINUTE, async |b| {
-        let on = b
-            .try_js(
-                "return document.getElementById('live').classList.contains('on');",
-                Vec::new(),
-            )
-            .await?;
-        if on == true {
-            Ok(())
-        } else {
-            Err(on.to_string())
-        }
-    })
-    .await;
+    wait_live(&b, "the live indicator on", MINUTE).await;
     b.close().await;
     c.shutdown().await;
 }
@@ -712,23 +717,10 @@ async fn browsing_page_after_page_never_stalls() {
         tokio::time::timeout(Duration::from_secs(10), b.goto(&url))
             .await
             .unwrap_or_else(|_| panic!("page {} ({url}) did not load within 10 s", round + 2));
-        wait_for(
+        wait_live(
             &b,
             &format!("the live stream of {url}"),
             Duration::from_secs(10),
-            async |b| {
-                let on = b
-                    .try_js(
-                        "return document.getElementById('live').classList.contains('on');",
-                        Vec::new(),
-                    )
-                    .await?;
-                if on == true {
-                    Ok(())
-                } else {
-                    Err(on.to_string())
-                }
-            },
         )
         .await;
     }

@@ -392,41 +392,51 @@ pub(crate) fn status(args: &StatusArgs) -> Result<(), Failure> {
             );
             return Ok(());
         }
-        println!(
-            "{:<24} {:>7} {:>9} {:>7} {:>7} {:>8} {:>8}",
-            "SWEEP", "TOTAL", "SUCCEEDED", "FAILED", "RUNNING", "QUEUED", "CANCELED"
-        );
-        for s in sweeps["sweeps"].as_array().into_iter().flatten() {
-            let c = &s["counts"];
-            let n = |k: &str| c[k].as_u64().unwrap_or(0);
-            println!(
-                "{:<24} {:>7} {:>9} {:>7} {:>7} {:>8} {:>8}",
-                s["name"].as_str().unwrap_or(""),
-                s["total"],
-                n("succeeded"),
-                n("failed") + n("timed_out"),
-                n("running"),
-                n("queued") + n("pending") + n("retrying"),
-                n("canceled")
-            );
-        }
+        print_sweeps(&sweeps["sweeps"]);
         println!();
-        println!(
-            "{:<40} {:<20} {:<9} {:>5} {:>7}",
-            "WORKER", "HOST", "STATE", "SLOTS", "RUNNING"
-        );
-        for w in workers["workers"].as_array().into_iter().flatten() {
-            println!(
-                "{:<40} {:<20} {:<9} {:>5} {:>7}",
-                w["id"].as_str().unwrap_or(""),
-                w["host"].as_str().unwrap_or(""),
-                w["state"].as_str().unwrap_or(""),
-                w["info"]["slots"],
-                w["info"]["running"].as_array().map_or(0, Vec::len)
-            );
-        }
+        print_workers(&workers["workers"]);
         Ok(())
     })
+}
+
+/// The sweeps table of `gridq status`: counts by state.
+pub(crate) fn print_sweeps(sweeps: &Value) {
+    println!(
+        "{:<24} {:>7} {:>9} {:>7} {:>7} {:>8} {:>8}",
+        "SWEEP", "TOTAL", "SUCCEEDED", "FAILED", "RUNNING", "QUEUED", "CANCELED"
+    );
+    for s in sweeps.as_array().into_iter().flatten() {
+        let c = &s["counts"];
+        let n = |k: &str| c[k].as_u64().unwrap_or(0);
+        println!(
+            "{:<24} {:>7} {:>9} {:>7} {:>7} {:>8} {:>8}",
+            s["name"].as_str().unwrap_or(""),
+            s["total"].as_u64().unwrap_or(0),
+            n("succeeded"),
+            n("failed") + n("timed_out"),
+            n("running"),
+            n("queued") + n("pending") + n("retrying"),
+            n("canceled")
+        );
+    }
+}
+
+/// The workers table of `gridq status`.
+pub(crate) fn print_workers(workers: &Value) {
+    println!(
+        "{:<40} {:<20} {:<9} {:>5} {:>7}",
+        "WORKER", "HOST", "STATE", "SLOTS", "RUNNING"
+    );
+    for w in workers.as_array().into_iter().flatten() {
+        println!(
+            "{:<40} {:<20} {:<9} {:>5} {:>7}",
+            w["id"].as_str().unwrap_or(""),
+            w["host"].as_str().unwrap_or(""),
+            w["state"].as_str().unwrap_or(""),
+            w["info"]["slots"].as_u64().unwrap_or(0),
+            w["info"]["running"].as_array().map_or(0, Vec::len)
+        );
+    }
 }
 
 pub(crate) fn jobs(args: &JobsArgs) -> Result<(), Failure> {

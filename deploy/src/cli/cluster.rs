@@ -562,31 +562,8 @@ pub(crate) fn monitor(args: &MonitorArgs) -> Result<(), Failure> {
         let only = cluster_master_only(&cluster);
         let fleet = Fleet::connect(&only, &ssh, &progress).await?;
         let place = cluster.file.master.host;
-        let api = if let (Some(port), Some(conn)) = (local, fleet.conn(place)) {
-            // A fixed local port: the tunnel is opened here, the token read by MasterApi.
-            let api = MasterApi::open(&fleet, Instant::now() + Duration::from_secs(30)).await?;
-            match &conn.session {
-                Some(session) => {
-                    let t = crate::tunnel::Tunnel::open(
-                        session,
-                        cluster.file.master.monitor_port,
-                        Some(port),
-                    )
-                    .await?;
-                    (
-                        format!("http://{}", t.local),
-                        api.token.clone(),
-                        Some(t),
-                        api,
-                    )
-                }
-                None => (api.url.clone(), api.token.clone(), None, api),
-            }
-        } else {
-            let api = MasterApi::open(&fleet, Instant::now() + Duration::from_secs(30)).await?;
-            (api.url.clone(), api.token.clone(), None, api)
-        };
-        let (url, token, _tunnel, _api) = api;
+        let api = MasterApi::open(&fleet, Instant::now() + Duration::from_secs(30), local).await?;
+        let (url, token) = (&api.url, &api.token);
         if args.sel.json {
             println!(
                 "{}",
@@ -686,7 +663,8 @@ pub(crate) fn open_master(file: &Path) -> Result<(String, String, TunnelGuard), 
                         return;
                     }
                 };
-                match MasterApi::open(&fleet, Instant::now() + Duration::from_secs(10)).await {
+                match MasterApi::open(&fleet, Instant::now() + Duration::from_secs(10), None).await
+                {
                     Ok(api) => {
                         let _ = ready_tx.send(Ok((api.url.clone(), api.token.clone())));
                         let _ = stop_rx.await;
@@ -760,29 +738,17 @@ pub(crate) fn status(file: &Path, json: bool) -> Result<(), Failure> {
     println!();
     match (&st.master, &st.master_error) {
         (Some(m), _) => {
-            let workers = m["workers"].as_array().cloned().unwrap_or_default();
-            let online = workers
-                .iter()
+            let online = m["workers"]
+                .as_array()
+                .into_iter()
+                .flatten()
                 .filter(|w| matches!(w["state"].as_str(), Some("online" | "draining")))
                 .count();
             println!(
                 "master: {online} worker{} online",
                 if online == 1 { "" } else { "s" }
             );
-            println!(
-                "{:<40} {:<20} {:<9} {:>5} {:>7}",
-                "WORKER", "HOST", "STATE", "SLOTS", "RUNNING"
-            );
-            for w in &workers {
-                println!(
-                    "{:<40} {:<20} {:<9} {:>5} {:>7}",
-                    w["id"].as_str().unwrap_or(""),
-                    w["host"].as_str().unwrap_or(""),
-                    w["state"].as_str().unwrap_or(""),
-                    w["info"]["slots"].as_u64().unwrap_or(0),
-                    w["info"]["running"].as_array().map_or(0, Vec::len)
-                );
-            }
+            super::client::print_workers(&m["workers"]);
             if let Some(queues) = m["queues"]["queues"].as_array() {
                 println!();
                 println!("{:<40} {:>8} {:>8}", "QUEUE", "READY", "UNACKED");
@@ -796,22 +762,7 @@ pub(crate) fn status(file: &Path, json: bool) -> Result<(), Failure> {
                 }
             }
             println!();
-            println!(
-                "{:<24} {:>7} {:>9} {:>7} {:>7}",
-                "SWEEP", "TOTAL", "SUCCEEDED", "FAILED", "RUNNING"
-            );
-            for s in m["sweeps"].as_array().into_iter().flatten() {
-                let c = &s["counts"];
-                let n = |k: &str| c[k].as_u64().unwrap_or(0);
-                println!(
-                    "{:<24} {:>7} {:>9} {:>7} {:>7}",
-                    s["name"].as_str().unwrap_or(""),
-                    s["total"].as_u64().unwrap_or(0),
-                    n("succeeded"),
-                    n("failed") + n("timed_out"),
-                    n("running")
-                );
-            }
+            super::client::print_sweeps(&m["sweeps"]);
         }
         (None, Some(e)) => println!("master: not reachable: {e}"),
         (None, None) => {}

@@ -494,6 +494,15 @@ async fn ensure_volume(
         .map_err(docker_err("creating volume", name))
 }
 
+/// The engine's filter for what carries `cluster`'s label (and `host`'s, when given).
+fn label_filters(cluster: &str, host: Option<&str>) -> HashMap<String, Vec<String>> {
+    let mut labels = vec![format!("{LABEL_CLUSTER}={cluster}")];
+    if let Some(h) = host {
+        labels.push(format!("{LABEL_HOST}={h}"));
+    }
+    HashMap::from([("label".to_owned(), labels)])
+}
+
 /// One container of a cluster as the engine sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Found {
@@ -522,11 +531,7 @@ pub async fn list(
     cluster: &str,
     host: Option<&str>,
 ) -> Result<Vec<Found>, ContainerError> {
-    let mut labels = vec![format!("{LABEL_CLUSTER}={cluster}")];
-    if let Some(h) = host {
-        labels.push(format!("{LABEL_HOST}={h}"));
-    }
-    let filters = HashMap::from([("label".to_owned(), labels)]);
+    let filters = label_filters(cluster, host);
     let options = ListContainersOptionsBuilder::default()
         .all(true)
         .filters(&filters)
@@ -569,11 +574,7 @@ pub async fn list_volumes(
     cluster: &str,
     host: Option<&str>,
 ) -> Result<Vec<String>, ContainerError> {
-    let mut labels = vec![format!("{LABEL_CLUSTER}={cluster}")];
-    if let Some(h) = host {
-        labels.push(format!("{LABEL_HOST}={h}"));
-    }
-    let filters = HashMap::from([("label".to_owned(), labels)]);
+    let filters = label_filters(cluster, host);
     let options = ListVolumesOptionsBuilder::default()
         .filters(&filters)
         .build();

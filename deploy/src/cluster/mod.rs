@@ -189,9 +189,10 @@ impl Fleet {
     /// The label of a place.
     pub fn label(&self, place: HostRef) -> String {
         self.conn(place).map_or_else(
-            || match self.cluster.host(place) {
-                Some(h) => format!("host {} {h}", h.index),
-                None => "local".into(),
+            || {
+                self.cluster
+                    .host(place)
+                    .map_or_else(|| "local".into(), crate::ssh::who)
             },
             |c| c.label.clone(),
         )
@@ -269,43 +270,12 @@ pub async fn preflight(fleet: &Fleet) -> Result<HashMap<HostRef, Vec<u32>>, Vec<
         }
     }
     let mut gpus = HashMap::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, w) in cluster.file.workers.iter().enumerate() {
-        let Some(conn) = fleet.conn(w.host).cloned() else {
-            continue;
-        };
-        let want = w.gpus.clone();
-        tasks.spawn(async move {
-            let found = detect_gpus(&conn).await;
-            let field = format!("workers[{}].gpus", i + 1);
-            let result = match (want, found) {
-                (Gpus::None, _) => Ok(Vec::new()),
-                (Gpus::Auto, Ok(g)) => Ok(g),
-                (Gpus::Auto, Err(_)) => Ok(Vec::new()),
-                (Gpus::All, Ok(g)) if !g.is_empty() => Ok(g),
-                (Gpus::All, Ok(_)) => Err(format!(
-                    "{}: {field} is `all` but nvidia-smi lists no GPU there",
-                    conn.label
-                )),
-                (Gpus::List(l), Ok(g)) => match l.iter().find(|i| !g.contains(i)) {
-                    None => Ok(l),
-                    Some(missing) => Err(format!(
-                        "{}: {field} asks for GPU {missing}, but the host has GPUs {g:?}",
-                        conn.label
-                    )),
-                },
-                (_, Err(e)) => Err(format!("{}: {field}: {e}", conn.label)),
-            };
-            (conn.place, result)
-        });
-    }
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((place, Ok(g))) => {
+    for (place, result) in worker_gpus(fleet).await {
+        match result {
+            Ok(g) => {
                 gpus.insert(place, g);
             }
-            Ok((_, Err(e))) => failures.push(e),
-            Err(e) => failures.push(format!("a check failed: {e}")),
+            Err(e) => failures.push(e),
         }
     }
     let m = &cluster.file.master;
@@ -352,6 +322,51 @@ pub async fn preflight(fleet: &Fleet) -> Result<HashMap<HostRef, Vec<u32>>, Vec<
         failures.dedup();
         Err(failures)
     }
+}
+
+/// The GPUs each connected worker place gets, from its `gpus` setting and what the host has,
+/// or why its setting cannot be met (naming the host).
+async fn worker_gpus(fleet: &Fleet) -> HashMap<HostRef, Result<Vec<u32>, String>> {
+    let cluster = &fleet.cluster;
+    let mut gpus = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, w) in cluster.file.workers.iter().enumerate() {
+        let Some(conn) = fleet.conn(w.host).cloned() else {
+            continue;
+        };
+        let want = w.gpus.clone();
+        tasks.spawn(async move {
+            let found = detect_gpus(&conn).await;
+            let field = format!("workers[{}].gpus", i + 1);
+            let result = match (want, found) {
+                (Gpus::None, _) => Ok(Vec::new()),
+                (Gpus::Auto, Ok(g)) => Ok(g),
+                (Gpus::Auto, Err(_)) => Ok(Vec::new()),
+                (Gpus::All, Ok(g)) if !g.is_empty() => Ok(g),
+                (Gpus::All, Ok(_)) => Err(format!(
+                    "{}: {field} is `all` but nvidia-smi lists no GPU there",
+                    conn.label
+                )),
+                (Gpus::List(l), Ok(g)) => match l.iter().find(|i| !g.contains(i)) {
+                    None => Ok(l),
+                    Some(missing) => Err(format!(
+                        "{}: {field} asks for GPU {missing}, but the host has GPUs {g:?}",
+                        conn.label
+                    )),
+                },
+                (_, Err(e)) => Err(format!("{}: {field}: {e}", conn.label)),
+            };
+            (conn.place, result)
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        // A check task cannot panic short of a bug; its place then keeps no entry and is
+        // treated as unconnected.
+        if let Ok((place, result)) = joined {
+            gpus.insert(place, result);
+        }
+    }
+    gpus
 }
 
 /// GPUs on a place: the NVIDIA runtime must be in `docker info`, and `nvidia-smi` lists them.
@@ -473,46 +488,36 @@ async fn image_at(
     image: &str,
     progress: &Progress,
 ) -> anyhow::Result<String> {
-    let present = conn.docker.docker().inspect_image(image).await.ok();
-    let pull = fleet.cluster.file.images.pull;
-    if present.is_none() || !pull {
-        if pull {
-            progress(&conn.label, &format!("pulling {image}"));
-            crate::docker::pull_image(&conn.docker, image).await?;
-        } else {
-            let Some(local) = &fleet.local else {
-                anyhow::bail!(
-                    "{}: image {image} is missing and this machine has no Docker engine to send it from",
-                    conn.label
-                );
-            };
-            let label = conn.label.clone();
-            let p = progress.clone();
-            let mut last = 0u64;
-            let outcome = crate::docker::ensure_image(local, &conn.docker, image, move |sent| {
-                if sent >= last + 64 * 1024 * 1024 {
-                    last = sent;
-                    p(&label, &format!("sending {image}: {} MiB", sent >> 20));
-                }
-            })
-            .await?;
-            if let ImageOutcome::Transferred { bytes } = outcome {
-                progress(
-                    &conn.label,
-                    &format!("image {image} sent ({} MiB)", bytes >> 20),
-                );
-            }
+    if fleet.cluster.file.images.pull {
+        if let Some(id) = conn.docker.image_id(image).await? {
+            return Ok(id);
         }
+        progress(&conn.label, &format!("pulling {image}"));
+        return Ok(crate::docker::pull_image(&conn.docker, image).await?);
     }
-    let inspected = conn
-        .docker
-        .docker()
-        .inspect_image(image)
-        .await
-        .map_err(|e| anyhow::anyhow!("{}: inspecting image {image}: {e}", conn.label))?;
-    inspected
-        .id
-        .ok_or_else(|| anyhow::anyhow!("{}: image {image} has no ID", conn.label))
+    let Some(local) = &fleet.local else {
+        anyhow::bail!(
+            "{}: image {image} is needed there and this machine has no Docker engine to send it from (or pass --pull)",
+            conn.label
+        );
+    };
+    let label = conn.label.clone();
+    let p = progress.clone();
+    let mut last = 0u64;
+    let (id, outcome) = crate::docker::ensure_image(local, &conn.docker, image, move |sent| {
+        if sent >= last + 64 * 1024 * 1024 {
+            last = sent;
+            p(&label, &format!("sending {image}: {} MiB", sent >> 20));
+        }
+    })
+    .await?;
+    if let ImageOutcome::Transferred { bytes } = outcome {
+        progress(
+            &conn.label,
+            &format!("image {image} sent ({} MiB)", bytes >> 20),
+        );
+    }
+    Ok(id)
 }
 
 /// `uid:gid` of the SSH user (or of this process, locally).
@@ -672,12 +677,7 @@ pub async fn deploy(
                 });
             }
             Err(e) => {
-                let error = format!("{e:#}");
-                let error = if error.starts_with(&label) {
-                    error
-                } else {
-                    format!("{label}: {error}")
-                };
+                let error = prefixed(&label, &format!("{e:#}"));
                 progress(&label, &format!("FAILED: {error}"));
                 places.push(PlaceReport {
                     place: label,
@@ -709,7 +709,7 @@ async fn health(
     let master = cluster.file.master.host;
     let label = fleet.label(master);
     let deadline = Instant::now() + timeout;
-    let api = match MasterApi::open(fleet, deadline).await {
+    let api = match MasterApi::open(fleet, deadline, None).await {
         Ok(api) => api,
         Err(e) => {
             progress(&label, &format!("health check: {e:#}"));
@@ -794,12 +794,18 @@ pub struct MasterApi {
 }
 
 impl MasterApi {
-    /// Opens the tunnel and reads the token from the master's state volume (waiting for the
-    /// master to have written it, until `deadline`).
+    /// Opens the tunnel (its local end on `local`, or a free port) and reads the token from the
+    /// master's state volume (waiting for the master to have written it, until `deadline`).
+    /// A local master is reached directly and `local` is not used.
     ///
     /// # Errors
-    /// No connection to the master host, no master container, no token before the deadline.
-    pub async fn open(fleet: &Fleet, deadline: Instant) -> anyhow::Result<Self> {
+    /// No connection to the master host, no master container, no token before the deadline,
+    /// `local` taken.
+    pub async fn open(
+        fleet: &Fleet,
+        deadline: Instant,
+        local: Option<SocketAddr>,
+    ) -> anyhow::Result<Self> {
         let cluster = &fleet.cluster;
         let place = cluster.file.master.host;
         let Some(conn) = fleet.conn(place) else {
@@ -833,7 +839,7 @@ impl MasterApi {
         let (url, tunnel) = match &conn.session {
             None => (format!("http://127.0.0.1:{port}"), None),
             Some(session) => {
-                let t = crate::tunnel::Tunnel::open(session, port, None).await?;
+                let t = crate::tunnel::Tunnel::open(session, port, local).await?;
                 (format!("http://{}", t.local), Some(t))
             }
         };
@@ -980,6 +986,7 @@ pub async fn status(fleet: &Fleet) -> ClusterStatus {
     let (master, master_error) = match MasterApi::open(
         fleet,
         Instant::now() + Duration::from_secs(2),
+        None,
     )
     .await
     {
@@ -1094,12 +1101,7 @@ pub async fn clean(fleet: &Fleet, purge: bool, progress: &Progress) -> Vec<Clean
             anyhow::Ok(())
         };
         if let Err(e) = work.await {
-            let msg = format!("{e:#}");
-            report.error = Some(if msg.starts_with(&conn.label) {
-                msg
-            } else {
-                format!("{}: {msg}", conn.label)
-            });
+            report.error = Some(prefixed(&conn.label, &format!("{e:#}")));
         }
         report
     });
@@ -1129,9 +1131,11 @@ pub async fn update(
 ) -> anyhow::Result<UpdateReport> {
     let cluster = &fleet.cluster;
     let (secrets, _) = secrets(fleet).await?;
-    let gpus = preflight(fleet).await.unwrap_or_default();
+    // GPUs as deploy gives them; a place whose GPUs cannot be determined is not restarted
+    // (its worker would lose them).
+    let gpus = worker_gpus(fleet).await;
     let deadline = Instant::now() + options.health_timeout;
-    let api = MasterApi::open(fleet, deadline).await?;
+    let api = MasterApi::open(fleet, deadline, None).await?;
     let mut report = UpdateReport {
         restarted: Vec::new(),
         errors: Vec::new(),
@@ -1147,19 +1151,25 @@ pub async fn update(
             );
         };
         let work = async {
+            let gpus = match gpus.get(&place) {
+                Some(Ok(g)) => g.clone(),
+                Some(Err(e)) => anyhow::bail!("{e}"),
+                None => anyhow::bail!("{}: the GPU check did not finish", conn.label),
+            };
             let image_id = image_at(fleet, conn, &cluster.file.images.worker, progress).await?;
             let project_dir = project_at(fleet, conn, &options.sync, progress).await?;
             let user = user_ids(conn).await.map_err(anyhow::Error::msg)?;
             anyhow::Ok(WorkerFacts {
                 user: Some(user),
                 project_dir,
-                gpus: gpus.get(&place).cloned().unwrap_or_default(),
+                gpus,
                 image_id,
             })
         };
         (
             place,
-            work.await.map_err(|e| format!("{}: {e:#}", conn.label)),
+            work.await
+                .map_err(|e| prefixed(&conn.label, &format!("{e:#}"))),
         )
     });
     for (place, f) in futures_util::future::join_all(syncs).await {
@@ -1237,7 +1247,7 @@ pub async fn update(
                     progress(&conn.label, &format!("{}: restarted, online", spec.name));
                     report.restarted.push(spec.name.clone());
                 }
-                Err(e) => report.errors.push(format!("{}: {e:#}", conn.label)),
+                Err(e) => report.errors.push(prefixed(&conn.label, &format!("{e:#}"))),
             }
         }
     }
@@ -1296,15 +1306,18 @@ async fn drain_host(
     }
 }
 
+/// `message`, starting with the place's label (once: most errors name their host already).
+fn prefixed(label: &str, message: &str) -> String {
+    if message.starts_with(label) {
+        message.to_owned()
+    } else {
+        format!("{label}: {message}")
+    }
+}
+
 /// Where `gridq deploy` saves the cluster file by default.
 pub fn default_cluster_path(project: &std::path::Path) -> PathBuf {
     project.join(config::CLUSTER_FILE)
-}
-
-/// A free port on this machine's loopback (for a tunnel's local end).
-pub fn free_local_port() -> std::io::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    l.local_addr()
 }
 
 #[cfg(test)]
