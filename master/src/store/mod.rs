@@ -1404,6 +1404,17 @@ impl Tx<'_> {
     }
 }
 
+/// Collects the rows of a query that selected [`JOB_COLUMNS`] through [`job_row`].
+fn job_rows(
+    rows: impl Iterator<Item = rusqlite::Result<(JobRowRaw, Option<String>)>>,
+) -> Result<Vec<JobRow>> {
+    rows.map(|row| {
+        let (raw, result) = row?;
+        raw.into_row(result)
+    })
+    .collect()
+}
+
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRowRaw, Option<String>)> {
     Ok((
         JobRowRaw {
@@ -1579,11 +1590,7 @@ impl ReadView<'_> {
             ],
             job_row,
         )?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (raw, result) = row?;
-            out.push(raw.into_row(result)?);
-        }
+        let out = job_rows(rows)?;
         Ok(out)
     }
 
@@ -1598,11 +1605,7 @@ impl ReadView<'_> {
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(params![prefix.to_ascii_lowercase(), to_i64(limit)], job_row)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (raw, result) = row?;
-            out.push(raw.into_row(result)?);
-        }
+        let out = job_rows(rows)?;
         Ok(out)
     }
 

@@ -9,7 +9,7 @@ use gridq_common::SweepId;
 use rusqlite::types::Value;
 use serde::{Deserialize, Serialize};
 
-use super::{JOB_COLUMNS, JobRow, JobState, ReadView, Result, job_row, to_i64};
+use super::{JOB_COLUMNS, JobRow, JobState, ReadView, Result, job_row, job_rows, to_i64};
 
 /// What a listing is sorted by.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -205,11 +205,7 @@ impl ReadView<'_> {
         page_args.push(Value::Integer(to_i64(q.offset)));
         let mut stmt = self.conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(rusqlite::params_from_iter(page_args), job_row)?;
-        let mut jobs = Vec::new();
-        for row in rows {
-            let (raw, result) = row?;
-            jobs.push(raw.into_row(result)?);
-        }
+        let jobs = job_rows(rows)?;
         let count = self.count_matches(q, &from, &filters, args)?;
         Ok((jobs, count))
     }
@@ -379,11 +375,7 @@ impl ReadView<'_> {
             ],
             job_row,
         )?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (raw, result) = row?;
-            out.push(raw.into_row(result)?);
-        }
+        let out = job_rows(rows)?;
         Ok(out)
     }
 
@@ -451,11 +443,7 @@ impl ReadView<'_> {
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
         let rows = stmt.query_map([to_i64(limit)], job_row)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (raw, result) = row?;
-            out.push(raw.into_row(result)?);
-        }
+        let out = job_rows(rows)?;
         Ok(out)
     }
 }
