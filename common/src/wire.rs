@@ -8,9 +8,13 @@
 //!
 //! - [`JobMessage`]: master → workers, on a job queue (kind `job`).
 //! - [`FromWorker`]: workers → master, on the events queue (kinds `claim`, `output`,
-//!   `finished`, `heartbeat`, `stopped`).
-//! - [`ToWorker`]: master → one worker, on that worker's own queue (kinds `grant`, `deny`,
+//!   `finished`, `release`, `heartbeat`, `stopped`).
+//! - [`ToWorker`]: master → one worker, on that worker's own queue (kinds `verdicts`,
 //!   `cancel`, `drain`).
+//!
+//! Claims, verdicts and results carry lists: a worker claims every delivery it received
+//! together in one message and reports the results that are ready together, and the master
+//! answers each worker's claims of one transaction in one message.
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -20,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::{JobId, SweepId, WorkerId};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// Header carrying the schema version.
 pub const HEADER_SCHEMA: &str = "gridq-schema";
 /// Header carrying the message kind.
@@ -65,26 +69,60 @@ pub struct AttemptRef {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum FromWorker {
-    /// A worker holds a delivery of this attempt and asks to run it.
-    Claim(Claim),
+    /// A worker holds deliveries of these attempts and asks to run them.
+    Claim(Claims),
     /// Output lines of a running attempt.
     Output(OutputBatch),
-    /// An attempt ended.
-    Finished(Box<Finished>),
+    /// Attempts ended.
+    Finished(Results),
+    /// Granted attempts the worker gives back unstarted (it has no free slot for them): they
+    /// go back to the queue as the same attempt.
+    Release(Release),
     /// The worker is alive; what it runs and what it has.
     Heartbeat(Box<Heartbeat>),
     /// The worker stopped cleanly.
     Stopped(Stopped),
 }
 
+/// Requests to run delivered attempts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub worker: WorkerId,
+    pub claims: Vec<Claim>,
+}
+
 /// A request to run one delivered attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {
-    pub worker: WorkerId,
     #[serde(flatten)]
     pub attempt: AttemptRef,
-    /// Echoed in the reply, so the worker can match it to the delivery it holds.
+    /// Echoed in the verdict, so the worker can match it to the delivery it holds.
     pub token: u64,
+}
+
+/// The master's answer to one claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verdict {
+    #[serde(flatten)]
+    pub attempt: AttemptRef,
+    pub token: u64,
+    /// Why not (canceled, already running or done elsewhere, superseded); `None`: granted,
+    /// the master recorded the lease.
+    #[serde(default)]
+    pub deny: Option<String>,
+}
+
+/// Results that were ready together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    pub results: Vec<Finished>,
+}
+
+/// Granted attempts given back unstarted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub worker: WorkerId,
+    pub attempts: Vec<AttemptRef>,
 }
 
 /// Which stream a line came from.
@@ -210,19 +248,8 @@ pub struct Stopped {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ToWorker {
-    /// Run it: the master recorded the lease.
-    Grant {
-        #[serde(flatten)]
-        attempt: AttemptRef,
-        token: u64,
-    },
-    /// Do not run it (canceled, already running or done elsewhere, superseded).
-    Deny {
-        #[serde(flatten)]
-        attempt: AttemptRef,
-        token: u64,
-        reason: String,
-    },
+    /// The answers to claims.
+    Verdicts { verdicts: Vec<Verdict> },
     /// Kill this running attempt.
     Cancel {
         #[serde(flatten)]
@@ -253,23 +280,30 @@ impl Kind for FromWorker {
             Self::Claim(_) => "claim",
             Self::Output(_) => "output",
             Self::Finished(_) => "finished",
+            Self::Release(_) => "release",
             Self::Heartbeat(_) => "heartbeat",
             Self::Stopped(_) => "stopped",
         }
     }
-    const KINDS: &'static [&'static str] = &["claim", "output", "finished", "heartbeat", "stopped"];
+    const KINDS: &'static [&'static str] = &[
+        "claim",
+        "output",
+        "finished",
+        "release",
+        "heartbeat",
+        "stopped",
+    ];
 }
 
 impl Kind for ToWorker {
     fn kind(&self) -> &'static str {
         match self {
-            Self::Grant { .. } => "grant",
-            Self::Deny { .. } => "deny",
+            Self::Verdicts { .. } => "verdicts",
             Self::Cancel { .. } => "cancel",
             Self::Drain => "drain",
         }
     }
-    const KINDS: &'static [&'static str] = &["grant", "deny", "cancel", "drain"];
+    const KINDS: &'static [&'static str] = &["verdicts", "cancel", "drain"];
 }
 
 /// Why a message was refused. Never worth retrying: the message is dead-lettered.
@@ -384,10 +418,12 @@ mod tests {
 
     #[test]
     fn round_trip_with_headers() {
-        let msg = FromWorker::Claim(Claim {
+        let msg = FromWorker::Claim(Claims {
             worker: WorkerId::new("w1").unwrap(),
-            attempt: attempt(),
-            token: 9,
+            claims: vec![Claim {
+                attempt: attempt(),
+                token: 9,
+            }],
         });
         let enc = encode(&msg);
         assert_eq!(kind_of(&enc.properties).unwrap(), "claim");
@@ -397,7 +433,7 @@ mod tests {
         );
         let json: serde_json::Value = serde_json::from_slice(&enc.body).unwrap();
         assert_eq!(json["kind"], "claim");
-        assert_eq!(json["job"], "07".repeat(16));
+        assert_eq!(json["claims"][0]["job"], "07".repeat(16));
     }
 
     #[test]
@@ -411,13 +447,13 @@ mod tests {
             decode::<ToWorker>(&props, &enc.body)
                 .unwrap_err()
                 .to_string(),
-            "unknown schema version 9 (this gridq reads version 1)"
+            "unknown schema version 9 (this gridq reads version 2)"
         );
         assert_eq!(
             decode::<FromWorker>(&enc.properties, &enc.body)
                 .unwrap_err()
                 .to_string(),
-            "unexpected message kind `drain` (expected one of: claim, output, finished, heartbeat, stopped)"
+            "unexpected message kind `drain` (expected one of: claim, output, finished, release, heartbeat, stopped)"
         );
         assert_eq!(
             decode::<ToWorker>(&BasicProperties::default(), b"{}").unwrap_err(),
@@ -429,14 +465,17 @@ mod tests {
             "{err}"
         );
         // A body whose own kind disagrees with the header is refused.
-        let grant = encode(&ToWorker::Grant {
-            attempt: attempt(),
-            token: 1,
+        let verdicts = encode(&ToWorker::Verdicts {
+            verdicts: vec![Verdict {
+                attempt: attempt(),
+                token: 1,
+                deny: None,
+            }],
         });
-        let err = decode::<ToWorker>(&enc.properties, &grant.body).unwrap_err();
+        let err = decode::<ToWorker>(&enc.properties, &verdicts.body).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "invalid `drain` body: the body is a `grant` message"
+            "invalid `drain` body: the body is a `verdicts` message"
         );
     }
 

@@ -265,3 +265,65 @@ async fn a_job_longer_than_the_consumer_timeout_is_neither_killed_nor_duplicated
     );
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_held_behind_a_long_one_is_given_back_and_runs_elsewhere_once() {
+    let mut c = Cluster::new("holdback").await;
+    c.spawn_worker(&["--slots", "1"]);
+    // Short jobs: the worker starts taking the next jobs while one runs.
+    c.submit("name: warmup\ncommand: [true]\nparameters:\n  x: !!python/tuple [0, 8]\n")
+        .await;
+    c.wait_done("warmup", MINUTE).await;
+    // Job 0 runs for a while; the others are instant. The worker starts job 0 and holds the
+    // next ones; they wait for its only slot until it gives them back.
+    c.submit(
+        "name: holdback\ncommand: [sh, -c, 'if [ {x} = 0 ]; then sleep 8; fi']\nparameters:\n  x: !!python/tuple [0, 4]\n",
+    )
+    .await;
+    let jobs = c.jobs("holdback");
+    let long = jobs.iter().find(|j| j.index == 0).expect("job 0").id;
+    let running = c
+        .wait_state("holdback", long, JobState::Running, MINUTE)
+        .await;
+    assert_eq!(running.worker.as_deref(), Some(c.worker_id(0).as_str()));
+    wait_until("the held jobs to be given back", MINUTE, || {
+        let log = c.workers[0].log_text();
+        if log.contains("giving back granted jobs that have no free slot") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    })
+    .await;
+    // A second worker runs them while job 0 still runs on the first.
+    c.spawn_worker(&["--slots", "1"]);
+    for j in jobs.iter().filter(|j| j.index != 0) {
+        let done = c
+            .wait_state("holdback", j.id, JobState::Succeeded, MINUTE)
+            .await;
+        assert_eq!(
+            (done.worker.as_deref(), done.attempt),
+            (Some(c.worker_id(1).as_str()), 1),
+            "{done:?}"
+        );
+        let attempts = c.attempts("holdback", j.id);
+        assert_eq!(attempts.len(), 1, "{attempts:?}");
+    }
+    assert_eq!(
+        c.jobs("holdback")
+            .iter()
+            .find(|j| j.id == long)
+            .map(|j| j.state),
+        Some(JobState::Running)
+    );
+    let done = c
+        .wait_state("holdback", long, JobState::Succeeded, MINUTE)
+        .await;
+    assert_eq!(
+        (done.worker.as_deref(), done.attempt),
+        (Some(c.worker_id(0).as_str()), 1)
+    );
+    let sweep = gridq_common::SweepId::new("holdback").unwrap();
+    assert_eq!(c.reader().view().result_rows(&sweep).unwrap(), 4);
+    c.shutdown().await;
+}

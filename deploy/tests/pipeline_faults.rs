@@ -314,24 +314,26 @@ async fn a_broker_restart_mid_sweep_loses_nothing_and_keeps_one_result_per_job()
     // duplicate, and the results table still has one row per job.
     let target = &jobs[0];
     let dups_before = reader.view().duplicates(&id, &target.id).unwrap();
-    let late = FromWorker::Finished(Box::new(Finished {
-        worker: WorkerId::new(target.worker.clone().expect("a worker")).unwrap(),
-        host: target.host.clone().unwrap_or_default(),
-        attempt: wire::AttemptRef {
-            sweep: id.clone(),
-            job: target.id,
-            attempt: target.attempt,
-        },
-        outcome: Outcome::Failed,
-        exit_code: Some(9),
-        signal: None,
-        started_ms: target.started_ms.unwrap_or(0),
-        finished_ms: target.finished_ms.unwrap_or(0) + 1,
-        result: None,
-        reason: Some("late report".into()),
-        gpus: Vec::new(),
-        lines: 0,
-    }));
+    let late = FromWorker::Finished(wire::Results {
+        results: vec![Finished {
+            worker: WorkerId::new(target.worker.clone().expect("a worker")).unwrap(),
+            host: target.host.clone().unwrap_or_default(),
+            attempt: wire::AttemptRef {
+                sweep: id.clone(),
+                job: target.id,
+                attempt: target.attempt,
+            },
+            outcome: Outcome::Failed,
+            exit_code: Some(9),
+            signal: None,
+            started_ms: target.started_ms.unwrap_or(0),
+            finished_ms: target.finished_ms.unwrap_or(0) + 1,
+            result: None,
+            reason: Some("late report".into()),
+            gpus: Vec::new(),
+            lines: 0,
+        }],
+    });
     let enc = wire::encode(&late);
     let conn = gridq_common::amqp::connect(&c.url, "gridq-test-late")
         .await
@@ -512,14 +514,16 @@ async fn a_lease_whose_grant_never_arrived_is_recovered() {
     // no running job, as a real worker does after its claim times out.
     let ghost = WorkerId::new("ghost-lostgrant").unwrap();
     let conn = connect_when_declared(&c.url).await;
-    let claim = wire::encode(&FromWorker::Claim(wire::Claim {
+    let claim = wire::encode(&FromWorker::Claim(wire::Claims {
         worker: ghost.clone(),
-        attempt: wire::AttemptRef {
-            sweep: sweep_id("lostgrant"),
-            job,
-            attempt: 1,
-        },
-        token: 1,
+        claims: vec![wire::Claim {
+            attempt: wire::AttemptRef {
+                sweep: sweep_id("lostgrant"),
+                job,
+                attempt: 1,
+            },
+            token: 1,
+        }],
     }));
     publish_raw(
         &conn,
@@ -603,7 +607,7 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_consumers_keep_runn
         &conn,
         &jobs_queue,
         b"not json",
-        Some(gridq_headers(1, "job")),
+        Some(gridq_headers(wire::SCHEMA_VERSION, "job")),
     )
     .await;
     publish_raw(&conn, &jobs_queue, b"{}", Some(gridq_headers(99, "job"))).await;
@@ -670,7 +674,7 @@ async fn a_poison_job_message_is_recorded_with_the_queue_it_came_from() {
         &conn,
         &jobs_queue,
         b"not json",
-        Some(gridq_headers(1, "job")),
+        Some(gridq_headers(wire::SCHEMA_VERSION, "job")),
     )
     .await;
     let _ = conn.close(200, "done".into()).await;

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gridq_common::topology;
-use gridq_common::wire::{self, AttemptRef, FromWorker, JobMessage, ToWorker};
+use gridq_common::wire::{self, AttemptRef, FromWorker, JobMessage, ToWorker, Verdict};
 use gridq_common::{JobId, SweepId, WorkerId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
@@ -309,6 +309,8 @@ struct Effects {
     acks: Vec<lapin::Acker>,
     publish: Vec<Publish>,
     control: Vec<(String, ToWorker)>,
+    /// Answers to claims, one message per worker queue.
+    verdicts: HashMap<String, Vec<Verdict>>,
     replies: Vec<Box<dyn FnOnce() + Send>>,
     changed: bool,
 }
@@ -537,6 +539,11 @@ impl Core {
         if self.broker_up && !effects.publish.is_empty() {
             self.publish(effects.publish).await?;
         }
+        for (queue, verdicts) in effects.verdicts {
+            effects
+                .control
+                .push((queue, ToWorker::Verdicts { verdicts }));
+        }
         if !effects.control.is_empty() {
             let _ = self.out.send(Outbound::Control(effects.control)).await;
         }
@@ -580,12 +587,13 @@ fn handle_event(
             });
     }
     match event {
-        FromWorker::Claim(claim) => {
-            let host = host_of(&claim.worker);
-            if !workers.contains_key(claim.worker.as_str()) {
+        FromWorker::Claim(claims) => {
+            let worker = claims.worker;
+            let host = host_of(&worker);
+            if !workers.contains_key(worker.as_str()) {
                 // Known from its first claim, before its first heartbeat lands.
                 tx.worker_seen(
-                    claim.worker.as_str(),
+                    worker.as_str(),
                     &host,
                     "online",
                     None,
@@ -593,42 +601,54 @@ fn handle_event(
                     now,
                 )?;
             }
-            seen(workers, &claim.worker);
-            let verdict = tx.claim(&claim.attempt, &claim.worker, &host, now)?;
-            let queue = topology::worker_queue(&claim.worker);
-            let message = match verdict {
-                ClaimVerdict::Grant => {
-                    effects.changed = true;
-                    ToWorker::Grant {
-                        attempt: claim.attempt,
-                        token: claim.token,
+            seen(workers, &worker);
+            let answers = effects
+                .verdicts
+                .entry(topology::worker_queue(&worker))
+                .or_default();
+            for claim in claims.claims {
+                let deny = match tx.claim(&claim.attempt, &worker, &host, now)? {
+                    ClaimVerdict::Grant => {
+                        effects.changed = true;
+                        None
                     }
-                }
-                ClaimVerdict::Deny(reason) => ToWorker::Deny {
+                    ClaimVerdict::Deny(reason) => Some(reason),
+                };
+                answers.push(Verdict {
                     attempt: claim.attempt,
                     token: claim.token,
-                    reason,
-                },
-            };
-            effects.control.push((queue, message));
+                    deny,
+                });
+            }
+        }
+        FromWorker::Release(release) => {
+            seen(workers, &release.worker);
+            for attempt in &release.attempts {
+                if let Some(p) = tx.release(attempt, release.worker.as_str(), now)? {
+                    effects.publish.push(p);
+                    effects.changed = true;
+                }
+            }
         }
         FromWorker::Output(batch) => {
             tx.output(&batch.attempt, batch.first_seq, &batch.lines)?;
             effects.changed = true;
         }
-        FromWorker::Finished(f) => {
-            seen(workers, &f.worker);
-            match tx.finish(
-                &f,
-                u64::try_from(config.max_retry_backoff.as_millis()).unwrap_or(u64::MAX),
-                now,
-            )? {
-                FinishEffect::Requeue(p) => effects.publish.push(p),
-                FinishEffect::Duplicate => {
-                    info!(sweep = %f.attempt.sweep, job = %f.attempt.job, attempt = f.attempt.attempt, worker = %f.worker, "duplicate result stored as such");
-                }
-                FinishEffect::Applied(_) | FinishEffect::Retry { .. } => {
-                    activity.finished(now, f.finished_ms.checked_sub(f.started_ms));
+        FromWorker::Finished(results) => {
+            for f in results.results {
+                seen(workers, &f.worker);
+                match tx.finish(
+                    &f,
+                    u64::try_from(config.max_retry_backoff.as_millis()).unwrap_or(u64::MAX),
+                    now,
+                )? {
+                    FinishEffect::Requeue(p) => effects.publish.push(p),
+                    FinishEffect::Duplicate => {
+                        info!(sweep = %f.attempt.sweep, job = %f.attempt.job, attempt = f.attempt.attempt, worker = %f.worker, "duplicate result stored as such");
+                    }
+                    FinishEffect::Applied(_) | FinishEffect::Retry { .. } => {
+                        activity.finished(now, f.finished_ms.checked_sub(f.started_ms));
+                    }
                 }
             }
             effects.changed = true;

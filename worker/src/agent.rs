@@ -20,7 +20,7 @@
 //! the jobs die with the worker (parent-death signal) and the master redelivers them when the
 //! heartbeats stop.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -29,19 +29,17 @@ use futures_util::StreamExt;
 use gridq_common::amqp::{self, Backoff};
 use gridq_common::topology;
 use gridq_common::wire::{
-    self, AttemptRef, Claim, FromWorker, GpuStat, Heartbeat, JobMessage, LogLine, Outcome,
-    OutputBatch, Stopped, ToWorker,
+    self, AttemptRef, FromWorker, GpuStat, Heartbeat, JobMessage, LogLine, Outcome, OutputBatch,
+    Results, Stopped, ToWorker,
 };
 use gridq_common::{WorkerId, wire::Finished};
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
+use crate::feeder::{self, Feed};
 use crate::runner::{self, JobSpec, KillReason, Killer, RunningJob, Termination};
 
 /// What running jobs do when the worker is asked to stop.
@@ -148,30 +146,33 @@ pub fn new_worker_id() -> WorkerId {
 /// Stop requests: 0 none, 1 graceful, 2 or more immediate.
 pub type StopSignal = watch::Receiver<u32>;
 
-struct Shared {
-    id: WorkerId,
+pub(crate) struct Shared {
+    pub(crate) id: WorkerId,
     host: String,
-    config: WorkerConfig,
-    /// Claims waiting for the master's verdict, by token.
-    claims: Mutex<HashMap<u64, oneshot::Sender<ToWorker>>>,
+    pub(crate) config: WorkerConfig,
     /// Running attempts and how to kill them.
-    running: Mutex<HashMap<AttemptRef, Killer>>,
-    next_token: std::sync::atomic::AtomicU64,
-    outbox: mpsc::Sender<Out>,
+    pub(crate) running: Mutex<HashMap<AttemptRef, Killer>>,
+    /// Granted attempts waiting for a slot (listed in heartbeats with the running ones).
+    pub(crate) held: Mutex<HashSet<AttemptRef>>,
+    /// Verdicts and cancels for the feeder.
+    feed: mpsc::UnboundedSender<Feed>,
+    pub(crate) outbox: mpsc::Sender<Out>,
     /// The current session, when connected.
-    session: watch::Receiver<Option<Arc<Session>>>,
+    pub(crate) session: watch::Receiver<Option<Arc<Session>>>,
     draining: watch::Sender<bool>,
 }
 
-struct Session {
-    connection: Arc<Connection>,
+pub(crate) struct Session {
+    pub(crate) connection: Arc<Connection>,
 }
 
 /// Something to send to the master.
-struct Out {
-    message: FromWorker,
+pub(crate) struct Out {
+    pub(crate) message: FromWorker,
     /// Wait for the broker's confirm, re-sending across reconnects.
-    confirmed: bool,
+    pub(crate) confirmed: bool,
+    /// Told once the broker confirmed it.
+    pub(crate) done: Vec<oneshot::Sender<()>>,
 }
 
 /// Runs a worker until it is stopped.
@@ -189,13 +190,14 @@ pub async fn run(config: WorkerConfig, mut stop: StopSignal) -> std::io::Result<
     let (outbox_tx, outbox_rx) = mpsc::channel::<Out>(4096);
     let (session_tx, session_rx) = watch::channel::<Option<Arc<Session>>>(None);
     let (draining_tx, draining_rx) = watch::channel(false);
+    let (feed_tx, feed_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         id: id.clone(),
         host,
         config: config.clone(),
-        claims: Mutex::new(HashMap::new()),
         running: Mutex::new(HashMap::new()),
-        next_token: std::sync::atomic::AtomicU64::new(1),
+        held: Mutex::new(HashSet::new()),
+        feed: feed_tx.clone(),
         outbox: outbox_tx,
         session: session_rx,
         draining: draining_tx,
@@ -205,15 +207,13 @@ pub async fn run(config: WorkerConfig, mut stop: StopSignal) -> std::io::Result<
     let sessions = tokio::spawn(sessions(shared.clone(), session_tx));
     let outbox = tokio::spawn(outbox_loop(shared.clone(), outbox_rx));
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone()));
-    let mut slot_tasks = Vec::new();
-    for (n, gpu) in slots.into_iter().enumerate() {
-        slot_tasks.push(tokio::spawn(slot_loop(
-            shared.clone(),
-            n,
-            gpu,
-            draining_rx.clone(),
-        )));
-    }
+    let mut feeder = tokio::spawn(feeder::run(
+        shared.clone(),
+        slots,
+        feed_tx,
+        feed_rx,
+        draining_rx.clone(),
+    ));
 
     // Wait for the first stop request (signal or drain).
     let mut drain_seen = draining_rx.clone();
@@ -228,14 +228,15 @@ pub async fn run(config: WorkerConfig, mut stop: StopSignal) -> std::io::Result<
     if signaled && config.on_stop == OnStop::Requeue {
         kill_all(&shared, KillReason::Shutdown);
     }
-    // Slots end once their job (if any) is reported; a second request ends everything now.
-    let all_slots = futures_util::future::join_all(slot_tasks);
+    // The feeder ends once every job is reported and every held one given back; a second
+    // request ends everything now.
     tokio::select! {
-        _ = all_slots => {
+        _ = &mut feeder => {
             let handed_back = Vec::new();
             let _ = shared.outbox.send(Out {
                 message: FromWorker::Stopped(Stopped { worker: id.clone(), reason: "clean stop".into(), handed_back }),
                 confirmed: true,
+                done: Vec::new(),
             }).await;
             // Give the outbox a bounded time to flush the final reports.
             let flush = async {
@@ -251,6 +252,7 @@ pub async fn run(config: WorkerConfig, mut stop: StopSignal) -> std::io::Result<
             kill_all(&shared, KillReason::Shutdown);
         }
     }
+    feeder.abort();
     heartbeat.abort();
     outbox.abort();
     sessions.abort();
@@ -258,7 +260,7 @@ pub async fn run(config: WorkerConfig, mut stop: StopSignal) -> std::io::Result<
 }
 
 /// Waits until the watched value satisfies `f` (or its sender is gone), holding no guard.
-async fn until<T>(rx: &mut watch::Receiver<T>, f: impl FnMut(&T) -> bool) {
+pub(crate) async fn until<T>(rx: &mut watch::Receiver<T>, f: impl FnMut(&T) -> bool) {
     let _ = rx.wait_for(f).await.map(|_| ());
 }
 
@@ -333,25 +335,11 @@ async fn sessions(shared: Arc<Shared>, session_tx: watch::Sender<Option<Arc<Sess
 
 fn dispatch(shared: &Shared, msg: ToWorker) {
     match msg {
-        ToWorker::Grant { token, .. } | ToWorker::Deny { token, .. } => {
-            let waiter = shared.claims.lock().ok().and_then(|mut c| c.remove(&token));
-            if let Some(tx) = waiter {
-                let _ = tx.send(msg);
-            }
+        ToWorker::Verdicts { verdicts } => {
+            let _ = shared.feed.send(Feed::Verdicts(verdicts));
         }
         ToWorker::Cancel { attempt } => {
-            let killer = shared
-                .running
-                .lock()
-                .ok()
-                .and_then(|r| r.get(&attempt).cloned());
-            match killer {
-                Some(k) => {
-                    info!(sweep = %attempt.sweep, job = %attempt.job, "canceling a running job");
-                    k.kill(KillReason::Canceled);
-                }
-                None => debug!(job = %attempt.job, "cancel for a job not running here"),
-            }
+            let _ = shared.feed.send(Feed::Cancel(attempt));
         }
         ToWorker::Drain => {
             info!("the master asked this worker to drain");
@@ -407,7 +395,7 @@ async fn outbox_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Out>) {
         let Some(ch) = channel.as_ref() else { continue };
         // Publish everything queued; wait for the confirms of those that need one.
         let mut confirms = Vec::new();
-        let batch: Vec<Out> = queue.drain(..).collect();
+        let batch = merge_results(queue.drain(..));
         let mut failed_from = None;
         for (i, out) in batch.iter().enumerate() {
             let enc = wire::encode(&out.message);
@@ -440,13 +428,21 @@ async fn outbox_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Out>) {
             }
         }
         let mut retry: Vec<usize> = Vec::new();
+        let mut confirmed = Vec::new();
         for (i, c) in confirms {
             match c.await {
-                Ok(conf) if conf.is_ack() => {}
+                Ok(conf) if conf.is_ack() => confirmed.push(i),
                 _ => retry.push(i),
             }
         }
         let mut batch: Vec<Option<Out>> = batch.into_iter().map(Some).collect();
+        for i in confirmed {
+            if let Some(o) = batch[i].as_mut() {
+                for done in o.done.drain(..) {
+                    let _ = done.send(());
+                }
+            }
+        }
         // Unconfirmed (or unsent) confirmed messages go back to the front, in order.
         let mut back: Vec<Out> = Vec::new();
         for i in retry {
@@ -473,6 +469,42 @@ async fn outbox_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Out>) {
     }
 }
 
+/// Results at most in one message.
+const RESULTS_PER_MESSAGE: usize = 256;
+
+/// Joins results that follow each other into one message (one publish, one confirm, one
+/// master event); everything keeps its order.
+fn merge_results(outs: impl Iterator<Item = Out>) -> Vec<Out> {
+    let mut merged: Vec<Out> = Vec::new();
+    for out in outs {
+        if let (
+            Some(Out {
+                message: FromWorker::Finished(last),
+                done,
+                ..
+            }),
+            FromWorker::Finished(next),
+        ) = (merged.last_mut(), &out.message)
+        {
+            if last.results.len() + next.results.len() <= RESULTS_PER_MESSAGE {
+                let Out {
+                    message: FromWorker::Finished(next),
+                    done: next_done,
+                    ..
+                } = out
+                else {
+                    unreachable!("matched above")
+                };
+                last.results.extend(next.results);
+                done.extend(next_done);
+                continue;
+            }
+        }
+        merged.push(out);
+    }
+    merged
+}
+
 async fn open_publish_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
     let ch = connection.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -492,11 +524,15 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
             gpus = gpu_stats().await;
         }
         n += 1;
-        let running: Vec<AttemptRef> = shared
-            .running
+        // Held (granted, waiting for a slot) and running: both are this worker's leases.
+        let mut running: Vec<AttemptRef> = shared
+            .held
             .lock()
-            .map(|r| r.keys().cloned().collect())
+            .map(|h| h.iter().cloned().collect())
             .unwrap_or_default();
+        if let Ok(r) = shared.running.lock() {
+            running.extend(r.keys().cloned());
+        }
         let (mem_total_mb, mem_used_mb) = memory_mb();
         let hb = Heartbeat {
             worker: shared.id.clone(),
@@ -527,6 +563,7 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
         let _ = shared.outbox.try_send(Out {
             message: FromWorker::Heartbeat(Box::new(hb)),
             confirmed: false,
+            done: Vec::new(),
         });
     }
 }
@@ -592,278 +629,6 @@ pub fn parse_nvidia_smi(text: &str) -> Vec<GpuStat> {
         .collect()
 }
 
-/// One slot: consume, claim, run, report, again.
-async fn slot_loop(
-    shared: Arc<Shared>,
-    slot: usize,
-    gpu: Option<u32>,
-    mut draining: watch::Receiver<bool>,
-) {
-    let mut session_rx = shared.session.clone();
-    // The slot's channel, kept across jobs for as long as its session lives.
-    let mut current: Option<(Arc<Session>, Channel)> = None;
-    loop {
-        if *draining.borrow() {
-            if let Some((_, ch)) = current.take() {
-                let _ = ch.close(200, "draining".into()).await;
-            }
-            return;
-        }
-        // Wait for a session.
-        let session = loop {
-            if let Some(s) = session_rx.borrow_and_update().clone() {
-                break s;
-            }
-            tokio::select! {
-                r = session_rx.changed() => if r.is_err() { return },
-                () = until(&mut draining, |d| *d) => return,
-            }
-        };
-        let reuse = matches!(&current, Some((s, ch)) if Arc::ptr_eq(s, &session) && ch.status().connected());
-        if !reuse {
-            current = None;
-            match open_slot_channel(&shared, &session, slot, &mut draining).await {
-                Ok(Some(ch)) => current = Some((session.clone(), ch)),
-                Ok(None) => continue,
-                Err(e) => {
-                    debug!(slot, cause = %e, "slot cannot open its channel");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            }
-        }
-        let Some((_, ch)) = current.as_ref() else {
-            continue;
-        };
-        match take_one(&shared, ch, slot, &mut draining).await {
-            Ok(Some(job)) => run_job(&shared, job, gpu).await,
-            Ok(None) => {}
-            Err(e) => {
-                debug!(slot, cause = %e, "slot lost its channel");
-                current = None;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-}
-
-/// Opens a slot's channel (prefetch 1) once its job queues exist; `None` when draining.
-async fn open_slot_channel(
-    shared: &Shared,
-    session: &Session,
-    slot: usize,
-    draining: &mut watch::Receiver<bool>,
-) -> Result<Option<Channel>, lapin::Error> {
-    for q in &shared.config.queues {
-        let queue = topology::jobs_queue(q);
-        // The master owns the job queues; wait until they exist.
-        loop {
-            let probe = session.connection.create_channel().await?;
-            match topology::check_queue(&probe, &queue).await {
-                Ok(_) => {
-                    let _ = probe.close(200, "ok".into()).await;
-                    break;
-                }
-                Err(_) => {
-                    if slot == 0 {
-                        warn!(queue = %queue, "job queue does not exist yet; is the master running?");
-                    }
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(2)) => {}
-                        () = until(draining, |d| *d) => return Ok(None),
-                    }
-                }
-            }
-        }
-    }
-    let ch = session.connection.create_channel().await?;
-    ch.basic_qos(1, BasicQosOptions::default()).await?;
-    Ok(Some(ch))
-}
-
-/// What came of one delivery.
-enum Taken {
-    /// Granted: the delivery is acked and the consumers (if any) cancelled.
-    Run(JobMessage),
-    /// Denied, unreadable (dead-lettered) or given back: try the next one.
-    Next,
-    /// Draining: the delivery went back to the queue.
-    Stop,
-}
-
-/// Takes the next job for this slot. When a queue has work, `basic.get` takes a message in one
-/// round trip; when all are empty the slot consumes (prefetch 1) until one arrives, and cancels
-/// its consumers once it is granted. Either way no delivery is held while a job runs.
-async fn take_one(
-    shared: &Shared,
-    ch: &Channel,
-    slot: usize,
-    draining: &mut watch::Receiver<bool>,
-) -> Result<Option<JobMessage>, lapin::Error> {
-    // Fast path: the queues have work.
-    'fast: loop {
-        for q in &shared.config.queues {
-            if *draining.borrow() {
-                return Ok(None);
-            }
-            let queue = topology::jobs_queue(q);
-            let Some(got) = ch
-                .basic_get(queue.as_str().into(), BasicGetOptions::default())
-                .await?
-            else {
-                continue;
-            };
-            match claim(shared, ch, got.delivery, &[], draining).await? {
-                Taken::Run(job) => return Ok(Some(job)),
-                Taken::Next => continue 'fast,
-                Taken::Stop => return Ok(None),
-            }
-        }
-        break;
-    }
-    // Slow path: wait for work.
-    let mut consumers = Vec::new();
-    let mut tags = Vec::new();
-    for q in &shared.config.queues {
-        let queue = topology::jobs_queue(q);
-        let tag = format!("slot{slot}-{q}");
-        let consumer = ch
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        tags.push(tag);
-        consumers.push(consumer);
-    }
-    let mut merged = futures_util::stream::select_all(consumers);
-    loop {
-        let delivery = tokio::select! {
-            d = merged.next() => d,
-            () = until(draining, |d| *d) => {
-                drop(merged);
-                // Closing the channel gives back anything delivered but not claimed.
-                let _ = ch.close(200, "draining".into()).await;
-                return Ok(None);
-            }
-        };
-        let Some(delivery) = delivery else {
-            return Ok(None);
-        };
-        match claim(shared, ch, delivery?, &tags, draining).await? {
-            Taken::Run(job) => {
-                // With several queues, another consumer of this slot may hold a delivery: give
-                // it back (each consumer ends after its cancel).
-                if tags.len() > 1 {
-                    while let Ok(Some(Ok(extra))) =
-                        tokio::time::timeout(Duration::from_millis(200), merged.next()).await
-                    {
-                        extra
-                            .acker
-                            .nack(BasicNackOptions {
-                                requeue: true,
-                                ..BasicNackOptions::default()
-                            })
-                            .await?;
-                    }
-                }
-                return Ok(Some(job));
-            }
-            Taken::Next => {}
-            Taken::Stop => return Ok(None),
-        }
-    }
-}
-
-/// Claims one delivered job from the master. While no answer comes (the master may be
-/// restarting) the claim is repeated and the delivery kept: giving it back would count as a
-/// redelivery against the queue's delivery limit.
-async fn claim(
-    shared: &Shared,
-    ch: &Channel,
-    delivery: lapin::message::Delivery,
-    cancel_tags: &[String],
-    draining: &mut watch::Receiver<bool>,
-) -> Result<Taken, lapin::Error> {
-    let job = match wire::decode::<JobMessage>(&delivery.properties, &delivery.data) {
-        Ok(j) => j,
-        Err(e) => {
-            warn!(cause = %e, "dead-lettering a job message this worker cannot read");
-            topology::dead_letter(
-                ch,
-                delivery.routing_key.as_str(),
-                &delivery.properties,
-                &delivery.data,
-                &e,
-            )
-            .await?;
-            delivery.acker.ack(BasicAckOptions::default()).await?;
-            return Ok(Taken::Next);
-        }
-    };
-    let attempt = AttemptRef {
-        sweep: job.sweep.clone(),
-        job: job.job,
-        attempt: job.attempt,
-    };
-    loop {
-        let token = shared
-            .next_token
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        if let Ok(mut claims) = shared.claims.lock() {
-            claims.insert(token, tx);
-        }
-        let message = FromWorker::Claim(Claim {
-            worker: shared.id.clone(),
-            attempt: attempt.clone(),
-            token,
-        });
-        // Claims are transient: one lost with a broker restart is simply sent again.
-        let enc = wire::encode(&message);
-        ch.basic_publish(
-            "".into(),
-            topology::EVENTS_QUEUE.into(),
-            BasicPublishOptions::default(),
-            &enc.body,
-            enc.properties.with_delivery_mode(1),
-        )
-        .await?;
-        let verdict = tokio::select! {
-            v = tokio::time::timeout(shared.config.claim_timeout, rx) => v,
-            () = until(draining, |d| *d) => {
-                delivery.acker.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await?;
-                return Ok(Taken::Stop);
-            }
-        };
-        if let Ok(mut claims) = shared.claims.lock() {
-            claims.remove(&token);
-        }
-        match verdict {
-            Ok(Ok(ToWorker::Grant { .. })) => {
-                // Stop consuming first (the broker handles the cancel before the ack, on this
-                // channel), so no second delivery arrives while the job runs.
-                for tag in cancel_tags {
-                    ch.basic_cancel(tag.as_str().into(), BasicCancelOptions { nowait: true })
-                        .await?;
-                }
-                delivery.acker.ack(BasicAckOptions::default()).await?;
-                return Ok(Taken::Run(job));
-            }
-            Ok(Ok(ToWorker::Deny { reason, .. })) => {
-                info!(sweep = %job.sweep, job = %job.job, attempt = job.attempt, reason = %reason, "claim denied; dropping the message");
-                delivery.acker.ack(BasicAckOptions::default()).await?;
-                return Ok(Taken::Next);
-            }
-            Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
-                warn!(sweep = %job.sweep, job = %job.job, "no answer to a claim yet; is the master running? asking again");
-            }
-        }
-    }
-}
-
 /// The job's environment: gridq's variables, the sweep's, and the GPU pin.
 fn job_env(shared: &Shared, job: &JobMessage, gpu: Option<u32>) -> Vec<(String, String)> {
     let mut env = vec![
@@ -896,7 +661,7 @@ pub fn env_name(param: &str) -> String {
         .collect()
 }
 
-async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u32>) {
+pub(crate) async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u32>) {
     let attempt = AttemptRef {
         sweep: job.sweep.clone(),
         job: job.job,
@@ -954,8 +719,11 @@ async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u32>) {
     let _ = shared
         .outbox
         .send(Out {
-            message: FromWorker::Finished(Box::new(finished)),
+            message: FromWorker::Finished(Results {
+                results: vec![finished],
+            }),
             confirmed: true,
+            done: Vec::new(),
         })
         .await;
     // Only now: a heartbeat that no longer lists the attempt is queued behind its report, so the
@@ -1095,6 +863,7 @@ async fn send_batch(
         .send(Out {
             message,
             confirmed: false,
+            done: Vec::new(),
         })
         .await;
 }

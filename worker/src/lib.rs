@@ -2,9 +2,11 @@
 //! runs them as subprocesses and reports output, results and heartbeats.
 //!
 //! # Layout
-//! - [`agent`]: the worker service: slots, the claim/grant protocol, the outbox, heartbeats,
-//!   graceful stop.
+//! - [`agent`]: the worker service: sessions, the outbox, heartbeats, graceful stop.
+//! - [`feeder`]: deliveries, claims and grants, how many jobs a worker holds, starting jobs on
+//!   free slots.
 //! - [`runner`]: runs one job as a subprocess (process group, timeout, kill, output lines, result).
 
 pub mod agent;
+pub mod feeder;
 pub mod runner;

@@ -836,6 +836,41 @@ impl Tx<'_> {
         Ok(ClaimVerdict::Grant)
     }
 
+    /// A granted attempt its worker gives back unstarted: the lease ends and the same attempt
+    /// is queued again (`pending` until the broker confirms it), with no attempt recorded.
+    /// `Ok(None)` when the worker no longer holds it (a repeat, or a cancel came first).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn release(&self, a: &AttemptRef, worker: &str, now_ms: u64) -> Result<Option<Publish>> {
+        let (sweep, id) = (a.sweep.as_str(), a.job.to_string());
+        let n = self
+            .tx
+            .prepare_cached(
+                "UPDATE jobs SET state = 'pending', worker = NULL, host = NULL, started_ms = NULL, updated_ms = ?5
+                 WHERE sweep = ?1 AND id = ?2 AND attempt = ?3 AND state = 'running' AND worker = ?4",
+            )?
+            .execute(params![sweep, id, a.attempt, worker, to_i64(now_ms)])?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.tx
+            .prepare_cached("DELETE FROM attempts WHERE sweep = ?1 AND job = ?2 AND attempt = ?3")?
+            .execute(params![sweep, id, a.attempt])?;
+        let queue: String = self
+            .tx
+            .prepare_cached(
+                "SELECT json_extract(spec_json, '$.queue') FROM sweeps WHERE name = ?1",
+            )?
+            .query_row(params![sweep], |r| r.get(0))?;
+        Ok(Some(Publish {
+            sweep: a.sweep.clone(),
+            job: a.job,
+            attempt: a.attempt,
+            queue,
+        }))
+    }
+
     /// Records the end of an attempt.
     ///
     /// # Errors

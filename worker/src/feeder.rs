@@ -1,0 +1,650 @@
+//! The feeder: takes job deliveries from the broker, claims them from the master, and starts
+//! granted jobs on free slots.
+//!
+//! One channel per session consumes every job queue the worker serves. Deliveries that arrive
+//! together are claimed together (one message), the master answers them together, and a
+//! granted job is acked when it starts, never while it runs: RabbitMQ's `consumer_timeout`
+//! never applies to a running job.
+//!
+//! # How many jobs a worker holds
+//! - **Long jobs** (the default, and whenever a recent job took longer than [`SHORT_JOB`]):
+//!   the worker receives only what its free slots can start. Its consumers have a prefetch of
+//!   one and are cancelled, before the ack, when the start fills the last free slot; so a job
+//!   never waits at a busy worker while another worker is idle.
+//! - **Short jobs** (the last [`SHORT_RUN`] jobs each took at most [`SHORT_JOB`]): the
+//!   consumers stay on with a prefetch of [`LOOKAHEAD_PER_SLOT`] per slot, so the next jobs
+//!   are delivered, claimed and granted while the current ones run, and a freed slot starts
+//!   the next job at once. A granted job that waits longer than [`HOLD_LIMIT`] for a slot (a
+//!   long job came along) is released: the master queues the same attempt again, and the
+//!   worker goes back to the long-job rule.
+//!
+//! A granted job is the worker's lease: heartbeats list it (held or running), and it runs even
+//! when the session that delivered it is gone. A second delivery of an attempt the worker
+//! already holds (the broker requeued it with a lost channel) is dropped.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::SelectAll;
+use futures_util::{FutureExt, StreamExt};
+use gridq_common::topology;
+use gridq_common::wire::{self, AttemptRef, Claim, Claims, FromWorker, JobMessage, Release};
+use lapin::Acker;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::agent::{Out, Session, Shared, run_job, until};
+use crate::runner::KillReason;
+
+/// Jobs delivered ahead of the free slots while jobs are short, per slot.
+pub const LOOKAHEAD_PER_SLOT: u16 = 2;
+/// A job that ends within this time counts as short.
+pub const SHORT_JOB: Duration = Duration::from_millis(250);
+/// How many recent jobs must all be short for the worker to hold jobs ahead.
+pub const SHORT_RUN: usize = 4;
+/// The longest a granted job waits at a busy worker before it is given back.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(1);
+
+/// What the rest of the worker tells the feeder.
+#[derive(Debug)]
+pub(crate) enum Feed {
+    /// The master's answers to claims.
+    Verdicts(Vec<wire::Verdict>),
+    /// Cancel this attempt: drop it if held, kill it if running.
+    Cancel(AttemptRef),
+    /// A job ended and its report is in the outbox.
+    Ended { slot: usize, took: Duration },
+    /// The broker confirmed the release of these held jobs (by claim token).
+    Released(Vec<u64>),
+}
+
+/// A delivery the worker claimed and has not started.
+struct Held {
+    job: JobMessage,
+    attempt: AttemptRef,
+    /// `None` once the channel that delivered it is gone.
+    acker: Option<Acker>,
+    token: u64,
+    granted: bool,
+    /// When the claim was (last) sent, or when the grant arrived.
+    since: Instant,
+}
+
+struct State {
+    /// Slots with nothing running (indexes into `gpus`).
+    free: Vec<usize>,
+    gpus: Vec<Option<u32>>,
+    /// Claimed and not started, in delivery order.
+    held: VecDeque<Held>,
+    /// Given back, waiting for the broker's confirm of the release.
+    releasing: HashMap<u64, Held>,
+    /// Durations of the last jobs.
+    recent: VecDeque<Duration>,
+    short: bool,
+    next_token: u64,
+}
+
+impl State {
+    /// Deliveries the worker may still take under the long-job rule.
+    fn capacity(&self) -> isize {
+        self.free.len() as isize - self.held.len() as isize
+    }
+
+    fn idle(&self) -> bool {
+        self.held.is_empty() && self.releasing.is_empty() && self.free.len() == self.gpus.len()
+    }
+
+    fn holds(&self, shared: &Shared, attempt: &AttemptRef) -> bool {
+        self.held.iter().any(|h| &h.attempt == attempt)
+            || self.releasing.values().any(|h| &h.attempt == attempt)
+            || shared.running.lock().is_ok_and(|r| r.contains_key(attempt))
+    }
+
+    fn ended(&mut self, slot: usize, took: Duration) {
+        self.free.push(slot);
+        self.recent.push_back(took);
+        while self.recent.len() > SHORT_RUN {
+            self.recent.pop_front();
+        }
+        let short = self.recent.len() == SHORT_RUN && self.recent.iter().all(|d| *d <= SHORT_JOB);
+        if short != self.short {
+            debug!(short, "job length mode changed");
+        }
+        self.short = short;
+    }
+}
+
+fn set_held(shared: &Shared, attempt: &AttemptRef, held: bool) {
+    if let Ok(mut h) = shared.held.lock() {
+        if held {
+            h.insert(attempt.clone());
+        } else {
+            h.remove(attempt);
+        }
+    }
+}
+
+/// Runs until the worker drains and everything it held has started and ended or gone back.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    gpus: Vec<Option<u32>>,
+    feed_tx: mpsc::UnboundedSender<Feed>,
+    mut feed: mpsc::UnboundedReceiver<Feed>,
+    mut draining: watch::Receiver<bool>,
+) {
+    let mut state = State {
+        free: (0..gpus.len()).rev().collect(),
+        gpus,
+        held: VecDeque::new(),
+        releasing: HashMap::new(),
+        recent: VecDeque::new(),
+        short: false,
+        next_token: 1,
+    };
+    let mut session_rx = shared.session.clone();
+    loop {
+        if *draining.borrow() && state.idle() {
+            return;
+        }
+        let Some(session) = session_rx.borrow_and_update().clone() else {
+            // No broker: running jobs go on; their reports wait in the outbox.
+            if *draining.borrow() && state.free.len() == state.gpus.len() {
+                // Nothing runs: what is held cannot be given back without a broker, and the
+                // master takes it back when this worker's heartbeats stop.
+                return;
+            }
+            tokio::select! {
+                r = session_rx.changed() => if r.is_err() { return },
+                m = feed.recv() => match m {
+                    Some(m) => handle_offline(&shared, &mut state, m),
+                    None => return,
+                },
+                _ = draining.changed() => {}
+            }
+            continue;
+        };
+        let ch = match open_intake(&shared, &session, &mut draining).await {
+            Ok(Some(ch)) => ch,
+            Ok(None) => {
+                // Draining before the queues existed: nothing was delivered.
+                if state.idle() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Err(e) => {
+                debug!(cause = %e, "cannot open the job channel");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let mut session = Intake {
+            shared: &shared,
+            ch,
+            consumers: SelectAll::new(),
+            prefetch: None,
+            generation: 0,
+            feed_tx: &feed_tx,
+        };
+        if let Err(e) = session.run(&mut state, &mut feed, &mut draining).await {
+            debug!(cause = %e, "job channel lost");
+        }
+        let _ = session.ch.close(200, "done".into()).await;
+        // Unanswered claims go back with the channel (the broker requeues them); granted jobs
+        // are this worker's and still run.
+        state.held.retain(|h| h.granted);
+        for h in &mut state.held {
+            h.acker = None;
+        }
+        for h in state.releasing.values_mut() {
+            h.acker = None;
+        }
+        if *draining.borrow() && state.idle() {
+            return;
+        }
+        if !*draining.borrow() || !state.held.is_empty() || !state.releasing.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Handles what arrives while there is no broker session.
+fn handle_offline(shared: &Shared, state: &mut State, m: Feed) {
+    match m {
+        Feed::Ended { slot, took } => state.ended(slot, took),
+        Feed::Cancel(attempt) => {
+            state.held.retain(|h| {
+                let keep = h.attempt != attempt;
+                if !keep {
+                    set_held(shared, &h.attempt, false);
+                }
+                keep
+            });
+            kill_running(shared, &attempt);
+        }
+        Feed::Released(tokens) => {
+            for t in tokens {
+                state.releasing.remove(&t);
+            }
+        }
+        Feed::Verdicts(_) => {}
+    }
+}
+
+fn kill_running(shared: &Shared, attempt: &AttemptRef) {
+    let killer = shared
+        .running
+        .lock()
+        .ok()
+        .and_then(|r| r.get(attempt).cloned());
+    match killer {
+        Some(k) => {
+            info!(sweep = %attempt.sweep, job = %attempt.job, "canceling a running job");
+            k.kill(KillReason::Canceled);
+        }
+        None => debug!(job = %attempt.job, "cancel for a job not running here"),
+    }
+}
+
+/// Opens the job channel once the job queues exist; `None` when draining first.
+async fn open_intake(
+    shared: &Shared,
+    session: &Session,
+    draining: &mut watch::Receiver<bool>,
+) -> Result<Option<Channel>, lapin::Error> {
+    for q in &shared.config.queues {
+        let queue = topology::jobs_queue(q);
+        // The master owns the job queues; wait until they exist.
+        loop {
+            let probe = session.connection.create_channel().await?;
+            match topology::check_queue(&probe, &queue).await {
+                Ok(_) => {
+                    let _ = probe.close(200, "ok".into()).await;
+                    break;
+                }
+                Err(_) => {
+                    warn!(queue = %queue, "job queue does not exist yet; is the master running?");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        () = until(draining, |d| *d) => return Ok(None),
+                    }
+                }
+            }
+        }
+    }
+    Ok(Some(session.connection.create_channel().await?))
+}
+
+/// One session's job channel and its consumers.
+struct Intake<'a> {
+    shared: &'a Arc<Shared>,
+    ch: Channel,
+    consumers: SelectAll<Consumer>,
+    /// The prefetch of the active consumers; `None` when not consuming.
+    prefetch: Option<u16>,
+    /// Numbers consumer tags, which must be unique on the channel.
+    generation: u64,
+    feed_tx: &'a mpsc::UnboundedSender<Feed>,
+}
+
+impl Intake<'_> {
+    async fn run(
+        &mut self,
+        state: &mut State,
+        feed: &mut mpsc::UnboundedReceiver<Feed>,
+        draining: &mut watch::Receiver<bool>,
+    ) -> Result<(), lapin::Error> {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let stopping = *draining.borrow();
+            self.start_ready(state, stopping).await?;
+            let wanted = if stopping {
+                None
+            } else if state.short {
+                let slots = u16::try_from(state.gpus.len()).unwrap_or(u16::MAX);
+                Some(slots.saturating_mul(LOOKAHEAD_PER_SLOT).max(1))
+            } else if state.capacity() > 0 {
+                Some(1)
+            } else {
+                None
+            };
+            if wanted != self.prefetch {
+                self.consume(wanted).await?;
+            }
+            if stopping && state.idle() {
+                return Ok(());
+            }
+            if !self.ch.status().connected() {
+                debug!("job channel closed");
+                return Ok(());
+            }
+            tokio::select! {
+                d = self.consumers.next(), if !self.consumers.is_empty() => match d {
+                    Some(Ok(first)) => {
+                        let mut batch = vec![first];
+                        while let Some(Some(Ok(d))) = self.consumers.next().now_or_never() {
+                            batch.push(d);
+                        }
+                        self.on_deliveries(state, batch, stopping).await?;
+                    }
+                    Some(Err(e)) => return Err(e),
+                    // A cancelled consumer ended.
+                    None => {}
+                },
+                m = feed.recv() => match m {
+                    Some(m) => self.on_feed(state, m).await,
+                    None => return Ok(()),
+                },
+                _ = tick.tick() => self.on_tick(state).await?,
+                _ = draining.changed() => {}
+            }
+        }
+    }
+
+    /// Cancels the active consumers, then consumes every queue with `prefetch` (if any).
+    async fn consume(&mut self, prefetch: Option<u16>) -> Result<(), lapin::Error> {
+        if self.prefetch.is_some() {
+            self.cancel().await?;
+        }
+        if let Some(n) = prefetch {
+            self.ch.basic_qos(n, BasicQosOptions::default()).await?;
+            self.generation += 1;
+            for q in &self.shared.config.queues {
+                let queue = topology::jobs_queue(q);
+                let tag = format!("jobs-{}-{q}", self.generation);
+                let consumer = self
+                    .ch
+                    .basic_consume(
+                        queue.as_str().into(),
+                        tag.as_str().into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                self.consumers.push(consumer);
+            }
+            self.prefetch = Some(n);
+        }
+        Ok(())
+    }
+
+    /// Cancels the active consumers. Deliveries already sent still arrive on their streams,
+    /// which then end.
+    async fn cancel(&mut self) -> Result<(), lapin::Error> {
+        for q in &self.shared.config.queues {
+            let tag = format!("jobs-{}-{q}", self.generation);
+            self.ch
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await?;
+        }
+        self.prefetch = None;
+        Ok(())
+    }
+
+    async fn on_deliveries(
+        &mut self,
+        state: &mut State,
+        batch: Vec<Delivery>,
+        stopping: bool,
+    ) -> Result<(), lapin::Error> {
+        let mut claims = Vec::new();
+        for delivery in batch {
+            let job = match wire::decode::<JobMessage>(&delivery.properties, &delivery.data) {
+                Ok(j) => j,
+                Err(e) => {
+                    warn!(cause = %e, "dead-lettering a job message this worker cannot read");
+                    topology::dead_letter(
+                        &self.ch,
+                        delivery.routing_key.as_str(),
+                        &delivery.properties,
+                        &delivery.data,
+                        &e,
+                    )
+                    .await?;
+                    delivery.acker.ack(BasicAckOptions::default()).await?;
+                    continue;
+                }
+            };
+            let attempt = AttemptRef {
+                sweep: job.sweep.clone(),
+                job: job.job,
+                attempt: job.attempt,
+            };
+            if state.holds(self.shared, &attempt) {
+                debug!(job = %attempt.job, "a second delivery of an attempt this worker holds; dropping it");
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+                continue;
+            }
+            // Delivered after the consumers were cancelled, with no room for it: back to the
+            // queue before anyone claims it.
+            if stopping || (!state.short && state.capacity() <= 0) {
+                delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await?;
+                continue;
+            }
+            let token = state.next_token;
+            state.next_token += 1;
+            claims.push(Claim {
+                attempt: attempt.clone(),
+                token,
+            });
+            state.held.push_back(Held {
+                job,
+                attempt,
+                acker: Some(delivery.acker),
+                token,
+                granted: false,
+                since: Instant::now(),
+            });
+        }
+        self.send_claims(claims).await
+    }
+
+    /// Claims are transient: one lost with a broker restart is sent again.
+    async fn send_claims(&self, claims: Vec<Claim>) -> Result<(), lapin::Error> {
+        if claims.is_empty() {
+            return Ok(());
+        }
+        let enc = wire::encode(&FromWorker::Claim(Claims {
+            worker: self.shared.id.clone(),
+            claims,
+        }));
+        self.ch
+            .basic_publish(
+                "".into(),
+                topology::EVENTS_QUEUE.into(),
+                BasicPublishOptions::default(),
+                &enc.body,
+                enc.properties.with_delivery_mode(1),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn on_feed(&mut self, state: &mut State, m: Feed) {
+        match m {
+            Feed::Verdicts(verdicts) => {
+                for v in verdicts {
+                    let Some(pos) = state
+                        .held
+                        .iter()
+                        .position(|h| h.token == v.token && !h.granted)
+                    else {
+                        continue;
+                    };
+                    match v.deny {
+                        None => {
+                            let h = &mut state.held[pos];
+                            h.granted = true;
+                            h.since = Instant::now();
+                            set_held(self.shared, &h.attempt, true);
+                        }
+                        Some(reason) => {
+                            if let Some(h) = state.held.remove(pos) {
+                                info!(sweep = %h.job.sweep, job = %h.job.job, attempt = h.job.attempt, reason = %reason, "claim denied; dropping the message");
+                                ack(h.acker).await;
+                            }
+                        }
+                    }
+                }
+            }
+            Feed::Cancel(attempt) => {
+                if let Some(pos) = state.held.iter().position(|h| h.attempt == attempt) {
+                    if let Some(h) = state.held.remove(pos) {
+                        info!(sweep = %attempt.sweep, job = %attempt.job, "canceled before it started");
+                        set_held(self.shared, &h.attempt, false);
+                        ack(h.acker).await;
+                    }
+                } else {
+                    kill_running(self.shared, &attempt);
+                }
+            }
+            Feed::Ended { slot, took } => state.ended(slot, took),
+            Feed::Released(tokens) => {
+                for t in tokens {
+                    if let Some(h) = state.releasing.remove(&t) {
+                        ack(h.acker).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Claims without an answer are sent again; a granted job that waited too long for a slot
+    /// ends the short-job mode.
+    async fn on_tick(&mut self, state: &mut State) -> Result<(), lapin::Error> {
+        let timeout = self.shared.config.claim_timeout;
+        let mut again = Vec::new();
+        for h in state.held.iter_mut().filter(|h| !h.granted) {
+            if h.since.elapsed() >= timeout {
+                warn!(sweep = %h.job.sweep, job = %h.job.job, "no answer to a claim yet; is the master running? asking again");
+                h.since = Instant::now();
+                again.push(Claim {
+                    attempt: h.attempt.clone(),
+                    token: h.token,
+                });
+            }
+        }
+        self.send_claims(again).await?;
+        if state.short
+            && state
+                .held
+                .iter()
+                .any(|h| h.granted && h.since.elapsed() >= HOLD_LIMIT)
+        {
+            info!(
+                "a held job waited for a slot too long: holding no jobs ahead while jobs are long"
+            );
+            state.short = false;
+            state.recent.clear();
+        }
+        Ok(())
+    }
+
+    /// Starts granted jobs on free slots, in delivery order. Under the long-job rule (and when
+    /// draining) a granted job with no free slot is released.
+    async fn start_ready(&mut self, state: &mut State, stopping: bool) -> Result<(), lapin::Error> {
+        while !state.free.is_empty() && !stopping {
+            let Some(pos) = state.held.iter().position(|h| h.granted) else {
+                break;
+            };
+            let Some(h) = state.held.remove(pos) else {
+                break;
+            };
+            let Some(slot) = state.free.pop() else {
+                break;
+            };
+            // The last free place is taken: stop consuming before the ack, so that the broker
+            // sends nothing this worker could not start (it handles the cancel first).
+            if !state.short && self.prefetch.is_some() && state.capacity() <= 0 {
+                self.cancel().await?;
+            }
+            ack(h.acker).await;
+            set_held(self.shared, &h.attempt, false);
+            let shared = self.shared.clone();
+            let gpu = state.gpus[slot];
+            let feed_tx = self.feed_tx.clone();
+            let job = h.job;
+            tokio::spawn(async move {
+                let started = Instant::now();
+                run_job(&shared, job, gpu).await;
+                let _ = feed_tx.send(Feed::Ended {
+                    slot,
+                    took: started.elapsed(),
+                });
+            });
+        }
+        if state.short && !stopping {
+            return Ok(());
+        }
+        // Granted jobs that cannot start now go back as the same attempt.
+        let mut give_back = Vec::new();
+        let mut i = 0;
+        while i < state.held.len() {
+            if state.held[i].granted {
+                if let Some(h) = state.held.remove(i) {
+                    give_back.push(h);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        if give_back.is_empty() {
+            return Ok(());
+        }
+        let attempts: Vec<AttemptRef> = give_back.iter().map(|h| h.attempt.clone()).collect();
+        info!(
+            jobs = attempts.len(),
+            "giving back granted jobs that have no free slot"
+        );
+        let tokens: Vec<u64> = give_back.iter().map(|h| h.token).collect();
+        for h in give_back {
+            set_held(self.shared, &h.attempt, false);
+            state.releasing.insert(h.token, h);
+        }
+        let (done_tx, done_rx) = oneshot::channel();
+        let _ = self
+            .shared
+            .outbox
+            .send(Out {
+                message: FromWorker::Release(Release {
+                    worker: self.shared.id.clone(),
+                    attempts,
+                }),
+                confirmed: true,
+                done: vec![done_tx],
+            })
+            .await;
+        let feed_tx = self.feed_tx.clone();
+        tokio::spawn(async move {
+            if done_rx.await.is_ok() {
+                let _ = feed_tx.send(Feed::Released(tokens));
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Acks a delivery; a failure means its channel is gone, and with it the delivery.
+async fn ack(acker: Option<Acker>) {
+    if let Some(a) = acker {
+        if let Err(e) = a.ack(BasicAckOptions::default()).await {
+            debug!(cause = %e, "ack on a lost channel");
+        }
+    }
+}
