@@ -45,7 +45,7 @@ use crate::agent::{Out, Session, Shared, run_job, until};
 use crate::runner::KillReason;
 
 /// Jobs delivered ahead of the free slots while jobs are short, per slot.
-pub const LOOKAHEAD_PER_SLOT: u16 = 2;
+pub const LOOKAHEAD_PER_SLOT: u16 = 8;
 /// A job that ends within this time counts as short.
 pub const SHORT_JOB: Duration = Duration::from_millis(250);
 /// How many recent jobs must all be short for the worker to hold jobs ahead.

@@ -10,3 +10,4 @@
 pub mod agent;
 pub mod feeder;
 pub mod runner;
+pub mod spawn;

@@ -9,20 +9,22 @@
 //!   A process that leaves the group (`setsid`, a double fork into a new group) escapes this; the
 //!   runner then stops waiting for the output pipes it may hold 2 s after the main process exited.
 //! - The main process gets `PR_SET_PDEATHSIG(SIGKILL)`, so it dies if the worker is SIGKILLed.
-//!   The kernel ties that signal to the *thread* that forked the child, not to the process: a job
-//!   spawned from a short-lived thread (a `spawn_blocking` thread, a worker thread after
-//!   `block_in_place`) would be killed when that thread exits. So every job is forked from one
-//!   dedicated spawner thread that lives as long as the worker process. Caveats: only the main
+//!   The kernel ties that signal to the *thread* that started the child, not to the process: a
+//!   job started from a short-lived thread (a `spawn_blocking` thread, a worker thread after
+//!   `block_in_place`) would be killed when that thread exits. So every job is started from one
+//!   dedicated spawner thread that lives as long as the worker process, by [`crate::spawn`]
+//!   (a `posix_spawn`-like clone that can still set the signal). Caveats: only the main
 //!   process gets the signal, so its own children in the group survive a SIGKILLed worker (run
 //!   the worker as the init of a container or PID namespace to get those too), and the kernel
 //!   clears the setting when the job execs a set-user-ID or file-capability binary.
-//! - `kill_on_drop` is set, and if the supervising task is dropped (runtime shutdown) before the
-//!   job was reaped, the whole group is SIGKILLed.
+//! - The job starts with every signal at its default disposition and none blocked.
+//! - Dropping the process SIGKILLs and reaps it, and if the supervising task is dropped
+//!   (runtime shutdown) before the job was reaped, the whole group is SIGKILLed.
 
 use std::io;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, PoisonError, mpsc as std_mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -31,13 +33,14 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::{AccessFlags, Pid};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
-use tokio::process::{Child, Command};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
+
+use crate::spawn;
 
 /// Which stream an output line came from (the wire type, so lines pass through unchanged).
 pub use gridq_common::wire::Stream;
@@ -268,26 +271,18 @@ impl RunningJob {
             _ => {}
         }
 
-        let mut cmd = Command::new(&program);
-        cmd.args(&spec.argv[1..])
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .env(RESULT_ENV, &result_path)
-            .current_dir(&spec.workdir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        #[cfg(target_os = "linux")]
-        die_with_parent(&mut cmd);
-
+        let mut env = spec.env.clone();
+        env.push((
+            RESULT_ENV.to_owned(),
+            result_path.to_string_lossy().into_owned(),
+        ));
         let started_at = SystemTime::now();
         let start = Instant::now();
-        let mut child = spawn_on_spawner_thread(cmd, runtime.clone())
+        let mut child = spawn_on_spawner_thread(spec.argv.clone(), env, spec.workdir.clone())
             .map_err(|err| classify(program.clone(), err))?;
-        // Dropping `child` on these error paths SIGKILLs it (kill_on_drop).
-        let (pid, pgid) = match child.id().map(|pid| (pid, i32::try_from(pid))) {
-            Some((pid, Ok(raw))) if raw > 1 => (pid, Pid::from_raw(raw)),
+        // Dropping `child` on these error paths SIGKILLs and reaps it.
+        let (pid, pgid) = match (u32::try_from(child.pid), child.pid) {
+            (Ok(pid), raw) if raw > 1 => (pid, Pid::from_raw(raw)),
             _ => {
                 return Err(SpawnError::Spawn {
                     program,
@@ -295,12 +290,20 @@ impl RunningJob {
                 });
             }
         };
+        let pipes = match (child.stdout.take(), child.stderr.take()) {
+            (Some(out), Some(err)) => reader_pipe(out).and_then(|o| Ok((o, reader_pipe(err)?))),
+            _ => Err(io::Error::other("the output pipes are gone")),
+        };
+        let (stdout_pipe, stderr_pipe) = pipes.map_err(|source| SpawnError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
 
         let span = tracing::debug_span!("job_process", pid, program = %program);
         let stop_reading = CancellationToken::new();
         let stdout = spawn_reader(
             &runtime,
-            child.stdout.take(),
+            Some(stdout_pipe),
             Stream::Stdout,
             output.clone(),
             stop_reading.clone(),
@@ -308,7 +311,7 @@ impl RunningJob {
         );
         let stderr = spawn_reader(
             &runtime,
-            child.stderr.take(),
+            Some(stderr_pipe),
             Stream::Stderr,
             output,
             stop_reading.clone(),
@@ -438,36 +441,31 @@ fn classify(program: String, source: io::Error) -> SpawnError {
     }
 }
 
-/// Makes the kernel SIGKILL the job when the thread that forks it exits (see the module docs).
-#[cfg(target_os = "linux")]
-fn die_with_parent(cmd: &mut Command) {
-    let parent = nix::unistd::getpid();
-    let hook = move || -> io::Result<()> {
-        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-        // The worker died between fork and prctl: the signal will never come.
-        if nix::unistd::getppid() != parent {
-            return Err(Errno::ESRCH.into());
-        }
-        Ok(())
-    };
-    #[allow(unsafe_code)]
-    // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe calls
-    // are allowed. It makes two raw syscalls (prctl, getppid), reads errno and builds an
-    // `io::Error` from an OS error code (no allocation); it takes no locks and touches no memory
-    // shared with the parent's other threads.
-    unsafe {
-        cmd.pre_exec(hook);
-    }
+/// The read end of an output pipe, non-blocking, registered with the runtime.
+fn reader_pipe(fd: std::os::fd::OwnedFd) -> io::Result<tokio::net::unix::pipe::Receiver> {
+    tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
 }
 
-type SpawnRequest = (Command, Handle, std_mpsc::SyncSender<io::Result<Child>>);
+type SpawnRequest = Box<dyn FnOnce() + Send>;
 
-/// The long-lived thread every job is forked from, because PDEATHSIG follows the forking thread.
+/// The long-lived thread every job is started from, because PDEATHSIG follows the thread that
+/// started the process.
 static SPAWNER: Mutex<Option<std_mpsc::Sender<SpawnRequest>>> = Mutex::new(None);
 
-fn spawn_on_spawner_thread(cmd: Command, runtime: Handle) -> io::Result<Child> {
+fn spawn_on_spawner_thread(
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: PathBuf,
+) -> io::Result<spawn::Process> {
     let gone = || io::Error::other("the job spawner thread is gone");
     let (reply, replies) = std_mpsc::sync_channel(1);
+    let request: SpawnRequest = Box::new(move || {
+        let _ = reply.send(spawn::spawn(&spawn::Spawn {
+            argv: &argv,
+            env: &env,
+            cwd: &cwd,
+        }));
+    });
     {
         let mut spawner = SPAWNER.lock().unwrap_or_else(PoisonError::into_inner);
         let requests = match spawner.as_ref() {
@@ -477,21 +475,19 @@ fn spawn_on_spawner_thread(cmd: Command, runtime: Handle) -> io::Result<Child> {
                 std::thread::Builder::new()
                     .name("gridq-job-spawner".into())
                     .spawn(move || {
-                        while let Ok((mut cmd, runtime, reply)) = incoming.recv() {
-                            // tokio registers the child with the caller's runtime.
-                            let _runtime = runtime.enter();
-                            let _ = reply.send(cmd.spawn());
+                        while let Ok(request) = incoming.recv() {
+                            request();
                         }
                     })?;
                 &*spawner.insert(requests)
             }
         };
-        if requests.send((cmd, runtime, reply)).is_err() {
+        if requests.send(request).is_err() {
             *spawner = None;
             return Err(gone());
         }
     }
-    // Blocks for as long as a fork + exec takes, like a direct `Command::spawn`.
+    // Blocks for as long as the clone and exec take, like a direct spawn.
     replies.recv().map_err(|_| gone())?
 }
 
@@ -520,7 +516,7 @@ impl Drop for GroupGuard {
     }
 }
 
-async fn supervise(mut child: Child, mut job: Supervision) -> Outcome {
+async fn supervise(mut child: spawn::Process, mut job: Supervision) -> Outcome {
     // Declared after `child`'s binding, so dropped before it: the group dies before the reap.
     let mut guard = GroupGuard(Some(job.pgid));
     let mut cause: Option<Termination> = None;

@@ -823,3 +823,35 @@ async fn a_job_dies_with_a_sigkilled_worker() {
     timeout(DEADLINE, worker.wait()).await.unwrap().unwrap();
     wait_until_dead(job).await;
 }
+
+#[tokio::test]
+async fn the_job_starts_with_no_blocked_or_ignored_signals_and_one_value_per_variable() {
+    let dir = tempdir();
+    // The worker ignores SIGPIPE (Rust's default) and blocks every signal around the spawn; the
+    // job must see neither. `env` prints what a program's environment really holds.
+    let mut job = spec(
+        dir.path(),
+        &[
+            "sh",
+            "-c",
+            "grep -E '^(SigBlk|SigIgn):' /proc/self/status; env",
+        ],
+    );
+    job.env = vec![
+        ("GRIDQ_TEST_VAR".into(), "first".into()),
+        ("GRIDQ_TEST_VAR".into(), "second".into()),
+    ];
+    let done = run(job).await;
+    assert_eq!(done.outcome.termination, Termination::Exited { code: 0 });
+    let out = done.stdout();
+    assert_eq!(
+        out[..2],
+        ["SigBlk:\t0000000000000000", "SigIgn:\t0000000000000000"]
+    );
+    let values: Vec<&str> = out
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("GRIDQ_TEST_VAR="))
+        .collect();
+    assert_eq!(values, ["GRIDQ_TEST_VAR=second"]);
+}
