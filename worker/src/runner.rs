@@ -864,13 +864,15 @@ async fn read_result_file(path: &Path) -> Result<Option<Map<String, Value>>, Str
         )
     };
     // O_NONBLOCK: a job could leave a FIFO there, and opening it must not hang the worker.
-    let file = tokio::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(path)
-        .await;
+    // Opened in place (an open of a local path does not wait on anything, and most jobs write
+    // no result: no trip to the blocking pool); read through Tokio.
+    let file = std::os::unix::fs::OpenOptionsExt::custom_flags(
+        std::fs::OpenOptions::new().read(true),
+        nix::fcntl::OFlag::O_NONBLOCK.bits(),
+    )
+    .open(path);
     let file = match file {
-        Ok(file) => file,
+        Ok(file) => tokio::fs::File::from_std(file),
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(err) => return Err(cannot_read(err)),
     };
