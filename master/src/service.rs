@@ -516,17 +516,23 @@ impl Core {
         if big_submit {
             self.store.refresh_statistics()?;
         }
-        // Committed: now ack, reply, publish. The acks go out together: each is a round trip to
-        // lapin's I/O thread, and awaiting them one by one costs a thread switch per event.
-        futures_util::future::join_all(
+        // Committed. What someone waits for goes first: verdicts (a worker waits to start its
+        // jobs), replies and the change notice (API clients), new job messages; the acks of the
+        // events last, together: each is a round trip to lapin's I/O thread, and awaiting them
+        // one by one costs a thread switch per event.
+        for (queue, verdicts) in effects.verdicts {
             effects
-                .acks
-                .iter()
-                .map(|acker| acker.ack(lapin::options::BasicAckOptions::default())),
-        )
-        .await;
+                .control
+                .push((queue, ToWorker::Verdicts { verdicts }));
+        }
+        if !effects.control.is_empty() {
+            let _ = self.out.send(Outbound::Control(effects.control)).await;
+        }
         for reply in effects.replies {
             reply();
+        }
+        if effects.changed {
+            self.changes.send_modify(|v| *v += 1);
         }
         if session_up {
             self.broker_up = true;
@@ -539,17 +545,13 @@ impl Core {
         if self.broker_up && !effects.publish.is_empty() {
             self.publish(effects.publish).await?;
         }
-        for (queue, verdicts) in effects.verdicts {
+        futures_util::future::join_all(
             effects
-                .control
-                .push((queue, ToWorker::Verdicts { verdicts }));
-        }
-        if !effects.control.is_empty() {
-            let _ = self.out.send(Outbound::Control(effects.control)).await;
-        }
-        if effects.changed {
-            self.changes.send_modify(|v| *v += 1);
-        }
+                .acks
+                .iter()
+                .map(|acker| acker.ack(lapin::options::BasicAckOptions::default())),
+        )
+        .await;
         Ok(())
     }
 

@@ -400,6 +400,7 @@ impl Intake<'_> {
         stopping: bool,
     ) -> Result<(), lapin::Error> {
         let mut claims = Vec::new();
+        debug!(deliveries = batch.len(), "jobs delivered");
         for delivery in batch {
             let job = match wire::decode::<JobMessage>(&delivery.properties, &delivery.data) {
                 Ok(j) => j,
@@ -481,6 +482,7 @@ impl Intake<'_> {
     async fn on_feed(&mut self, state: &mut State, m: Feed) {
         match m {
             Feed::Verdicts(verdicts) => {
+                debug!(verdicts = verdicts.len(), "verdicts arrived");
                 for v in verdicts {
                     let Some(pos) = state
                         .held
