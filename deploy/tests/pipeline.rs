@@ -327,3 +327,72 @@ async fn a_job_held_behind_a_long_one_is_given_back_and_runs_elsewhere_once() {
     assert_eq!(c.reader().view().result_rows(&sweep).unwrap(), 4);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweeps_reach_only_workers_of_their_queue_and_a_worker_of_two_queues_loses_nothing() {
+    let mut c = Cluster::new("queues").await;
+    // Worker 0 serves `gpu` only; worker 1 serves both queues on one channel, so its
+    // deliveries of the two queues interleave (and are acked together).
+    c.spawn_worker(&["--slots", "1", "--queue", "gpu"]);
+    c.spawn_worker(&["--slots", "2", "--queue", "default,gpu"]);
+    c.submit(
+        "name: ongpu\nqueue: gpu\ncommand: [true]\nparameters:\n  x: !!python/tuple [0, 60]\n",
+    )
+    .await;
+    c.submit("name: oncpu\ncommand: [true]\nparameters:\n  x: !!python/tuple [0, 60]\n")
+        .await;
+    let gpu = c.wait_done("ongpu", MINUTE).await;
+    let cpu = c.wait_done("oncpu", MINUTE).await;
+    for j in gpu.iter().chain(&cpu) {
+        assert_eq!((j.state, j.attempt), (JobState::Succeeded, 1), "{j:?}");
+    }
+    assert!(
+        cpu.iter()
+            .all(|j| j.worker.as_deref() == Some(c.worker_id(1).as_str())),
+        "a `default` job ran on the `gpu`-only worker"
+    );
+    for (name, jobs) in [("ongpu", &gpu), ("oncpu", &cpu)] {
+        assert_eq!(jobs.len(), 60);
+        let sweep = gridq_common::SweepId::new(name).unwrap();
+        assert_eq!(c.reader().view().result_rows(&sweep).unwrap(), 60);
+        for j in jobs.iter().take(5) {
+            assert_eq!(c.attempts(name, j.id).len(), 1);
+        }
+    }
+    // Nothing left behind on the broker: no message ready, none delivered and never acked.
+    let vhost = c.url.rsplit('/').next().expect("vhost").to_owned();
+    let http = reqwest::Client::new();
+    for q in ["default", "gpu"] {
+        let queue = gridq_common::topology::jobs_queue(q);
+        let url = format!(
+            "{}/api/queues/{vhost}/{queue}",
+            support::broker().management
+        );
+        let deadline = std::time::Instant::now() + MINUTE;
+        loop {
+            let stats: serde_json::Value = http
+                .get(&url)
+                .basic_auth(&support::broker().user, Some(&support::broker().password))
+                .send()
+                .await
+                .and_then(reqwest::Response::error_for_status)
+                .expect("management API")
+                .json()
+                .await
+                .expect("queue stats");
+            let counts = (
+                stats["messages_ready"].as_u64(),
+                stats["messages_unacknowledged"].as_u64(),
+            );
+            if counts == (Some(0), Some(0)) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{queue}: ready and unacked {counts:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    c.shutdown().await;
+}

@@ -22,7 +22,7 @@
 //! when the session that delivered it is gone. A second delivery of an attempt the worker
 //! already holds (the broker requeued it with a lost channel) is dropped.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,6 @@ use futures_util::stream::SelectAll;
 use futures_util::{FutureExt, StreamExt};
 use gridq_common::topology;
 use gridq_common::wire::{self, AttemptRef, Claim, Claims, FromWorker, JobMessage, Release};
-use lapin::Acker;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
@@ -72,8 +71,8 @@ pub(crate) enum Feed {
 struct Held {
     job: JobMessage,
     attempt: AttemptRef,
-    /// `None` once the channel that delivered it is gone.
-    acker: Option<Acker>,
+    /// Its delivery tag; `None` once the channel that delivered it is gone.
+    tag: Option<u64>,
     token: u64,
     granted: bool,
     /// When the claim was (last) sent, or when the grant arrived.
@@ -193,6 +192,10 @@ pub(crate) async fn run(
             shared: &shared,
             ch,
             consumers: SelectAll::new(),
+            unsettled: BTreeSet::new(),
+            ready: BTreeSet::new(),
+            seen_upto: 0,
+            seen_above: BTreeSet::new(),
             prefetch: None,
             generation: 0,
             feed_tx: &feed_tx,
@@ -205,10 +208,10 @@ pub(crate) async fn run(
         // are this worker's and still run.
         state.held.retain(|h| h.granted);
         for h in &mut state.held {
-            h.acker = None;
+            h.tag = None;
         }
         for h in state.releasing.values_mut() {
-            h.acker = None;
+            h.tag = None;
         }
         if *draining.borrow() && state.idle() {
             return;
@@ -291,6 +294,14 @@ struct Intake<'a> {
     shared: &'a Arc<Shared>,
     ch: Channel,
     consumers: SelectAll<Consumer>,
+    /// Delivery tags not acked or nacked yet.
+    unsettled: BTreeSet<u64>,
+    /// Of those, the ones to ack: they go out together (see [`Intake::flush_acks`]).
+    ready: BTreeSet<u64>,
+    /// Every delivery tag up to this one has been seen (tags count up from 1 on a channel)...
+    seen_upto: u64,
+    /// ...and these above it (deliveries of several consumers interleave).
+    seen_above: BTreeSet<u64>,
     /// The prefetch of the active consumers; `None` when not consuming.
     prefetch: Option<u16>,
     /// Numbers consumer tags, which must be unique on the channel.
@@ -310,6 +321,7 @@ impl Intake<'_> {
         loop {
             let stopping = *draining.borrow();
             self.start_ready(state, stopping).await?;
+            self.flush_acks().await?;
             let wanted = if stopping {
                 None
             } else if state.short {
@@ -393,6 +405,61 @@ impl Intake<'_> {
         Ok(())
     }
 
+    /// Records a delivery tag as seen.
+    fn saw(&mut self, tag: u64) {
+        self.seen_above.insert(tag);
+        while self.seen_above.remove(&(self.seen_upto + 1)) {
+            self.seen_upto += 1;
+        }
+    }
+
+    /// Marks a delivery of this channel to be acked.
+    fn settle(&mut self, tag: Option<u64>) {
+        if let Some(tag) = tag {
+            if self.unsettled.contains(&tag) {
+                self.ready.insert(tag);
+            }
+        }
+    }
+
+    /// Acks what is ready: everything below the oldest delivery still held in one `multiple`
+    /// ack (one frame, one settlement for the queue), the rest one by one. Jobs mostly start
+    /// in delivery order, so it is mostly one ack per batch. A `multiple` ack never reaches past
+    /// a tag not seen yet (a delivery still on its way through another consumer's stream).
+    async fn flush_acks(&mut self) -> Result<(), lapin::Error> {
+        if self.ready.is_empty() {
+            return Ok(());
+        }
+        let blocking = self
+            .unsettled
+            .iter()
+            .find(|t| !self.ready.contains(t))
+            .copied();
+        let limit = blocking.map_or(self.seen_upto + 1, |b| b.min(self.seen_upto + 1));
+        let below: Vec<u64> = self.ready.range(..limit).copied().collect();
+        if let Some(&last) = below.last() {
+            self.ch
+                .basic_ack(
+                    last,
+                    BasicAckOptions {
+                        multiple: below.len() > 1,
+                    },
+                )
+                .await?;
+            for t in &below {
+                self.ready.remove(t);
+                self.unsettled.remove(t);
+            }
+        }
+        let rest: Vec<u64> = self.ready.iter().copied().collect();
+        for t in rest {
+            self.ch.basic_ack(t, BasicAckOptions::default()).await?;
+            self.ready.remove(&t);
+            self.unsettled.remove(&t);
+        }
+        Ok(())
+    }
+
     async fn on_deliveries(
         &mut self,
         state: &mut State,
@@ -402,6 +469,7 @@ impl Intake<'_> {
         let mut claims = Vec::new();
         debug!(deliveries = batch.len(), "jobs delivered");
         for delivery in batch {
+            self.saw(delivery.delivery_tag);
             let job = match wire::decode::<JobMessage>(&delivery.properties, &delivery.data) {
                 Ok(j) => j,
                 Err(e) => {
@@ -418,6 +486,7 @@ impl Intake<'_> {
                     continue;
                 }
             };
+            let tag = delivery.delivery_tag;
             let attempt = AttemptRef {
                 sweep: job.sweep.clone(),
                 job: job.job,
@@ -425,7 +494,8 @@ impl Intake<'_> {
             };
             if state.holds(self.shared, &attempt) {
                 debug!(job = %attempt.job, "a second delivery of an attempt this worker holds; dropping it");
-                delivery.acker.ack(BasicAckOptions::default()).await?;
+                self.unsettled.insert(tag);
+                self.ready.insert(tag);
                 continue;
             }
             // Delivered after the consumers were cancelled, with no room for it: back to the
@@ -446,10 +516,11 @@ impl Intake<'_> {
                 attempt: attempt.clone(),
                 token,
             });
+            self.unsettled.insert(tag);
             state.held.push_back(Held {
                 job,
                 attempt,
-                acker: Some(delivery.acker),
+                tag: Some(tag),
                 token,
                 granted: false,
                 since: Instant::now(),
@@ -501,7 +572,7 @@ impl Intake<'_> {
                         Some(reason) => {
                             if let Some(h) = state.held.remove(pos) {
                                 info!(sweep = %h.job.sweep, job = %h.job.job, attempt = h.job.attempt, reason = %reason, "claim denied; dropping the message");
-                                ack(h.acker).await;
+                                self.settle(h.tag);
                             }
                         }
                     }
@@ -512,7 +583,7 @@ impl Intake<'_> {
                     if let Some(h) = state.held.remove(pos) {
                         info!(sweep = %attempt.sweep, job = %attempt.job, "canceled before it started");
                         set_held(self.shared, &h.attempt, false);
-                        ack(h.acker).await;
+                        self.settle(h.tag);
                     }
                 } else {
                     kill_running(self.shared, &attempt);
@@ -522,7 +593,7 @@ impl Intake<'_> {
             Feed::Released(tokens) => {
                 for t in tokens {
                     if let Some(h) = state.releasing.remove(&t) {
-                        ack(h.acker).await;
+                        self.settle(h.tag);
                     }
                 }
             }
@@ -578,7 +649,7 @@ impl Intake<'_> {
             if !state.short && self.prefetch.is_some() && state.capacity() <= 0 {
                 self.cancel().await?;
             }
-            ack(h.acker).await;
+            self.settle(h.tag);
             set_held(self.shared, &h.attempt, false);
             let shared = self.shared.clone();
             let gpu = state.gpus[slot];
@@ -641,14 +712,5 @@ impl Intake<'_> {
             }
         });
         Ok(())
-    }
-}
-
-/// Acks a delivery; a failure means its channel is gone, and with it the delivery.
-async fn ack(acker: Option<Acker>) {
-    if let Some(a) = acker {
-        if let Err(e) = a.ack(BasicAckOptions::default()).await {
-            debug!(cause = %e, "ack on a lost channel");
-        }
     }
 }
