@@ -6,7 +6,7 @@
 //! | `gridq.events` | classic durable queue | master | everything workers send the master: results persistent, claims, output and heartbeats transient |
 //! | `gridq.dlx` | fanout exchange | master | dead letters, from the broker or from a consumer that refused a message |
 //! | `gridq.dead` | quorum queue | master | bound to `gridq.dlx`; the master records and acks what arrives |
-//! | `gridq.worker.<id>` | classic, exclusive, auto-delete | that worker | grants, denials, cancels for one worker |
+//! | `gridq.worker.<id>` | classic, exclusive, auto-delete | that worker | verdicts on its claims, cancels and drains for one worker |
 //!
 //! Workers declare only their own queue; the master owns everything durable. Quorum queues are
 //! durable and replicated once the broker is a cluster. The events queue is a classic durable

@@ -52,8 +52,8 @@ pub enum Inbound {
 pub enum Outbound {
     /// Job messages to put on their queues, confirmed in order.
     Jobs(Vec<(Publish, JobMessage)>),
-    /// Messages to workers, each to its worker's queue (no confirm: a lost grant makes the
-    /// worker claim again).
+    /// Messages to workers, each to its worker's queue (no confirm: after a lost verdict the
+    /// worker claims again).
     Control(Vec<(String, ToWorker)>),
     /// Declare a job queue (on submit of a sweep that names a new queue).
     DeclareQueue(String),
@@ -304,7 +304,7 @@ async fn publish_jobs(
 }
 
 /// Publishes messages to workers' queues, all at once: each publish is a round trip to lapin's
-/// I/O thread, and a step of the core often grants several claims. A worker queue that is gone
+/// I/O thread, and a step of the core often answers several workers. A worker queue that is gone
 /// (the worker died) drops its message: fine.
 async fn publish_control(
     channel: &Channel,
