@@ -779,6 +779,68 @@ async fn canceling_a_sweep_kills_its_running_job_and_never_starts_the_queued_one
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canceling_a_sweep_never_starts_the_jobs_a_worker_holds_ahead() {
+    let mut c = Cluster::new("cancelheld").await;
+    c.spawn_worker(&["--slots", "1"]);
+    // Short jobs first: the worker then takes the next jobs while one runs.
+    c.submit("name: warm\ncommand: [true]\nparameters:\n  x: !!python/tuple [0, 8]\n")
+        .await;
+    c.wait_done("warm", MINUTE).await;
+    c.submit(
+        "name: cancelheld\ncommand: [sh, -c, 'echo $$ > pid-{x}; if [ {x} = 0 ]; then exec sleep 30; fi']\nparameters:\n  x: !!python/tuple [0, 4]\n",
+    )
+    .await;
+    let jobs = c.jobs("cancelheld");
+    let first = jobs.iter().find(|j| j.index == 0).expect("job 0").id;
+    c.wait_state("cancelheld", first, JobState::Running, MINUTE)
+        .await;
+    let pid = wait_pid(&c.project.join("pid-0")).await;
+    assert_eq!(c.handle.cancel_sweep(sweep_id("cancelheld")).await, Ok(4));
+    wait_gone(pid, Duration::from_secs(10)).await;
+    // The worker drops what it holds (granted: "canceled before it started"; not yet
+    // answered: its claim is denied).
+    wait_until("the held jobs to be dropped", MINUTE, || {
+        let log = c.workers[0].log_text();
+        let dropped =
+            log.matches("canceled before it started").count() + log.matches("claim denied").count();
+        if dropped >= 3 { Ok(()) } else { Err(log) }
+    })
+    .await;
+    wait_until("job 0's attempt to be recorded canceled", MINUTE, || {
+        let states = attempt_states(&c, "cancelheld", first);
+        if states == ["canceled"] {
+            Ok(())
+        } else {
+            Err(format!("{states:?}"))
+        }
+    })
+    .await;
+    // The worker still serves, and its slot is free.
+    c.submit("name: after\ncommand: [true]\nparameters:\n  x: [1, 2]\n")
+        .await;
+    for j in c.wait_done("after", MINUTE).await {
+        assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+    }
+    for j in c.jobs("cancelheld") {
+        assert_eq!(j.state, JobState::Canceled, "{j:?}");
+        if j.id == first {
+            continue;
+        }
+        assert!(
+            !c.project.join(format!("pid-{}", param_x(&j))).exists(),
+            "a canceled job ran: {j:?}"
+        );
+        // Granted before the cancel (an attempt that ended canceled) or never granted.
+        let states = attempt_states(&c, "cancelheld", j.id);
+        assert!(
+            states.is_empty() || states == ["canceled"],
+            "{j:?}: {states:?}"
+        );
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resubmitting_a_sweep_runs_only_what_is_new_failed_or_asked_for() {
     let mut c = Cluster::new("resubmit").await;
     c.spawn_worker(&["--slots", "2"]);

@@ -1296,6 +1296,7 @@ impl Tx<'_> {
              WHERE sweep = ?1 AND state IN ('pending', 'queued', 'running', 'retrying')",
         )?
         .execute(params![sweep.as_str(), to_i64(now_ms)])?;
+        self.cancel_attempts(&running, now_ms)?;
         Ok((n as u64, running))
     }
 
@@ -1318,7 +1319,27 @@ impl Tx<'_> {
              WHERE sweep = ?1 AND id = ?2 AND state IN ('pending', 'queued', 'running', 'retrying')",
         )?
         .execute(params![sweep.as_str(), job.to_string(), to_i64(now_ms)])?;
+        self.cancel_attempts(&running, now_ms)?;
         Ok((n > 0).then_some(running))
+    }
+
+    /// Leased attempts of canceled jobs end `canceled` now: a worker holding one that has not
+    /// started drops it and reports nothing. One that runs is killed, and its report then
+    /// fills in how it ended.
+    fn cancel_attempts(&self, leased: &[(String, AttemptRef)], now_ms: u64) -> Result<()> {
+        let mut stmt = self.tx.prepare_cached(
+            "UPDATE attempts SET state = 'canceled', reason = 'canceled', finished_ms = ?4
+             WHERE sweep = ?1 AND job = ?2 AND attempt = ?3 AND state = 'running'",
+        )?;
+        for (_, a) in leased {
+            stmt.execute(params![
+                a.sweep.as_str(),
+                a.job.to_string(),
+                a.attempt,
+                to_i64(now_ms)
+            ])?;
+        }
+        Ok(())
     }
 
     fn running_of(
