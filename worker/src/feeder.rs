@@ -321,7 +321,15 @@ impl Intake<'_> {
         loop {
             let stopping = *draining.borrow();
             self.start_ready(state, stopping).await?;
-            self.flush_acks().await?;
+            // While jobs are short and enough granted ones wait, acks (which return the
+            // broker's credit) go out by half windows: the next deliveries then arrive, and are
+            // claimed and granted, in batches of that size rather than one or two at a time.
+            let slots = state.gpus.len();
+            let waiting = state.held.iter().filter(|h| h.granted).count();
+            let half_window = slots * usize::from(LOOKAHEAD_PER_SLOT) / 2;
+            if !state.short || stopping || waiting < slots || self.ready.len() >= half_window {
+                self.flush_acks().await?;
+            }
             let wanted = if stopping {
                 None
             } else if state.short {
@@ -359,7 +367,10 @@ impl Intake<'_> {
                     Some(m) => self.on_feed(state, m).await,
                     None => return Ok(()),
                 },
-                _ = tick.tick() => self.on_tick(state).await?,
+                _ = tick.tick() => {
+                    self.on_tick(state).await?;
+                    self.flush_acks().await?;
+                }
                 _ = draining.changed() => {}
             }
         }
