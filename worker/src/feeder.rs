@@ -45,10 +45,10 @@ use crate::runner::KillReason;
 
 /// Jobs delivered ahead of the free slots while jobs are short, per slot. With [`SHORT_JOB`],
 /// the last of them waits about 0.4 s for its slot, well within [`HOLD_LIMIT`].
-pub const LOOKAHEAD_PER_SLOT: u16 = 8;
+pub const LOOKAHEAD_PER_SLOT: u16 = 16;
 /// A job that ends within this time counts as short: for longer ones the claim round trip
 /// (a few milliseconds) is not worth holding jobs for.
-pub const SHORT_JOB: Duration = Duration::from_millis(50);
+pub const SHORT_JOB: Duration = Duration::from_millis(25);
 /// How many recent jobs must all be short for the worker to hold jobs ahead.
 pub const SHORT_RUN: usize = 4;
 /// The longest a granted job waits at a busy worker before it is given back.
