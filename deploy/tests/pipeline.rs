@@ -270,10 +270,7 @@ async fn a_job_longer_than_the_consumer_timeout_is_neither_killed_nor_duplicated
 async fn a_job_held_behind_a_long_one_is_given_back_and_runs_elsewhere_once() {
     let mut c = Cluster::new("holdback").await;
     c.spawn_worker(&["--slots", "1"]);
-    // Short jobs: the worker starts taking the next jobs while one runs.
-    c.submit("name: warmup\ncommand: [true]\nparameters:\n  x: !!python/tuple [0, 16]\n")
-        .await;
-    c.wait_done("warmup", MINUTE).await;
+    c.warm_up_short_jobs().await;
     // Job 0 runs for a while; the others are instant. The worker starts job 0 and holds the
     // next ones; they wait for its only slot until it gives them back.
     c.submit(

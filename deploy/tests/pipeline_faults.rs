@@ -782,10 +782,7 @@ async fn canceling_a_sweep_kills_its_running_job_and_never_starts_the_queued_one
 async fn canceling_a_sweep_never_starts_the_jobs_a_worker_holds_ahead() {
     let mut c = Cluster::new("cancelheld").await;
     c.spawn_worker(&["--slots", "1"]);
-    // Short jobs first: the worker then takes the next jobs while one runs.
-    c.submit("name: warm\ncommand: [true]\nparameters:\n  x: !!python/tuple [0, 8]\n")
-        .await;
-    c.wait_done("warm", MINUTE).await;
+    c.warm_up_short_jobs().await;
     c.submit(
         "name: cancelheld\ncommand: [sh, -c, 'echo $$ > pid-{x}; if [ {x} = 0 ]; then exec sleep 30; fi']\nparameters:\n  x: !!python/tuple [0, 4]\n",
     )

@@ -340,6 +340,14 @@ impl Cluster {
         self.workers.len() - 1
     }
 
+    /// Runs 16 instant jobs, so that the workers take jobs ahead afterwards (their last jobs
+    /// were short).
+    pub async fn warm_up_short_jobs(&self) {
+        self.submit("name: warmup\ncommand: [true]\nparameters:\n  x: !!python/tuple [0, 16]\n")
+            .await;
+        self.wait_done("warmup", Duration::from_secs(60)).await;
+    }
+
     pub fn worker_id(&self, n: usize) -> String {
         format!("w{}-{}", n + 1, self.name)
     }
