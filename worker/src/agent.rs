@@ -1,17 +1,17 @@
 //! The worker agent: consumes job messages, claims them from the master, runs them with the
-//! [`runner`](crate::runner), and reports output, results and heartbeats.
+//! [`runner`], and reports output, results and heartbeats.
 //!
 //! # Slots
-//! Each slot has its own channel with a prefetch of one. A slot holds at most one delivery, and
-//! only for the claim round trip: on a grant it cancels its consumer, acks, and runs the job
-//! with no delivery outstanding (so RabbitMQ's `consumer_timeout` never applies to a running
-//! job). When the job ends the slot consumes again. With `--gpus 0,1` there is one slot per GPU
-//! and each job sees only its GPU through `CUDA_VISIBLE_DEVICES`.
+//! The [`feeder`] takes deliveries, claims them and starts granted jobs on free
+//! slots; a job's delivery is acked when it starts, so RabbitMQ's `consumer_timeout` never
+//! applies to a running job. With `--gpus 0,1` there is one slot per GPU and each job sees only
+//! its GPU through `CUDA_VISIBLE_DEVICES`.
 //!
 //! # Connection loss
 //! Sessions are rebuilt with backoff. Running jobs are untouched by a broker outage; their
 //! `finished` reports wait in the outbox and go out, confirmed, once a session is back.
-//! Deliveries held for a claim when the connection dropped are redelivered by the broker.
+//! Deliveries whose claim was not answered when the connection dropped are redelivered by the
+//! broker; granted ones are this worker's lease and still run.
 //!
 //! # Stopping
 //! The first stop request (SIGTERM, Ctrl-C, or a `drain` from the master) stops consuming;

@@ -121,6 +121,60 @@ impl State {
         }
         self.short = short;
     }
+
+    /// Applies what the rest of the worker says; returns the delivery tags to ack (of the
+    /// held jobs it dropped).
+    fn apply(&mut self, shared: &Shared, m: Feed) -> Vec<u64> {
+        let mut settle = Vec::new();
+        match m {
+            Feed::Verdicts(verdicts) => {
+                debug!(verdicts = verdicts.len(), "verdicts arrived");
+                for v in verdicts {
+                    let Some(pos) = self
+                        .held
+                        .iter()
+                        .position(|h| h.token == v.token && !h.granted)
+                    else {
+                        continue;
+                    };
+                    match v.deny {
+                        None => {
+                            let h = &mut self.held[pos];
+                            h.granted = true;
+                            h.since = Instant::now();
+                            set_held(shared, &h.attempt, true);
+                        }
+                        Some(reason) => {
+                            if let Some(h) = self.held.remove(pos) {
+                                info!(sweep = %h.job.sweep, job = %h.job.job, attempt = h.job.attempt, reason = %reason, "claim denied; dropping the message");
+                                settle.extend(h.tag);
+                            }
+                        }
+                    }
+                }
+            }
+            Feed::Cancel(attempt) => {
+                let pos = self.held.iter().position(|h| h.attempt == attempt);
+                match pos.and_then(|pos| self.held.remove(pos)) {
+                    Some(h) => {
+                        info!(sweep = %attempt.sweep, job = %attempt.job, "canceled before it started");
+                        set_held(shared, &h.attempt, false);
+                        settle.extend(h.tag);
+                    }
+                    None => kill_running(shared, &attempt),
+                }
+            }
+            Feed::Ended { slot, took } => self.ended(slot, took),
+            Feed::Released(tokens) => {
+                for t in tokens {
+                    if let Some(h) = self.releasing.remove(&t) {
+                        settle.extend(h.tag);
+                    }
+                }
+            }
+        }
+        settle
+    }
 }
 
 fn set_held(shared: &Shared, attempt: &AttemptRef, held: bool) {
@@ -165,7 +219,8 @@ pub(crate) async fn run(
             tokio::select! {
                 r = session_rx.changed() => if r.is_err() { return },
                 m = feed.recv() => match m {
-                    Some(m) => handle_offline(&shared, &mut state, m),
+                    // Nothing to ack without a channel: the deliveries went with it.
+                    Some(m) => drop(state.apply(&shared, m)),
                     None => return,
                 },
                 _ = draining.changed() => {}
@@ -219,29 +274,6 @@ pub(crate) async fn run(
         if !*draining.borrow() || !state.held.is_empty() || !state.releasing.is_empty() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-    }
-}
-
-/// Handles what arrives while there is no broker session.
-fn handle_offline(shared: &Shared, state: &mut State, m: Feed) {
-    match m {
-        Feed::Ended { slot, took } => state.ended(slot, took),
-        Feed::Cancel(attempt) => {
-            state.held.retain(|h| {
-                let keep = h.attempt != attempt;
-                if !keep {
-                    set_held(shared, &h.attempt, false);
-                }
-                keep
-            });
-            kill_running(shared, &attempt);
-        }
-        Feed::Released(tokens) => {
-            for t in tokens {
-                state.releasing.remove(&t);
-            }
-        }
-        Feed::Verdicts(_) => {}
     }
 }
 
@@ -325,16 +357,22 @@ impl Intake<'_> {
             // broker's credit) go out by half windows: the next deliveries then arrive, and are
             // claimed and granted, in batches of that size rather than one or two at a time.
             let slots = state.gpus.len();
+            let window = u16::try_from(slots)
+                .unwrap_or(u16::MAX)
+                .saturating_mul(LOOKAHEAD_PER_SLOT)
+                .max(1);
             let waiting = state.held.iter().filter(|h| h.granted).count();
-            let half_window = slots * usize::from(LOOKAHEAD_PER_SLOT) / 2;
-            if !state.short || stopping || waiting < slots || self.ready.len() >= half_window {
+            if !state.short
+                || stopping
+                || waiting < slots
+                || self.ready.len() >= usize::from(window) / 2
+            {
                 self.flush_acks().await?;
             }
             let wanted = if stopping {
                 None
             } else if state.short {
-                let slots = u16::try_from(state.gpus.len()).unwrap_or(u16::MAX);
-                Some(slots.saturating_mul(LOOKAHEAD_PER_SLOT).max(1))
+                Some(window)
             } else if state.capacity() > 0 {
                 Some(1)
             } else {
@@ -364,7 +402,11 @@ impl Intake<'_> {
                     None => {}
                 },
                 m = feed.recv() => match m {
-                    Some(m) => self.on_feed(state, m).await,
+                    Some(m) => {
+                        for tag in state.apply(self.shared, m) {
+                            self.settle(Some(tag));
+                        }
+                    }
                     None => return Ok(()),
                 },
                 _ = tick.tick() => {
@@ -506,7 +548,7 @@ impl Intake<'_> {
             if state.holds(self.shared, &attempt) {
                 debug!(job = %attempt.job, "a second delivery of an attempt this worker holds; dropping it");
                 self.unsettled.insert(tag);
-                self.ready.insert(tag);
+                self.settle(Some(tag));
                 continue;
             }
             // Delivered after the consumers were cancelled, with no room for it: back to the
@@ -559,56 +601,6 @@ impl Intake<'_> {
             )
             .await?;
         Ok(())
-    }
-
-    async fn on_feed(&mut self, state: &mut State, m: Feed) {
-        match m {
-            Feed::Verdicts(verdicts) => {
-                debug!(verdicts = verdicts.len(), "verdicts arrived");
-                for v in verdicts {
-                    let Some(pos) = state
-                        .held
-                        .iter()
-                        .position(|h| h.token == v.token && !h.granted)
-                    else {
-                        continue;
-                    };
-                    match v.deny {
-                        None => {
-                            let h = &mut state.held[pos];
-                            h.granted = true;
-                            h.since = Instant::now();
-                            set_held(self.shared, &h.attempt, true);
-                        }
-                        Some(reason) => {
-                            if let Some(h) = state.held.remove(pos) {
-                                info!(sweep = %h.job.sweep, job = %h.job.job, attempt = h.job.attempt, reason = %reason, "claim denied; dropping the message");
-                                self.settle(h.tag);
-                            }
-                        }
-                    }
-                }
-            }
-            Feed::Cancel(attempt) => {
-                if let Some(pos) = state.held.iter().position(|h| h.attempt == attempt) {
-                    if let Some(h) = state.held.remove(pos) {
-                        info!(sweep = %attempt.sweep, job = %attempt.job, "canceled before it started");
-                        set_held(self.shared, &h.attempt, false);
-                        self.settle(h.tag);
-                    }
-                } else {
-                    kill_running(self.shared, &attempt);
-                }
-            }
-            Feed::Ended { slot, took } => state.ended(slot, took),
-            Feed::Released(tokens) => {
-                for t in tokens {
-                    if let Some(h) = state.releasing.remove(&t) {
-                        self.settle(h.tag);
-                    }
-                }
-            }
-        }
     }
 
     /// Claims without an answer are sent again; a granted job that waited too long for a slot
@@ -679,17 +671,9 @@ impl Intake<'_> {
             return Ok(());
         }
         // Granted jobs that cannot start now go back as the same attempt.
-        let mut give_back = Vec::new();
-        let mut i = 0;
-        while i < state.held.len() {
-            if state.held[i].granted {
-                if let Some(h) = state.held.remove(i) {
-                    give_back.push(h);
-                }
-            } else {
-                i += 1;
-            }
-        }
+        let (give_back, waiting): (VecDeque<Held>, VecDeque<Held>) =
+            state.held.drain(..).partition(|h| h.granted);
+        state.held = waiting;
         if give_back.is_empty() {
             return Ok(());
         }

@@ -22,6 +22,7 @@
 //!   (runtime shutdown) before the job was reaped, the whole group is SIGKILLed.
 
 use std::io;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -303,7 +304,7 @@ impl RunningJob {
         let stop_reading = CancellationToken::new();
         let stdout = spawn_reader(
             &runtime,
-            Some(stdout_pipe),
+            stdout_pipe,
             Stream::Stdout,
             output.clone(),
             stop_reading.clone(),
@@ -311,7 +312,7 @@ impl RunningJob {
         );
         let stderr = spawn_reader(
             &runtime,
-            Some(stderr_pipe),
+            stderr_pipe,
             Stream::Stderr,
             output,
             stop_reading.clone(),
@@ -644,7 +645,7 @@ struct Reader {
 
 fn spawn_reader<R>(
     runtime: &Handle,
-    pipe: Option<R>,
+    pipe: R,
     stream: Stream,
     output: mpsc::Sender<OutputLine>,
     stop: CancellationToken,
@@ -656,14 +657,12 @@ where
     let (eof_tx, eof) = oneshot::channel();
     let task = runtime.spawn(
         async move {
-            if let Some(pipe) = pipe {
-                let sink = LineSink {
-                    stream,
-                    output,
-                    open: true,
-                };
-                read_lines(pipe, sink, stop, eof_tx).await;
-            }
+            let sink = LineSink {
+                stream,
+                output,
+                open: true,
+            };
+            read_lines(pipe, sink, stop, eof_tx).await;
         }
         .instrument(span),
     );
@@ -866,11 +865,10 @@ async fn read_result_file(path: &Path) -> Result<Option<Map<String, Value>>, Str
     // O_NONBLOCK: a job could leave a FIFO there, and opening it must not hang the worker.
     // Opened in place (an open of a local path does not wait on anything, and most jobs write
     // no result: no trip to the blocking pool); read through Tokio.
-    let file = std::os::unix::fs::OpenOptionsExt::custom_flags(
-        std::fs::OpenOptions::new().read(true),
-        nix::fcntl::OFlag::O_NONBLOCK.bits(),
-    )
-    .open(path);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path);
     let file = match file {
         Ok(file) => tokio::fs::File::from_std(file),
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),

@@ -168,9 +168,8 @@ pub fn spawn(spec: &Spawn<'_>) -> io::Result<Process> {
         break n;
     };
     if n == 4 {
-        let mut status = 0;
-        // SAFETY: reaps our own child, which has exited.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
+        // It has exited: reap it.
+        let _ = waitpid(pid, 0);
         return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(code)));
     }
     // SAFETY: pidfd_open on our own unreaped child.
@@ -286,57 +285,56 @@ fn resolve(program: &str, env: &[(OsString, OsString)], cwd: &Path) -> io::Resul
     }))
 }
 
+/// `waitpid` for our own child, retried on `EINTR`; `None` while it runs (with `WNOHANG`).
+fn waitpid(pid: i32, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for our own child, writing its status into a local.
+        let r = unsafe { libc::waitpid(pid, &mut status, flags) };
+        if r == pid {
+            return Ok(Some(ExitStatus::from_raw(status)));
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
 impl Process {
     /// Waits for the process to exit and reaps it.
     ///
     /// # Errors
     /// Only when the process cannot be waited for (it is not our child).
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
-        if let Some(fd) = self.pidfd.take() {
-            // SAFETY: an OwnedFd: the descriptor stays open and the same while the AsyncFd
-            // owns it.
-            let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-                .map_err(io::Error::from)?;
-            // Readable once the process has exited.
-            let _ = fd.readable().await?;
-            return self.reap(0);
-        }
+        let flags = match self.pidfd.take() {
+            Some(fd) => {
+                // SAFETY: an OwnedFd: the descriptor stays open and the same while the
+                // AsyncFd owns it.
+                let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+                    .map_err(io::Error::from)?;
+                // Readable once the process has exited: the wait below returns at once.
+                let _ = fd.readable().await?;
+                0
+            }
+            // No pidfd (Linux before 5.3): poll.
+            None => libc::WNOHANG,
+        };
         loop {
-            if let Some(status) = self.try_reap()? {
+            if let Some(status) = self.reap(flags)? {
                 return Ok(status);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    fn try_reap(&mut self) -> io::Result<Option<ExitStatus>> {
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-        match r {
-            0 => Ok(None),
-            r if r == self.pid => {
-                self.reaped = true;
-                Ok(Some(ExitStatus::from_raw(status)))
-            }
-            _ => Err(io::Error::last_os_error()),
-        }
-    }
-
-    fn reap(&mut self, flags: libc::c_int) -> io::Result<ExitStatus> {
-        let mut status = 0;
-        loop {
-            // SAFETY: waits for our own child.
-            let r = unsafe { libc::waitpid(self.pid, &mut status, flags) };
-            if r == self.pid {
-                self.reaped = true;
-                return Ok(ExitStatus::from_raw(status));
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
-            }
-        }
+    fn reap(&mut self, flags: libc::c_int) -> io::Result<Option<ExitStatus>> {
+        let status = waitpid(self.pid, flags)?;
+        self.reaped |= status.is_some();
+        Ok(status)
     }
 }
 
@@ -344,12 +342,9 @@ impl Drop for Process {
     fn drop(&mut self) {
         if !self.reaped {
             // Never leave a zombie: kill and reap (the process group is the runner's concern).
-            // SAFETY: signals and reaps our own unreaped child.
-            unsafe {
-                libc::kill(self.pid, libc::SIGKILL);
-                let mut status = 0;
-                libc::waitpid(self.pid, &mut status, 0);
-            }
+            // SAFETY: signals our own unreaped child.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            let _ = waitpid(self.pid, 0);
         }
     }
 }

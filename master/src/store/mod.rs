@@ -861,17 +861,17 @@ impl Tx<'_> {
         self.tx
             .prepare_cached("DELETE FROM attempts WHERE sweep = ?1 AND job = ?2 AND attempt = ?3")?
             .execute(params![sweep, id, a.attempt])?;
-        let queue: String = self
-            .tx
-            .prepare_cached(
-                "SELECT json_extract(spec_json, '$.queue') FROM sweeps WHERE name = ?1",
-            )?
-            .query_row(params![sweep], |r| r.get(0))?;
+        let Some(spec) = self.view().sweep_record(&a.sweep)? else {
+            return Err(StoreError::Corrupt(format!(
+                "job {} has no sweep `{sweep}`",
+                a.job
+            )));
+        };
         Ok(Some(Publish {
             sweep: a.sweep.clone(),
             job: a.job,
             attempt: a.attempt,
-            queue,
+            queue: spec.queue,
         }))
     }
 
