@@ -10,7 +10,8 @@
 //! - **Long jobs** (the default, and whenever a recent job took longer than [`SHORT_JOB`]):
 //!   the worker receives only what its free slots can start. Its consumers have a prefetch of
 //!   one and are cancelled, before the ack, when the start fills the last free slot; so a job
-//!   never waits at a busy worker while another worker is idle.
+//!   never waits at a busy worker while another worker is idle. (With several queues each
+//!   consumer may deliver one job: one without a free slot is released once granted.)
 //! - **Short jobs** (the last [`SHORT_RUN`] jobs each took at most [`SHORT_JOB`]): the
 //!   consumers stay on with a prefetch of [`LOOKAHEAD_PER_SLOT`] per slot, so the next jobs
 //!   are delivered, claimed and granted while the current ones run, and a freed slot starts
@@ -551,9 +552,11 @@ impl Intake<'_> {
                 self.settle(Some(tag));
                 continue;
             }
-            // Delivered after the consumers were cancelled, with no room for it: back to the
-            // queue before anyone claims it.
-            if stopping || (!state.short && state.capacity() <= 0) {
+            // Draining: back to the queue before anyone claims it. A delivery with no free
+            // slot for it otherwise (one consumer per queue, each may deliver one) is claimed
+            // and, once granted, released: a requeue would count against the queue's delivery
+            // limit, and a message requeued at every job's end would end dead-lettered.
+            if stopping {
                 delivery
                     .acker
                     .nack(BasicNackOptions {
