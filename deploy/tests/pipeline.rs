@@ -117,10 +117,10 @@ async fn hostile_values_reach_the_program_byte_for_byte() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_worker_is_killed_runs_again_elsewhere_exactly_once() {
     let mut c = Cluster::new("sigkill").await;
-    // The job records each start, then runs long enough for the kill.
+    // The job records each start and its pid; the first attempt runs far longer than the test.
     c.write(
         "slow.py",
-        "import os, time\nopen('starts', 'a').write(os.environ['GRIDQ_ATTEMPT'] + '\\n')\ntime.sleep(2)\nprint('finished')\n",
+        "import os, time\na = os.environ['GRIDQ_ATTEMPT']\nopen('pid-' + a, 'w').write(str(os.getpid()))\nopen('starts', 'a').write(a + '\\n')\ntime.sleep(300 if a == '1' else 2)\nprint('finished')\n",
     );
     c.spawn_worker(&["--slots", "1"]);
     c.submit("name: sigkill\ncommand: python3 slow.py\nparameters:\n  x: 1\n")
@@ -140,8 +140,25 @@ async fn a_job_whose_worker_is_killed_runs_again_elsewhere_exactly_once() {
         }
     })
     .await;
+    let first: i32 = std::fs::read_to_string(c.project.join("pid-1"))
+        .unwrap()
+        .parse()
+        .unwrap();
     c.workers[0].signal(nix::sys::signal::Signal::SIGKILL);
     c.workers[0].wait_exit(Duration::from_secs(10)).await;
+    // The worker starts jobs from its main thread: the parent-death signal, which follows the
+    // thread that started the process, kills the job with the worker.
+    wait_until("the first attempt to die with its worker", MINUTE, || {
+        let stat = std::fs::read_to_string(format!("/proc/{first}/stat")).unwrap_or_default();
+        match stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next())
+        {
+            None | Some("Z") => Ok(()),
+            Some(state) => Err(format!("pid {first} is in state {state}")),
+        }
+    })
+    .await;
     c.spawn_worker(&["--slots", "1"]);
     let done = c
         .wait_state("sigkill", job, JobState::Succeeded, MINUTE)
@@ -167,8 +184,7 @@ async fn a_job_whose_worker_is_killed_runs_again_elsewhere_exactly_once() {
     let sweep = gridq_common::SweepId::new("sigkill").unwrap();
     assert_eq!(c.reader().view().result_rows(&sweep).unwrap(), 1);
     assert_eq!(c.reader().view().duplicates(&sweep, &job).unwrap(), 0);
-    // The killed worker's job process died with it (parent-death signal), so it started twice
-    // and finished once.
+    // It started twice and finished once.
     assert_eq!(std::fs::read_to_string(&starts).unwrap(), "1\n2\n");
     c.shutdown().await;
 }

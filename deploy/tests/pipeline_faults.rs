@@ -1,6 +1,7 @@
 //! The job pipeline under faults, against a real RabbitMQ: a job that kills its worker every
-//! time, a broker restart and a master restart mid-sweep, a lease whose grant was lost, poison
-//! messages, cancellation, resubmission, and a worker stopped by SIGTERM (once, or twice).
+//! time, a broker restart and a master restart mid-sweep, a step whose transaction fails, a
+//! lease whose grant was lost, poison messages, cancellation, resubmission, and a worker
+//! stopped by SIGTERM (once, or twice).
 //!
 //! Each test proves one semantic a user relies on; see the protocol notes at the top of
 //! `master/src/service.rs` for the lease design these tests exercise.
@@ -498,6 +499,98 @@ async fn a_master_restart_mid_sweep_loses_no_result_and_keeps_history() {
             "{old:?} became {now:?}"
         );
     }
+    c.shutdown().await;
+}
+
+/// How many times RabbitMQ has redelivered messages of the test's events queue.
+async fn events_redelivered(c: &Cluster) -> u64 {
+    let vhost = c.url.rsplit('/').next().expect("vhost").to_owned();
+    let url = format!(
+        "{}/api/queues/{vhost}/{}",
+        support::broker().management,
+        topology::EVENTS_QUEUE
+    );
+    let stats: serde_json::Value = reqwest::Client::new()
+        .get(&url)
+        .basic_auth(&support::broker().user, Some(&support::broker().password))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .expect("management API")
+        .json()
+        .await
+        .expect("queue stats");
+    stats["message_stats"]["redeliver"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_whose_transaction_fails_gives_its_events_back_and_loses_nothing() {
+    // Heartbeats wait with the other events while steps fail: a long timeout keeps the worker
+    // from being taken for lost, so each job's one attempt is the one stored.
+    let url = support::vhost("stepfail").await;
+    let mut c = Cluster::with_url("stepfail", url, |config| {
+        config.heartbeat_timeout = Duration::from_secs(120);
+    })
+    .await;
+    c.spawn_worker(&["--slots", "2"]);
+    c.submit(
+        "name: stepfail\ncommand: [sh, -c, 'sleep 1; touch done-{x}']\nparameters:\n  x: [1, 2]\n",
+    )
+    .await;
+    let id = sweep_id("stepfail");
+    let reader = c.reader();
+    wait_until("both jobs to run", MINUTE, || {
+        let counts = reader.view().counts(&id).map_err(|e| e.to_string())?;
+        match counts.get("running") {
+            Some(2) => Ok(()),
+            _ => Err(format!("{counts:?}")),
+        }
+    })
+    .await;
+    // Storing a result now fails: every step that carries one rolls back.
+    let db = rusqlite::Connection::open(&c.handle.db_path).expect("store");
+    db.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    db.execute_batch(
+        "CREATE TRIGGER test_fail_results BEFORE INSERT ON results
+         BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+    )
+    .expect("trigger");
+    for x in [1, 2] {
+        let marker = c.project.join(format!("done-{x}"));
+        wait_until("the jobs to finish", MINUTE, || {
+            if marker.exists() {
+                Ok(())
+            } else {
+                Err(format!("no {}", marker.display()))
+            }
+        })
+        .await;
+    }
+    // The failed steps gave their events back: the broker delivers them again.
+    let deadline = Instant::now() + MINUTE;
+    loop {
+        let redelivered = events_redelivered(&c).await;
+        if redelivered > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the events of the failed steps were never redelivered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(c.counts("stepfail").get("running"), Some(&2));
+    db.execute_batch("DROP TRIGGER test_fail_results")
+        .expect("drop trigger");
+    let jobs = c.wait_done("stepfail", MINUTE).await;
+    assert_eq!(jobs.len(), 2);
+    for j in &jobs {
+        assert_eq!((j.state, j.attempt), (JobState::Succeeded, 1), "{j:?}");
+        assert_eq!(attempt_states(&c, "stepfail", j.id), ["succeeded"]);
+        assert_eq!(reader.view().duplicates(&id, &j.id).unwrap(), 0, "{j:?}");
+    }
+    assert_eq!(reader.view().result_rows(&id).unwrap(), 2);
     c.shutdown().await;
 }
 

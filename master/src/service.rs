@@ -306,13 +306,45 @@ struct Core {
 /// What to do once a transaction has committed.
 #[derive(Default)]
 struct Effects {
-    acks: Vec<lapin::Acker>,
     publish: Vec<Publish>,
     control: Vec<(String, ToWorker)>,
     /// Answers to claims, one message per worker queue.
     verdicts: HashMap<String, Vec<Verdict>>,
     replies: Vec<Box<dyn FnOnce() + Send>>,
     changed: bool,
+}
+
+/// A committed batch: what it sets off.
+struct Committed {
+    effects: Effects,
+    session_up: bool,
+    big_submit: bool,
+}
+
+/// The last delivery of each consumer (events, dead letters) of each broker session in a
+/// batch. A consumer's deliveries reach the core in their order, and every earlier one was
+/// settled by an earlier step, so a `multiple` ack or nack of the last settles exactly the
+/// batch's. (A poison event, acked by the broker task on arrival, is no longer outstanding
+/// and so not covered again.)
+fn last_deliveries(inbound: &[Inbound]) -> Vec<lapin::Acker> {
+    let mut session = 0u32;
+    let mut last: Vec<((u32, bool), lapin::Acker)> = Vec::new();
+    for m in inbound {
+        let (dead, acker) = match m {
+            Inbound::Up => {
+                session += 1;
+                continue;
+            }
+            Inbound::Event(_, acker) => (false, acker),
+            Inbound::Dead { acker, .. } => (true, acker),
+            Inbound::Confirmed(_) | Inbound::Unconfirmed(_) | Inbound::Down(_) => continue,
+        };
+        match last.iter_mut().find(|(k, _)| *k == (session, dead)) {
+            Some(slot) => slot.1 = acker.clone(),
+            None => last.push(((session, dead), acker.clone())),
+        }
+    }
+    last.into_iter().map(|(_, a)| a).collect()
 }
 
 impl Core {
@@ -382,20 +414,53 @@ impl Core {
                 }
             }
             if let Err(e) = self.step(batch_in, batch_cmd, ticked).await {
-                // A store error leaves the transaction rolled back and nothing acked: the
-                // broker redelivers. Keep going; persistent failures are logged each time.
+                // A store error rolls the transaction back and gives the batch's deliveries
+                // back to their queues, which deliver them again. Keep going; persistent
+                // failures are logged each time.
                 error!(cause = %e, "master step failed; its messages will be redelivered");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
     }
 
+    /// One turn of the core: the batch's changes in one transaction, then what they set off.
+    /// The deliveries of the batch are settled together: acked once committed, or given back
+    /// to their queue (nack with requeue) when the transaction fails, so that they are
+    /// processed again and never acked unprocessed by a later `multiple` ack.
     async fn step(
         &mut self,
         inbound: Vec<Inbound>,
         commands: Vec<Command>,
         ticked: bool,
     ) -> Result<(), StoreError> {
+        let deliveries = last_deliveries(&inbound);
+        let committed = match self.commit(inbound, commands, ticked) {
+            Ok(c) => c,
+            Err(e) => {
+                let requeue = lapin::options::BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                };
+                futures_util::future::join_all(deliveries.iter().map(|d| d.nack(requeue))).await;
+                return Err(e);
+            }
+        };
+        let after = self.after_commit(committed).await;
+        // Last, together: one `multiple` ack per consumer settles the whole batch. Each ack is
+        // a round trip to lapin's I/O thread and a command for the broker; one per event cost
+        // both a thread switch per event.
+        let ack = lapin::options::BasicAckOptions { multiple: true };
+        futures_util::future::join_all(deliveries.iter().map(|d| d.ack(ack))).await;
+        after
+    }
+
+    /// The batch's changes, in one transaction.
+    fn commit(
+        &mut self,
+        inbound: Vec<Inbound>,
+        commands: Vec<Command>,
+        ticked: bool,
+    ) -> Result<Committed, StoreError> {
         let now = now_ms();
         let mut effects = Effects::default();
         let mut session_up = false;
@@ -451,11 +516,10 @@ impl Core {
         self.store.transaction(|tx| {
             for m in inbound {
                 match m {
-                    Inbound::Event(event, acker) => {
+                    Inbound::Event(event, _) => {
                         handle_event(tx, event, &config, workers, &activity, &mut effects, now)?;
-                        effects.acks.push(acker);
                     }
-                    Inbound::Dead { properties, body, acker } => {
+                    Inbound::Dead { properties, body, .. } => {
                         let (queue, reason) = broker::dead_reason(&properties);
                         let kind = wire::kind_of(&properties).ok();
                         if kind.as_deref() == Some("job") {
@@ -475,7 +539,6 @@ impl Core {
                             }
                         }
                         tx.dead_letter(&queue, kind.as_deref(), &reason, &body, now)?;
-                        effects.acks.push(acker);
                     }
                     Inbound::Confirmed(batch) => {
                         tx.confirmed(&batch, now)?;
@@ -513,13 +576,25 @@ impl Core {
             }
             Ok(())
         })?;
+        Ok(Committed {
+            effects,
+            session_up,
+            big_submit,
+        })
+    }
+
+    /// What a committed batch sets off. What someone waits for goes first: verdicts (a worker
+    /// waits to start its jobs), replies and the change notice (API clients), then new job
+    /// messages.
+    async fn after_commit(&mut self, committed: Committed) -> Result<(), StoreError> {
+        let Committed {
+            mut effects,
+            session_up,
+            big_submit,
+        } = committed;
         if big_submit {
             self.store.refresh_statistics()?;
         }
-        // Committed. What someone waits for goes first: verdicts (a worker waits to start its
-        // jobs), replies and the change notice (API clients), new job messages; the acks of the
-        // events last, together: each is a round trip to lapin's I/O thread, and awaiting them
-        // one by one costs a thread switch per event.
         for (queue, verdicts) in effects.verdicts {
             effects
                 .control
@@ -545,13 +620,6 @@ impl Core {
         if self.broker_up && !effects.publish.is_empty() {
             self.publish(effects.publish).await?;
         }
-        futures_util::future::join_all(
-            effects
-                .acks
-                .iter()
-                .map(|acker| acker.ack(lapin::options::BasicAckOptions::default())),
-        )
-        .await;
         Ok(())
     }
 

@@ -11,9 +11,10 @@
 //! - The main process gets `PR_SET_PDEATHSIG(SIGKILL)`, so it dies if the worker is SIGKILLed.
 //!   The kernel ties that signal to the *thread* that started the child, not to the process: a
 //!   job started from a short-lived thread (a `spawn_blocking` thread, a worker thread after
-//!   `block_in_place`) would be killed when that thread exits. So every job is started from one
-//!   dedicated spawner thread that lives as long as the worker process, by [`crate::spawn`]
-//!   (a `posix_spawn`-like clone that can still set the signal). Caveats: only the main
+//!   `block_in_place`) would be killed when that thread exits. So every job is started from a
+//!   thread that lives as long as the worker process: the main thread, where the worker's
+//!   runtime runs, or else one dedicated spawner thread; by [`crate::spawn`] (a
+//!   `posix_spawn`-like clone that can still set the signal). Caveats: only the main
 //!   process gets the signal, so its own children in the group survive a SIGKILLed worker (run
 //!   the worker as the init of a container or PID namespace to get those too), and the kernel
 //!   clears the setting when the job execs a set-user-ID or file-capability binary.
@@ -453,11 +454,27 @@ type SpawnRequest = Box<dyn FnOnce() + Send>;
 /// started the process.
 static SPAWNER: Mutex<Option<std_mpsc::Sender<SpawnRequest>>> = Mutex::new(None);
 
+/// Whether the calling thread is the process's main thread, which lives as long as the
+/// process does.
+fn on_main_thread() -> bool {
+    nix::unistd::gettid() == nix::unistd::getpid()
+}
+
+/// Starts a job from a thread that outlives it: the calling thread when it is the main thread
+/// (the worker's runtime runs there: no hand-off, two thread switches less per job), else the
+/// spawner thread. Either way the caller waits for the clone and exec.
 fn spawn_on_spawner_thread(
     argv: Vec<String>,
     env: Vec<(String, String)>,
     cwd: PathBuf,
 ) -> io::Result<spawn::Process> {
+    if on_main_thread() {
+        return spawn::spawn(&spawn::Spawn {
+            argv: &argv,
+            env: &env,
+            cwd: &cwd,
+        });
+    }
     let gone = || io::Error::other("the job spawner thread is gone");
     let (reply, replies) = std_mpsc::sync_channel(1);
     let request: SpawnRequest = Box::new(move || {

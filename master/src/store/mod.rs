@@ -341,8 +341,14 @@ CREATE TABLE IF NOT EXISTS jobs(
     updated_ms INTEGER NOT NULL,
     PRIMARY KEY(sweep, id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, sweep);
-CREATE INDEX IF NOT EXISTS jobs_by_sweep_state ON jobs(sweep, state);
+-- The state indexes end in the expansion order: jobs change state roughly in that order, so
+-- each change removes an entry near the head of its old state's run and appends one to its new
+-- state's, on pages that the jobs just before it touched, instead of two random pages per
+-- index (the job id is a hash). (They replace `jobs_by_state` and `jobs_by_sweep_state`.)
+DROP INDEX IF EXISTS jobs_by_state;
+DROP INDEX IF EXISTS jobs_by_sweep_state;
+CREATE INDEX IF NOT EXISTS jobs_state_order ON jobs(state, sweep, idx);
+CREATE INDEX IF NOT EXISTS jobs_sweep_state_order ON jobs(sweep, state, idx);
 CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs(worker) WHERE state = 'running';
 -- The monitor's listings: expansion order, time of finishing and duration within a sweep.
 CREATE INDEX IF NOT EXISTS jobs_by_sweep_idx ON jobs(sweep, idx);
@@ -438,13 +444,18 @@ CREATE TABLE IF NOT EXISTS worker_counts(
     processed INTEGER NOT NULL,
     failed INTEGER NOT NULL
 ) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS attempts_count_worker AFTER UPDATE OF state ON attempts
+-- Recreated on every open, so stores made by older versions get this definition. No `IN`
+-- lists of more than two constants: SQLite builds a temporary B-tree (a page cache of its own)
+-- for each such list every time the trigger fires, three per finished job.
+DROP TRIGGER IF EXISTS attempts_count_worker;
+CREATE TRIGGER attempts_count_worker AFTER UPDATE OF state ON attempts
 WHEN NEW.worker IS NOT NULL AND OLD.state != NEW.state
-     AND NEW.state IN ('succeeded', 'failed', 'timed_out', 'canceled', 'lost') BEGIN
+     AND (NEW.state = 'succeeded' OR NEW.state = 'failed' OR NEW.state = 'timed_out'
+          OR NEW.state = 'canceled' OR NEW.state = 'lost') BEGIN
     INSERT INTO worker_counts(worker, processed, failed)
-        VALUES (NEW.worker, 1, NEW.state IN ('failed', 'timed_out', 'lost'))
+        VALUES (NEW.worker, 1, NEW.state = 'failed' OR NEW.state = 'timed_out' OR NEW.state = 'lost')
         ON CONFLICT(worker) DO UPDATE SET processed = processed + 1,
-            failed = failed + (NEW.state IN ('failed', 'timed_out', 'lost'));
+            failed = failed + (NEW.state = 'failed' OR NEW.state = 'timed_out' OR NEW.state = 'lost');
 END;
 CREATE TABLE IF NOT EXISTS dead_letters(
     id INTEGER PRIMARY KEY,
@@ -2127,6 +2138,78 @@ mod tests {
 
     /// Retention deletes finished sweeps older than the cutoff, everything of them, and
     /// nothing of a sweep still running or touched since.
+    #[test]
+    fn worker_counts_count_ended_attempts_and_failures_also_in_a_reopened_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        // Opened twice: the second open recreates the trigger on an existing store.
+        drop(Store::open(&path).unwrap());
+        let mut store = Store::open(&path).unwrap();
+        let sweep = SweepId::new("s").unwrap();
+        let (w, v) = (WorkerId::new("w").unwrap(), WorkerId::new("v").unwrap());
+        store
+            .transaction(|tx| tx.submit(&record("s"), (0..6).map(job), false, 1))
+            .unwrap();
+        let a = |i: u8| AttemptRef {
+            sweep: sweep.clone(),
+            job: JobId::from_bytes([i; 16]),
+            attempt: 1,
+        };
+        let report = |worker: &WorkerId, i: u8, outcome: Outcome| Finished {
+            worker: worker.clone(),
+            host: "h".into(),
+            attempt: a(i),
+            outcome,
+            exit_code: Some(i32::from(outcome != Outcome::Succeeded)),
+            signal: None,
+            started_ms: 2,
+            finished_ms: 3,
+            result: None,
+            reason: None,
+            gpus: vec![],
+            lines: 0,
+        };
+        store
+            .transaction(|tx| {
+                for i in 0..5 {
+                    tx.claim(&a(i), &w, "h", 2)?;
+                }
+                tx.claim(&a(5), &v, "h", 2)?;
+                tx.finish(&report(&w, 0, Outcome::Succeeded), 1000, 3)?;
+                tx.finish(&report(&w, 1, Outcome::Failed), 1000, 3)?;
+                tx.finish(&report(&w, 2, Outcome::TimedOut), 1000, 3)?;
+                // Handed back: not an ended attempt of this worker's.
+                tx.finish(&report(&w, 3, Outcome::HandedBack), 1000, 3)?;
+                Ok(())
+            })
+            .unwrap();
+        let counts = |store: &Store| -> Vec<(String, u64, u64)> {
+            let mut c: Vec<_> = store
+                .read()
+                .workers()
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.id, r.processed, r.failed))
+                .collect();
+            c.sort();
+            c
+        };
+        store
+            .transaction(|tx| {
+                let info = serde_json::json!({});
+                tx.worker_seen("w", "h", "online", None, &info, 3)?;
+                tx.worker_seen("v", "h", "online", None, &info, 3)
+            })
+            .unwrap();
+        assert_eq!(counts(&store), [("v".into(), 0, 0), ("w".into(), 3, 2)]);
+        // Lost counts as a failure; canceled as processed, not failed.
+        store
+            .transaction(|tx| tx.worker_lost("w", "test", 3, 4))
+            .unwrap();
+        store.transaction(|tx| tx.cancel_sweep(&sweep, 5)).unwrap();
+        assert_eq!(counts(&store), [("v".into(), 1, 0), ("w".into(), 4, 3)]);
+    }
+
     #[test]
     fn retention_purges_only_old_finished_sweeps() {
         let dir = tempfile::tempdir().unwrap();
