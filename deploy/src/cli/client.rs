@@ -325,7 +325,9 @@ pub(crate) async fn watch(client: &Client, sweep: &str, human: bool) -> anyhow::
     );
     let mut version = 0u64;
     let mut reported = std::collections::HashSet::new();
+    let mut failures_listed = 0;
     loop {
+        let asked = tokio::time::Instant::now();
         let v = client
             .get(&format!(
                 "/sweeps/{}?after={version}&wait_ms=5000",
@@ -349,7 +351,9 @@ pub(crate) async fn watch(client: &Client, sweep: &str, human: bool) -> anyhow::
             n("running"),
             n("queued") + n("pending") + n("retrying")
         ));
-        if n("failed") + n("timed_out") > 0 {
+        // The failed jobs are listed again only when their number changed.
+        if n("failed") + n("timed_out") != failures_listed {
+            failures_listed = n("failed") + n("timed_out");
             for state in ["failed", "timed_out"] {
                 let jobs = client
                     .get(&format!(
@@ -373,8 +377,15 @@ pub(crate) async fn watch(client: &Client, sweep: &str, human: bool) -> anyhow::
             bar.finish();
             return Ok(n("succeeded") == total);
         }
+        // The long poll answers at every change, hundreds of times a second under load: ask
+        // at most ten times a second, which a progress bar does not outpace, and leave the
+        // master's CPU to the jobs.
+        tokio::time::sleep_until(asked + WATCH_PACE).await;
     }
 }
+
+/// The shortest time between two progress requests of [`watch`].
+const WATCH_PACE: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub(crate) fn status(args: &StatusArgs) -> Result<(), Failure> {
     if args.conn.master.is_none() {
