@@ -373,26 +373,11 @@ async fn sweeps_reach_only_workers_of_their_queue_and_a_worker_of_two_queues_los
         }
     }
     // Nothing left behind on the broker: no message ready, none delivered and never acked.
-    let vhost = c.url.rsplit('/').next().expect("vhost").to_owned();
-    let http = reqwest::Client::new();
     for q in ["default", "gpu"] {
         let queue = gridq_common::topology::jobs_queue(q);
-        let url = format!(
-            "{}/api/queues/{vhost}/{queue}",
-            support::broker().management
-        );
         let deadline = std::time::Instant::now() + MINUTE;
         loop {
-            let stats: serde_json::Value = http
-                .get(&url)
-                .basic_auth(&support::broker().user, Some(&support::broker().password))
-                .send()
-                .await
-                .and_then(reqwest::Response::error_for_status)
-                .expect("management API")
-                .json()
-                .await
-                .expect("queue stats");
+            let stats = support::queue_stats(&c.url, &queue).await;
             let counts = (
                 stats["messages_ready"].as_u64(),
                 stats["messages_unacknowledged"].as_u64(),

@@ -502,27 +502,6 @@ async fn a_master_restart_mid_sweep_loses_no_result_and_keeps_history() {
     c.shutdown().await;
 }
 
-/// How many times RabbitMQ has redelivered messages of the test's events queue.
-async fn events_redelivered(c: &Cluster) -> u64 {
-    let vhost = c.url.rsplit('/').next().expect("vhost").to_owned();
-    let url = format!(
-        "{}/api/queues/{vhost}/{}",
-        support::broker().management,
-        topology::EVENTS_QUEUE
-    );
-    let stats: serde_json::Value = reqwest::Client::new()
-        .get(&url)
-        .basic_auth(&support::broker().user, Some(&support::broker().password))
-        .send()
-        .await
-        .and_then(reqwest::Response::error_for_status)
-        .expect("management API")
-        .json()
-        .await
-        .expect("queue stats");
-    stats["message_stats"]["redeliver"].as_u64().unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_whose_transaction_fails_gives_its_events_back_and_loses_nothing() {
     // Heartbeats wait with the other events while steps fail: a long timeout keeps the worker
@@ -570,7 +549,8 @@ async fn a_step_whose_transaction_fails_gives_its_events_back_and_loses_nothing(
     // The failed steps gave their events back: the broker delivers them again.
     let deadline = Instant::now() + MINUTE;
     loop {
-        let redelivered = events_redelivered(&c).await;
+        let stats = support::queue_stats(&c.url, topology::EVENTS_QUEUE).await;
+        let redelivered = stats["message_stats"]["redeliver"].as_u64().unwrap_or(0);
         if redelivered > 0 {
             break;
         }

@@ -280,7 +280,7 @@ impl RunningJob {
         ));
         let started_at = SystemTime::now();
         let start = Instant::now();
-        let mut child = spawn_on_spawner_thread(spec.argv.clone(), env, spec.workdir.clone())
+        let mut child = spawn_from_lasting_thread(spec.argv.clone(), env, spec.workdir.clone())
             .map_err(|err| classify(program.clone(), err))?;
         // Dropping `child` on these error paths SIGKILLs and reaps it.
         let (pid, pgid) = match (u32::try_from(child.pid), child.pid) {
@@ -463,7 +463,7 @@ fn on_main_thread() -> bool {
 /// Starts a job from a thread that outlives it: the calling thread when it is the main thread
 /// (the worker's runtime runs there: no hand-off, two thread switches less per job), else the
 /// spawner thread. Either way the caller waits for the clone and exec.
-fn spawn_on_spawner_thread(
+fn spawn_from_lasting_thread(
     argv: Vec<String>,
     env: Vec<(String, String)>,
     cwd: PathBuf,

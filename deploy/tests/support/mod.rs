@@ -179,6 +179,22 @@ pub async fn drop_vhost(url: &str) {
         .await;
 }
 
+/// A queue's statistics from the management API, in the vhost of the AMQP URL `url`.
+pub async fn queue_stats(url: &str, queue: &str) -> serde_json::Value {
+    let b = broker();
+    let vhost = url.rsplit('/').next().expect("vhost");
+    reqwest::Client::new()
+        .get(format!("{}/api/queues/{vhost}/{queue}", b.management))
+        .basic_auth(&b.user, Some(&b.password))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .expect("management API")
+        .json()
+        .await
+        .expect("queue stats")
+}
+
 /// Polls `f` until it returns `Some`, or panics after `limit` with what it saw last.
 pub async fn wait_until<T>(
     what: &str,
