@@ -685,6 +685,8 @@ pub(crate) async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u
     };
     let (lines_tx, lines_rx) = mpsc::channel(1024);
     let started_ms = now_ms();
+    // Whether the job may have left a result file to remove (most jobs write none: no unlink).
+    let mut result_file = true;
     let finished = match RunningJob::spawn(spec, lines_tx) {
         Ok(running) => {
             if let Ok(mut r) = shared.running.lock() {
@@ -693,6 +695,8 @@ pub(crate) async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u
             info!(sweep = %job.sweep, job = %job.job, attempt = job.attempt, "job started");
             let forward = tokio::spawn(forward_output(shared.clone(), attempt.clone(), lines_rx));
             let outcome = running.wait().await;
+            // The runner found a file there exactly when it read a result or failed to.
+            result_file = outcome.result.is_some() || outcome.result_error.is_some();
             let lines = forward.await.unwrap_or(0);
             finished_report(shared, &attempt, outcome, lines, gpu)
         }
@@ -714,7 +718,9 @@ pub(crate) async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u
             }
         }
     };
-    let _ = std::fs::remove_file(&result_path);
+    if result_file {
+        let _ = std::fs::remove_file(&result_path);
+    }
     info!(sweep = %job.sweep, job = %job.job, attempt = job.attempt, outcome = ?finished.outcome, "job finished");
     let _ = shared
         .outbox

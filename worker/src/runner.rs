@@ -32,7 +32,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
-use nix::unistd::{AccessFlags, Pid};
+use nix::unistd::Pid;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::runtime::Handle;
@@ -249,11 +249,6 @@ impl RunningJob {
     ) -> Result<RunningJob, SpawnError> {
         let runtime = Handle::try_current().map_err(|_| SpawnError::NoRuntime)?;
         let program = validate(&spec)?;
-        check_workdir(&spec.workdir).map_err(|source| SpawnError::Workdir {
-            program: program.clone(),
-            dir: spec.workdir.clone(),
-            source,
-        })?;
         let result_path =
             std::path::absolute(spec.workdir.join(&spec.result_path)).map_err(|source| {
                 SpawnError::ResultPath {
@@ -264,6 +259,14 @@ impl RunningJob {
             })?;
         match std::fs::remove_file(&result_path) {
             Err(err) if err.kind() != io::ErrorKind::NotFound => {
+                // A result path inside a working directory that is not one: name the directory.
+                if let Err(source) = check_workdir(&spec.workdir) {
+                    return Err(SpawnError::Workdir {
+                        program,
+                        dir: spec.workdir.clone(),
+                        source,
+                    });
+                }
                 return Err(SpawnError::ResultPath {
                     program,
                     path: result_path,
@@ -281,7 +284,15 @@ impl RunningJob {
         let started_at = SystemTime::now();
         let start = Instant::now();
         let mut child = spawn_from_lasting_thread(spec.argv.clone(), env, spec.workdir.clone())
-            .map_err(|err| classify(program.clone(), err))?;
+            .map_err(|failure| match failure {
+                // The child's chdir failed, before its exec.
+                spawn::SpawnFailure::Workdir(source) => SpawnError::Workdir {
+                    program: program.clone(),
+                    dir: spec.workdir.clone(),
+                    source,
+                },
+                spawn::SpawnFailure::Start(err) => classify(program.clone(), err),
+            })?;
         // Dropping `child` on these error paths SIGKILLs and reaps it.
         let (pid, pgid) = match (u32::try_from(child.pid), child.pid) {
             (Ok(pid), raw) if raw > 1 => (pid, Pid::from_raw(raw)),
@@ -424,12 +435,12 @@ fn validate(spec: &JobSpec) -> Result<String, SpawnError> {
     Ok(program)
 }
 
-/// Checked here because the OS reports a failed `chdir` in the child like a failed `exec`.
+/// Only on an error path: the child's failed `chdir` names a bad directory on its own.
 fn check_workdir(dir: &Path) -> io::Result<()> {
     if !std::fs::metadata(dir)?.is_dir() {
         return Err(Errno::ENOTDIR.into());
     }
-    nix::unistd::access(dir, AccessFlags::X_OK)?;
+    nix::unistd::access(dir, nix::unistd::AccessFlags::X_OK)?;
     Ok(())
 }
 
@@ -443,9 +454,16 @@ fn classify(program: String, source: io::Error) -> SpawnError {
     }
 }
 
-/// The read end of an output pipe, non-blocking, registered with the runtime.
+/// The read end of an output pipe, non-blocking, registered with the runtime. It is known to
+/// be the read end of a fresh pipe with no status flags, so one `fcntl` sets it non-blocking
+/// (Tokio's checked constructor would `fstat` it and read its flags first).
 fn reader_pipe(fd: std::os::fd::OwnedFd) -> io::Result<tokio::net::unix::pipe::Receiver> {
-    tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .map_err(io::Error::from)?;
+    tokio::net::unix::pipe::Receiver::from_owned_fd_unchecked(fd)
 }
 
 type SpawnRequest = Box<dyn FnOnce() + Send>;
@@ -457,7 +475,10 @@ static SPAWNER: Mutex<Option<std_mpsc::Sender<SpawnRequest>>> = Mutex::new(None)
 /// Whether the calling thread is the process's main thread, which lives as long as the
 /// process does.
 fn on_main_thread() -> bool {
-    nix::unistd::gettid() == nix::unistd::getpid()
+    thread_local! {
+        static MAIN: bool = nix::unistd::gettid() == nix::unistd::getpid();
+    }
+    MAIN.with(|main| *main)
 }
 
 /// Starts a job from a thread that outlives it: the calling thread when it is the main thread
@@ -467,7 +488,7 @@ fn spawn_from_lasting_thread(
     argv: Vec<String>,
     env: Vec<(String, String)>,
     cwd: PathBuf,
-) -> io::Result<spawn::Process> {
+) -> Result<spawn::Process, spawn::SpawnFailure> {
     if on_main_thread() {
         return spawn::spawn(&spawn::Spawn {
             argv: &argv,
@@ -475,7 +496,7 @@ fn spawn_from_lasting_thread(
             cwd: &cwd,
         });
     }
-    let gone = || io::Error::other("the job spawner thread is gone");
+    let gone = || spawn::SpawnFailure::Start(io::Error::other("the job spawner thread is gone"));
     let (reply, replies) = std_mpsc::sync_channel(1);
     let request: SpawnRequest = Box::new(move || {
         let _ = reply.send(spawn::spawn(&spawn::Spawn {

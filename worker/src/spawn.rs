@@ -10,13 +10,21 @@
 //! Between `clone` and `exec` the child runs on its own stack in the parent's memory, with
 //! the parent thread suspended. It makes raw system calls only, on data the parent prepared
 //! (no allocation, no locks), with every signal blocked until the handlers it inherited are
-//! reset to their defaults. A failure before `exec` is sent back through a close-on-exec pipe
-//! as an errno.
+//! reset to their defaults. A failure before `exec` is written into that shared memory (the
+//! step and its errno), as `posix_spawn` does: the parent reads it once it resumes.
+//!
+//! A sweep starts the same program thousands of times, so what costs a system call per job
+//! and rarely changes is kept for a second ([`TTL`]): the program's place in `PATH` (one
+//! `statx` per `PATH` entry before the hit), and which signals the worker handles or ignores
+//! (one `rt_sigaction` per signal in the child otherwise). The child's stack is reused per
+//! thread, and `/dev/null` (every job's stdin) stays open.
 //!
 //! The exit is awaited through a pidfd (Linux 5.3); where there is none, by polling.
 
 #![allow(unsafe_code)]
 
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -24,7 +32,9 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::time::Duration;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use nix::libc;
 use tokio::io::Interest;
@@ -50,7 +60,25 @@ pub struct Process {
     reaped: bool,
 }
 
-/// Everything the child reads, prepared by the parent.
+/// Why a start failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnFailure {
+    /// The child could not change into the working directory.
+    #[error("cannot change into the working directory: {0}")]
+    Workdir(#[source] io::Error),
+    /// Anything else: the program's lookup or `exec` (`ENOENT`, `EACCES`...), or the system
+    /// (`EAGAIN`, `EMFILE`...).
+    #[error(transparent)]
+    Start(io::Error),
+}
+
+impl From<io::Error> for SpawnFailure {
+    fn from(e: io::Error) -> Self {
+        SpawnFailure::Start(e)
+    }
+}
+
+/// Everything the child reads, prepared by the parent, and where it reports a failure.
 struct ChildArgs {
     path: *const libc::c_char,
     argv: *const *const libc::c_char,
@@ -59,20 +87,53 @@ struct ChildArgs {
     stdin: RawFd,
     stdout: RawFd,
     stderr: RawFd,
-    report: RawFd,
     parent: libc::pid_t,
     mask: libc::sigset_t,
+    /// Bit `n - 1` set: signal `n` has a handler or is ignored, and is reset in the child.
+    reset: u64,
+    /// Written by the child before it exits on a failure: the step ([`STEP_SETUP`],
+    /// [`STEP_CHDIR`], [`STEP_EXEC`]; 0 while none failed) and its errno.
+    failed_step: AtomicI32,
+    errno: AtomicI32,
 }
 
+const STEP_SETUP: i32 = 1;
+const STEP_CHDIR: i32 = 2;
+const STEP_EXEC: i32 = 3;
+
 const CHILD_STACK: usize = 64 * 1024;
+
+/// How long a program's place in `PATH` and the worker's signal dispositions are reused.
+pub const TTL: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// The child's stack, reused by the next start from this thread (the thread is suspended
+    /// while a child runs on it).
+    static STACK: Cell<Option<Box<[u8]>>> = const { Cell::new(None) };
+}
+
+/// Lookups of programs in `PATH`: (program, `PATH`, working directory) to the file found.
+struct Lookups {
+    since: Instant,
+    found: HashMap<(String, OsString, PathBuf), PathBuf>,
+}
+
+static LOOKUPS: Mutex<Option<Lookups>> = Mutex::new(None);
+
+/// The signals with a handler or ignored, as [`ChildArgs::reset`], and when they were read.
+static DISPOSITIONS: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+
+/// Every job's stdin.
+static DEV_NULL: OnceLock<OwnedFd> = OnceLock::new();
 
 /// Starts the process. The program is looked up in the job's `PATH` (or the worker's) when it
 /// has no `/`; a relative path is relative to `cwd`.
 ///
 /// # Errors
-/// The OS error of the step that failed: `ENOENT` for a program that is not found, `EACCES`
-/// for one that cannot be executed, the `chdir` error for a bad directory.
-pub fn spawn(spec: &Spawn<'_>) -> io::Result<Process> {
+/// [`SpawnFailure::Workdir`] with the `chdir` error for a bad directory; otherwise the OS error
+/// of the step that failed: `ENOENT` for a program that is not found, `EACCES` for one that
+/// cannot be executed.
+pub fn spawn(spec: &Spawn<'_>) -> Result<Process, SpawnFailure> {
     let program = spec
         .argv
         .first()
@@ -85,9 +146,11 @@ pub fn spawn(spec: &Spawn<'_>) -> io::Result<Process> {
             None => env.push((OsString::from(k), OsString::from(v))),
         }
     }
-    let path = resolve(program, &env, spec.cwd)?;
+    let search = env.iter().find(|(k, _)| k == "PATH").map_or_else(
+        || OsString::from("/usr/local/bin:/usr/bin:/bin"),
+        |(_, v)| v.clone(),
+    );
     let cstr = |b: &[u8]| CString::new(b).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL));
-    let path = cstr(path.as_os_str().as_bytes())?;
     let argv: Vec<CString> = spec
         .argv
         .iter()
@@ -107,26 +170,59 @@ pub fn spawn(spec: &Spawn<'_>) -> io::Result<Process> {
     argv_ptrs.push(std::ptr::null());
     let mut env_ptrs: Vec<*const libc::c_char> = envs.iter().map(|e| e.as_ptr()).collect();
     env_ptrs.push(std::ptr::null());
+    let stdin = dev_null()?;
 
+    // A program found a moment ago is started from there; if it is no longer there (or no
+    // longer executable), it is looked up again once.
+    let (path, cached) = lookup(program, &search, spec.cwd)?;
+    let started = start(&path, &argv_ptrs, &env_ptrs, &cwd, stdin);
+    match started {
+        Err(SpawnFailure::Start(e)) if cached && lookup_may_be_stale(&e) => {
+            forget(program, &search, spec.cwd);
+            let (path, _) = lookup(program, &search, spec.cwd)?;
+            start(&path, &argv_ptrs, &env_ptrs, &cwd, stdin)
+        }
+        other => other,
+    }
+}
+
+fn lookup_may_be_stale(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::ENOTDIR | libc::EACCES | libc::ENOEXEC)
+    )
+}
+
+/// The clone and exec, with prepared arguments.
+fn start(
+    path: &Path,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    cwd: &CString,
+    stdin: RawFd,
+) -> Result<Process, SpawnFailure> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let (report_r, report_w) = pipe()?;
-    let devnull = std::fs::File::open("/dev/null")?;
-
     let mut args = ChildArgs {
         path: path.as_ptr(),
-        argv: argv_ptrs.as_ptr(),
-        envp: env_ptrs.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
         cwd: cwd.as_ptr(),
-        stdin: devnull.as_raw_fd(),
+        stdin,
         stdout: out_w.as_raw_fd(),
         stderr: err_w.as_raw_fd(),
-        report: report_w.as_raw_fd(),
         parent: std::process::id() as libc::pid_t,
         // SAFETY: a plain C struct; filled in below by pthread_sigmask.
         mask: unsafe { std::mem::zeroed() },
+        reset: handled_signals(),
+        failed_step: AtomicI32::new(0),
+        errno: AtomicI32::new(0),
     };
-    let mut stack = vec![0u8; CHILD_STACK];
+    let mut stack = STACK
+        .take()
+        .unwrap_or_else(|| vec![0u8; CHILD_STACK].into_boxed_slice());
     let pid = {
         // SAFETY: sigfillset and pthread_sigmask write only into the sets given.
         let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -151,26 +247,24 @@ pub fn spawn(spec: &Spawn<'_>) -> io::Result<Process> {
         unsafe {
             libc::pthread_sigmask(libc::SIG_SETMASK, &args.mask, std::ptr::null_mut());
         }
+        STACK.set(Some(stack));
         if pid < 0 {
-            return Err(err);
+            return Err(err.into());
         }
         pid
     };
-    drop((out_w, err_w, report_w, devnull, stack));
-    // The child wrote an errno if it failed before exec; EOF means exec succeeded.
-    let mut code = [0u8; 4];
-    let n = loop {
-        // SAFETY: reads into a local buffer from a pipe we own.
-        let n = unsafe { libc::read(report_r.as_raw_fd(), code.as_mut_ptr().cast(), 4) };
-        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        break n;
-    };
-    if n == 4 {
+    drop((out_w, err_w));
+    // The child has exec'd or exited; if it failed, it said where before exiting.
+    let step = args.failed_step.load(Ordering::SeqCst);
+    if step != 0 {
         // It has exited: reap it.
         let _ = waitpid(pid, 0);
-        return Err(io::Error::from_raw_os_error(i32::from_ne_bytes(code)));
+        let e = io::Error::from_raw_os_error(args.errno.load(Ordering::SeqCst));
+        return Err(if step == STEP_CHDIR {
+            SpawnFailure::Workdir(e)
+        } else {
+            SpawnFailure::Start(e)
+        });
     }
     // SAFETY: pidfd_open on our own unreaped child.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -188,23 +282,24 @@ pub fn spawn(spec: &Spawn<'_>) -> io::Result<Process> {
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the parent's `ChildArgs`, alive while the parent waits for the exec.
     let a = unsafe { &*(arg as *const ChildArgs) };
-    let fail = |report: RawFd| -> ! {
-        // SAFETY: errno of this thread, a write to our report pipe, then _exit.
+    let fail = |step: i32| -> ! {
+        // SAFETY: errno of this thread into the parent's memory (shared until exec), then _exit.
         unsafe {
-            let code = (*libc::__errno_location()).to_ne_bytes();
-            libc::write(report, code.as_ptr().cast(), 4);
+            a.errno.store(*libc::__errno_location(), Ordering::SeqCst);
+            a.failed_step.store(step, Ordering::SeqCst);
             libc::_exit(127)
         }
     };
     // SAFETY: raw system calls on the child's own state; see the module docs.
     unsafe {
-        // Every signal to its default: handlers inherited from the worker would run on its
-        // memory, and a job starts clean (the worker ignores SIGPIPE, as Rust programs do).
-        // A raw rt_sigaction: glibc's wrapper refuses its own internal signals. An all-zero
-        // kernel sigaction is SIG_DFL with no flags and an empty mask on every architecture.
+        // Every handled or ignored signal to its default: handlers inherited from the worker
+        // would run on its memory, and a job starts clean (the worker ignores SIGPIPE, as Rust
+        // programs do). A raw rt_sigaction: glibc's wrapper refuses its own internal signals.
+        // An all-zero kernel sigaction is SIG_DFL with no flags and an empty mask on every
+        // architecture.
         let default_action = [0u64; 4];
         for sig in 1..=64 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            if a.reset & (1u64 << (sig - 1)) != 0 {
                 libc::syscall(
                     libc::SYS_rt_sigaction,
                     sig,
@@ -215,24 +310,26 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             }
         }
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-            fail(a.report);
+            fail(STEP_SETUP);
         }
         // The worker died before the prctl: the signal will never come.
         if libc::getppid() != a.parent {
             *libc::__errno_location() = libc::ESRCH;
-            fail(a.report);
+            fail(STEP_SETUP);
         }
         if libc::setpgid(0, 0) != 0
             || libc::dup2(a.stdin, 0) < 0
             || libc::dup2(a.stdout, 1) < 0
             || libc::dup2(a.stderr, 2) < 0
-            || libc::chdir(a.cwd) != 0
         {
-            fail(a.report);
+            fail(STEP_SETUP);
+        }
+        if libc::chdir(a.cwd) != 0 {
+            fail(STEP_CHDIR);
         }
         libc::pthread_sigmask(libc::SIG_SETMASK, &a.mask, std::ptr::null_mut());
         libc::execve(a.path, a.argv, a.envp);
-        fail(a.report)
+        fail(STEP_EXEC)
     }
 }
 
@@ -246,21 +343,105 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// `execvp`'s lookup: a name with a `/` is used as is; otherwise the first executable file of
-/// that name in `PATH` (relative entries relative to `cwd`).
-fn resolve(program: &str, env: &[(OsString, OsString)], cwd: &Path) -> io::Result<PathBuf> {
-    if program.contains('/') {
-        return Ok(PathBuf::from(program));
+/// `/dev/null`, opened once (close-on-exec; the child's `dup2` onto 0 clears that).
+fn dev_null() -> io::Result<RawFd> {
+    if let Some(fd) = DEV_NULL.get() {
+        return Ok(fd.as_raw_fd());
     }
+    let file = std::fs::File::open("/dev/null")?;
+    // Two threads may open it at once: one copy stays, the other closes.
+    Ok(DEV_NULL.get_or_init(|| file.into()).as_raw_fd())
+}
+
+/// The signals the worker handles or ignores, read again when older than [`TTL`] (the worker
+/// installs its handlers at start; one installed later is seen within a second).
+fn handled_signals() -> u64 {
+    let mut cached = DISPOSITIONS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((since, set)) = *cached
+        && since.elapsed() < TTL
+    {
+        return set;
+    }
+    let mut set = 0u64;
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // The kernel's sigaction: the handler comes first (0 is SIG_DFL).
+        let mut old = [0u64; 4];
+        // SAFETY: reads signal `sig`'s disposition into a local buffer large enough for the
+        // kernel's struct.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                std::ptr::null::<libc::c_void>(),
+                old.as_mut_ptr(),
+                8usize,
+            )
+        };
+        // Unreadable: reset it anyway, as before this cache.
+        if r != 0 || old[0] != 0 {
+            set |= 1u64 << (sig - 1);
+        }
+    }
+    *cached = Some((Instant::now(), set));
+    set
+}
+
+/// `execvp`'s lookup, remembered for [`TTL`]: a name with a `/` is used as is; otherwise the
+/// first executable file of that name in `search` (relative entries relative to `cwd`). Also
+/// says whether the answer came from memory.
+fn lookup(program: &str, search: &OsStr, cwd: &Path) -> io::Result<(PathBuf, bool)> {
+    if program.contains('/') {
+        return Ok((PathBuf::from(program), false));
+    }
+    let key = (program.to_owned(), search.to_owned(), cwd.to_owned());
+    {
+        let mut lookups = LOOKUPS.lock().unwrap_or_else(PoisonError::into_inner);
+        match lookups.as_mut() {
+            Some(l) if l.since.elapsed() < TTL => {
+                if let Some(path) = l.found.get(&key) {
+                    return Ok((path.clone(), true));
+                }
+            }
+            _ => {
+                *lookups = Some(Lookups {
+                    since: Instant::now(),
+                    found: HashMap::new(),
+                });
+            }
+        }
+    }
+    let path = resolve(program, search, cwd)?;
+    let mut lookups = LOOKUPS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(l) = lookups.as_mut()
+        && l.found.len() < 1024
+    {
+        l.found.insert(key, path.clone());
+    }
+    Ok((path, false))
+}
+
+fn forget(program: &str, search: &OsStr, cwd: &Path) {
+    let key = (program.to_owned(), search.to_owned(), cwd.to_owned());
+    if let Some(l) = LOOKUPS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_mut()
+    {
+        l.found.remove(&key);
+    }
+}
+
+/// `execvp`'s lookup of a name without a `/`: the first executable file of that name in
+/// `search` (relative entries relative to `cwd`).
+fn resolve(program: &str, search: &OsStr, cwd: &Path) -> io::Result<PathBuf> {
     if program.is_empty() {
         return Err(io::Error::from_raw_os_error(libc::ENOENT));
     }
-    let path = env.iter().find(|(k, _)| k == "PATH").map_or_else(
-        || OsString::from("/usr/local/bin:/usr/bin:/bin"),
-        |(_, v)| v.clone(),
-    );
     let mut denied = false;
-    for dir in std::env::split_paths(&path) {
+    for dir in std::env::split_paths(search) {
         let dir = if dir.as_os_str().is_empty() {
             PathBuf::from(".")
         } else {

@@ -395,6 +395,42 @@ async fn the_job_sees_its_environment_and_workdir() {
 }
 
 #[tokio::test]
+async fn a_program_found_in_path_moments_ago_is_looked_up_again_once_it_is_gone() {
+    // The worker remembers where it found a program in PATH for a second; a job must not fail
+    // because the file it found there a moment ago was removed while another is further on.
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempdir();
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    for (bin, says) in [(&first, "first"), (&second, "second")] {
+        std::fs::create_dir(bin).unwrap();
+        let program = bin.join("gridq-test-which");
+        std::fs::write(&program, format!("#!/bin/sh\necho {says}\n")).unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!("{}:{}", first.display(), second.display());
+    let job = || {
+        let mut job = spec(dir.path(), &["gridq-test-which"]);
+        job.env = vec![("PATH".into(), path.clone())];
+        job
+    };
+    let done = run(job()).await;
+    assert_eq!(done.outcome.termination, Termination::Exited { code: 0 });
+    assert_eq!(done.stdout(), ["first"]);
+
+    std::fs::remove_file(first.join("gridq-test-which")).unwrap();
+    let done = run(job()).await;
+    assert_eq!(done.outcome.termination, Termination::Exited { code: 0 });
+    assert_eq!(done.stdout(), ["second"]);
+
+    std::fs::remove_file(second.join("gridq-test-which")).unwrap();
+    let err = spawn_error(job());
+    assert_eq!(
+        err.to_string(),
+        "program `gridq-test-which` not found: No such file or directory (os error 2)"
+    );
+}
+
+#[tokio::test]
 async fn a_relative_result_path_is_taken_relative_to_the_workdir() {
     let dir = tempdir();
     let mut job = sh(
