@@ -309,16 +309,12 @@ impl WorkerRow {
     }
 }
 
-const SCHEMA: &str = r"
-CREATE TABLE IF NOT EXISTS sweeps(
-    name TEXT PRIMARY KEY,
-    source TEXT NOT NULL,
-    yaml TEXT NOT NULL,
-    spec_json TEXT NOT NULL,
-    canceled INTEGER NOT NULL DEFAULT 0,
-    created_ms INTEGER NOT NULL,
-    updated_ms INTEGER NOT NULL
-);
+/// The jobs, in the order they were stored (a rowid table), found by sweep and id through
+/// `jobs_key`. A sweep's jobs are stored, published, claimed and finished roughly in expansion
+/// order, so each of those writes lands on the pages the jobs just before it wrote, instead of
+/// a random page per job (the job id is a hash): stores made when the table was keyed by
+/// sweep and id are rebuilt once ([`rekey_jobs`]).
+const JOBS_TABLE: &str = r"
 CREATE TABLE IF NOT EXISTS jobs(
     sweep TEXT NOT NULL,
     id TEXT NOT NULL,
@@ -338,9 +334,24 @@ CREATE TABLE IF NOT EXISTS jobs(
     signal INTEGER,
     reason TEXT,
     retry_at_ms INTEGER,
-    updated_ms INTEGER NOT NULL,
-    PRIMARY KEY(sweep, id)
-) WITHOUT ROWID;
+    updated_ms INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_key ON jobs(sweep, id);
+";
+
+/// The columns of the jobs table, in order.
+const JOBS_COLUMNS: &str = "sweep, id, idx, argv_json, params_json, env_json, state, attempt, failures, lost, worker, host, started_ms, finished_ms, exit_code, signal, reason, retry_at_ms, updated_ms";
+
+const SCHEMA: &str = r"
+CREATE TABLE IF NOT EXISTS sweeps(
+    name TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    yaml TEXT NOT NULL,
+    spec_json TEXT NOT NULL,
+    canceled INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
 -- The state indexes end in the expansion order: jobs change state roughly in that order, so
 -- each change removes an entry near the head of its old state's run and appends one to its new
 -- state's, on pages that the jobs just before it touched, instead of two random pages per
@@ -482,6 +493,37 @@ fn open_connection(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Rebuilds a jobs table of the older layout (`WITHOUT ROWID`, keyed by sweep and id) as
+/// [`JOBS_TABLE`], rows in expansion order, in one transaction. Its indexes and triggers go
+/// with the old table; [`SCHEMA`] creates them again. Rows are copied as they are, so the
+/// counts the triggers keep stay right.
+fn rekey_jobs(conn: &mut Connection) -> Result<()> {
+    let sql: Option<String> = conn
+        .query_row(
+            "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'jobs'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if !sql.is_some_and(|sql| sql.contains("WITHOUT ROWID")) {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    tx.execute_batch(
+        "DROP TRIGGER IF EXISTS jobs_count_insert;
+         DROP TRIGGER IF EXISTS jobs_count_update;
+         DROP TRIGGER IF EXISTS jobs_count_delete;
+         ALTER TABLE jobs RENAME TO jobs_keyed_by_id;",
+    )?;
+    tx.execute_batch(JOBS_TABLE)?;
+    tx.execute_batch(&format!(
+        "INSERT INTO jobs({JOBS_COLUMNS}) SELECT {JOBS_COLUMNS} FROM jobs_keyed_by_id ORDER BY sweep, idx;
+         DROP TABLE jobs_keyed_by_id;"
+    ))?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// The writing side of the store.
 #[derive(Debug)]
 pub struct Store {
@@ -550,7 +592,9 @@ impl Store {
     /// # Errors
     /// When the file cannot be opened or the schema cannot be created.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = open_connection(path)?;
+        let mut conn = open_connection(path)?;
+        rekey_jobs(&mut conn)?;
+        conn.execute_batch(JOBS_TABLE)?;
         conn.execute_batch(SCHEMA)?;
         let store = Self { conn };
         store.refresh_statistics()?;
@@ -1985,6 +2029,23 @@ mod tests {
         }
     }
 
+    fn finished(worker: &WorkerId, attempt: AttemptRef, outcome: Outcome) -> Finished {
+        Finished {
+            worker: worker.clone(),
+            host: "h".into(),
+            attempt,
+            outcome,
+            exit_code: Some(i32::from(outcome != Outcome::Succeeded)),
+            signal: None,
+            started_ms: 2,
+            finished_ms: 3,
+            result: None,
+            reason: None,
+            gpus: vec![],
+            lines: 0,
+        }
+    }
+
     /// The trigger-maintained counts always equal a GROUP BY over the jobs.
     fn check_counts(store: &Store, sweep: &SweepId) {
         let mut direct = std::collections::BTreeMap::new();
@@ -2138,6 +2199,147 @@ mod tests {
 
     /// Retention deletes finished sweeps older than the cutoff, everything of them, and
     /// nothing of a sweep still running or touched since.
+    #[test]
+    fn a_store_with_jobs_keyed_by_id_is_rebuilt_in_expansion_order_and_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let sweep = SweepId::new("s").unwrap();
+        let a = |i: u8| AttemptRef {
+            sweep: sweep.clone(),
+            job: JobId::from_bytes([i; 16]),
+            attempt: 1,
+        };
+        let w = WorkerId::new("w").unwrap();
+        let mut store = Store::open(&path).unwrap();
+        // Expansion order differs from id order: job 5 first.
+        store
+            .transaction(|tx| tx.submit(&record("s"), [5, 1, 3, 0, 2, 4].map(job), false, 1))
+            .unwrap();
+        store
+            .transaction(|tx| {
+                tx.claim(&a(1), &w, "h", 2)?;
+                tx.claim(&a(3), &w, "h", 2)?;
+                tx.finish(&finished(&w, a(3), Outcome::Succeeded), 1000, 3)
+            })
+            .unwrap();
+        let rows = |store: &Store| -> Vec<String> {
+            let mut stmt = store
+                .conn
+                .prepare(&format!(
+                    "SELECT json_array({JOBS_COLUMNS}) FROM jobs ORDER BY sweep, id"
+                ))
+                .unwrap();
+            stmt.query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        let before = rows(&store);
+        let counts_before = store.read().counts(&sweep).unwrap();
+        drop(store);
+
+        // The older layout: the same rows in a table keyed by sweep and id, with the old
+        // indexes and triggers (made by opening it as it was).
+        let conn = Connection::open(&path).unwrap();
+        let old_table = JOBS_TABLE
+            .replace(
+                "updated_ms INTEGER NOT NULL\n)",
+                "updated_ms INTEGER NOT NULL,\n    PRIMARY KEY(sweep, id)\n) WITHOUT ROWID",
+            )
+            .replace(
+                "CREATE UNIQUE INDEX IF NOT EXISTS jobs_key ON jobs(sweep, id);",
+                "",
+            )
+            .replace("TABLE IF NOT EXISTS jobs(", "TABLE jobs(");
+        assert!(old_table.contains("WITHOUT ROWID"), "{old_table}");
+        conn.execute_batch(&format!(
+            "DROP TRIGGER jobs_count_insert; DROP TRIGGER jobs_count_update; DROP TRIGGER jobs_count_delete;
+             ALTER TABLE jobs RENAME TO jobs_new_layout;
+             {old_table}
+             INSERT INTO jobs({JOBS_COLUMNS}) SELECT {JOBS_COLUMNS} FROM jobs_new_layout;
+             DROP TABLE jobs_new_layout;
+             {SCHEMA}"
+        ))
+        .unwrap();
+        drop(conn);
+
+        let mut store = Store::open(&path).unwrap();
+        let sql: String = store
+            .conn
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE name = 'jobs'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(!sql.contains("WITHOUT ROWID"), "{sql}");
+        assert_eq!(rows(&store), before);
+        assert_eq!(store.read().counts(&sweep).unwrap(), counts_before);
+        // Stored in expansion order.
+        let order: Vec<i64> = store
+            .conn
+            .prepare("SELECT idx FROM jobs ORDER BY rowid")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(order, [0, 1, 2, 3, 4, 5]);
+        // Its indexes and triggers are back, and the store works on.
+        let mut names: Vec<String> = store
+            .conn
+            .prepare("SELECT name FROM sqlite_schema WHERE tbl_name = 'jobs' AND type IN ('index', 'trigger') ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        names.retain(|n| !n.starts_with("sqlite_autoindex"));
+        assert_eq!(
+            names,
+            [
+                "jobs_by_id",
+                "jobs_by_sweep_idx",
+                "jobs_by_worker",
+                "jobs_count_delete",
+                "jobs_count_insert",
+                "jobs_count_update",
+                "jobs_duration",
+                "jobs_finished",
+                "jobs_key",
+                "jobs_state_order",
+                "jobs_sweep_state_order"
+            ]
+        );
+        store
+            .transaction(|tx| tx.finish(&finished(&w, a(1), Outcome::Succeeded), 1000, 4))
+            .unwrap();
+        check_counts(&store, &sweep);
+        assert_eq!(
+            store.read().counts(&sweep).unwrap().get("succeeded"),
+            Some(&2)
+        );
+        let err = store
+            .conn
+            .execute(
+                "INSERT INTO jobs(sweep, id, idx, argv_json, params_json, env_json, state, attempt, updated_ms)
+                 SELECT sweep, id, 9, argv_json, params_json, env_json, state, attempt, updated_ms FROM jobs LIMIT 1",
+                [],
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("UNIQUE constraint failed"),
+            "{err}"
+        );
+        // Opening again changes nothing.
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.read().counts(&sweep).unwrap().get("succeeded"),
+            Some(&2)
+        );
+    }
+
     #[test]
     fn worker_counts_count_ended_attempts_and_failures_also_in_a_reopened_store() {
         let dir = tempfile::tempdir().unwrap();
