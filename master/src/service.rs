@@ -625,12 +625,7 @@ impl Core {
 
     async fn publish(&mut self, publish: Vec<Publish>) -> Result<(), StoreError> {
         for chunk in publish.chunks(1000) {
-            let mut batch = Vec::with_capacity(chunk.len());
-            for p in chunk {
-                if let Some(msg) = self.store.read().job_message(p)? {
-                    batch.push((p.clone(), msg));
-                }
-            }
+            let batch = self.store.read().job_messages(chunk)?;
             if self.out.send(Outbound::Jobs(batch)).await.is_err() {
                 break;
             }

@@ -10,6 +10,7 @@
 //! (granted to a worker) → `succeeded` | `failed` | `timed_out` | `canceled`; a failed attempt
 //! with retries left waits in `retrying` until its backoff ends, then is `pending` again.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -1895,46 +1896,68 @@ impl ReadView<'_> {
         spec.map(|s| parse_json(&s)).transpose()
     }
 
-    /// The message to publish for an attempt.
+    /// The messages to publish for these attempts (an attempt whose job is gone has none).
+    /// Each sweep's settings are read once per call: a submission publishes thousands of jobs
+    /// of one sweep.
     ///
     /// # Errors
     /// SQLite's.
-    pub fn job_message(&self, p: &Publish) -> Result<Option<gridq_common::wire::JobMessage>> {
-        let row: Option<(String, String, String, String)> = self
-            .conn
-            .prepare_cached(
-                "SELECT j.argv_json, j.env_json, j.params_json, s.spec_json FROM jobs j JOIN sweeps s ON s.name = j.sweep
-                 WHERE j.sweep = ?1 AND j.id = ?2",
-            )?
-            .query_row(params![p.sweep.as_str(), p.job.to_string()], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
-            .optional()?;
-        let Some((argv, env, params_json, spec)) = row else {
-            return Ok(None);
-        };
-        let spec: SweepRecord = parse_json(&spec)?;
-        let params: serde_json::Map<String, serde_json::Value> = parse_json(&params_json)?;
-        Ok(Some(gridq_common::wire::JobMessage {
-            sweep: p.sweep.clone(),
-            job: p.job,
-            attempt: p.attempt,
-            argv: parse_json(&argv)?,
-            env: parse_json(&env)?,
-            params: params
-                .into_iter()
-                .map(|(k, v)| {
-                    let text = match v {
-                        serde_json::Value::String(s) => s,
-                        other => other.to_string(),
-                    };
-                    (k, text)
+    pub fn job_messages(
+        &self,
+        publish: &[Publish],
+    ) -> Result<Vec<(Publish, gridq_common::wire::JobMessage)>> {
+        let mut specs: HashMap<&str, SweepRecord> = HashMap::new();
+        let mut job = self.conn.prepare_cached(
+            "SELECT argv_json, env_json, params_json FROM jobs WHERE sweep = ?1 AND id = ?2",
+        )?;
+        let mut out = Vec::with_capacity(publish.len());
+        for p in publish {
+            let row: Option<(String, String, String)> = job
+                .query_row(params![p.sweep.as_str(), p.job.to_string()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })
-                .collect(),
-            workdir: spec.workdir,
-            timeout_ms: spec.timeout_ms,
-            gpus: spec.gpus,
-        }))
+                .optional()?;
+            let Some((argv, env, params_json)) = row else {
+                continue;
+            };
+            let spec = match specs.entry(p.sweep.as_str()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let json: Option<String> = self
+                        .conn
+                        .prepare_cached("SELECT spec_json FROM sweeps WHERE name = ?1")?
+                        .query_row(params![p.sweep.as_str()], |r| r.get(0))
+                        .optional()?;
+                    let Some(json) = json else {
+                        continue;
+                    };
+                    e.insert(parse_json(&json)?)
+                }
+            };
+            let params: serde_json::Map<String, serde_json::Value> = parse_json(&params_json)?;
+            let message = gridq_common::wire::JobMessage {
+                sweep: p.sweep.clone(),
+                job: p.job,
+                attempt: p.attempt,
+                argv: parse_json(&argv)?,
+                env: parse_json(&env)?,
+                params: params
+                    .into_iter()
+                    .map(|(k, v)| {
+                        let text = match v {
+                            serde_json::Value::String(s) => s,
+                            other => other.to_string(),
+                        };
+                        (k, text)
+                    })
+                    .collect(),
+                workdir: spec.workdir.clone(),
+                timeout_ms: spec.timeout_ms,
+                gpus: spec.gpus,
+            };
+            out.push((p.clone(), message));
+        }
+        Ok(out)
     }
 
     /// Workers, most recently seen first.
@@ -2199,6 +2222,76 @@ mod tests {
 
     /// Retention deletes finished sweeps older than the cutoff, everything of them, and
     /// nothing of a sweep still running or touched since.
+    #[test]
+    fn job_messages_carry_each_sweeps_settings_and_skip_unknown_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("db")).unwrap();
+        let mut fast = record("fast");
+        fast.timeout_ms = Some(5_000);
+        fast.workdir = Some("exp/a".into());
+        let mut gpu = record("gpu");
+        gpu.gpus = 2;
+        let mut with_env = job(7);
+        with_env.argv = vec!["python".into(), "train.py".into(), "--x=7".into()];
+        with_env.env = vec![("SEED".into(), "1".into())];
+        with_env.params_json = r#"{"x":7,"name":"a b"}"#.into();
+        let (_, mut publish) = store
+            .transaction(|tx| tx.submit(&fast, [with_env, job(1)], false, 1))
+            .unwrap();
+        let (_, more) = store
+            .transaction(|tx| tx.submit(&gpu, [job(2)], false, 1))
+            .unwrap();
+        publish.extend(more);
+        publish.insert(
+            1,
+            Publish {
+                sweep: SweepId::new("fast").unwrap(),
+                job: JobId::from_bytes([9; 16]),
+                attempt: 1,
+                queue: "default".into(),
+            },
+        );
+        let messages = store.read().job_messages(&publish).unwrap();
+        let jobs: Vec<(String, JobId)> = messages
+            .iter()
+            .map(|(p, m)| {
+                assert_eq!(
+                    (p.sweep.clone(), p.job, p.attempt),
+                    (m.sweep.clone(), m.job, m.attempt)
+                );
+                (m.sweep.to_string(), m.job)
+            })
+            .collect();
+        let id = |i: u8| JobId::from_bytes([i; 16]);
+        assert_eq!(
+            jobs,
+            [
+                ("fast".into(), id(7)),
+                ("fast".into(), id(1)),
+                ("gpu".into(), id(2))
+            ]
+        );
+        let first = &messages[0].1;
+        assert_eq!(first.argv, ["python", "train.py", "--x=7"]);
+        assert_eq!(first.env, [("SEED".to_owned(), "1".to_owned())]);
+        assert_eq!(
+            first.params,
+            [
+                ("name".to_owned(), "a b".to_owned()),
+                ("x".to_owned(), "7".to_owned())
+            ]
+        );
+        assert_eq!(
+            (first.workdir.as_deref(), first.timeout_ms, first.gpus),
+            (Some("exp/a"), Some(5_000), 0)
+        );
+        let last = &messages[2].1;
+        assert_eq!(
+            (last.workdir.as_deref(), last.timeout_ms, last.gpus),
+            (None, None, 2)
+        );
+    }
+
     #[test]
     fn a_store_with_jobs_keyed_by_id_is_rebuilt_in_expansion_order_and_keeps_everything() {
         let dir = tempfile::tempdir().unwrap();
