@@ -942,17 +942,17 @@ impl Tx<'_> {
         now_ms: u64,
     ) -> Result<FinishEffect> {
         let a = &f.attempt;
-        let row: Option<(String, u32, u32, Option<String>, String)> = self
+        let row: Option<(String, u32, u32, Option<String>)> = self
             .tx
             .prepare_cached(
-                "SELECT j.state, j.attempt, j.failures, j.worker, s.spec_json FROM jobs j JOIN sweeps s ON s.name = j.sweep
+                "SELECT j.state, j.attempt, j.failures, j.worker FROM jobs j JOIN sweeps s ON s.name = j.sweep
                  WHERE j.sweep = ?1 AND j.id = ?2",
             )?
             .query_row(params![a.sweep.as_str(), a.job.to_string()], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
             .optional()?;
-        let Some((state, attempt, failures, holder, spec)) = row else {
+        let Some((state, attempt, failures, holder)) = row else {
             self.duplicate(f, now_ms)?;
             return Ok(FinishEffect::Duplicate);
         };
@@ -964,7 +964,15 @@ impl Tx<'_> {
             self.duplicate(f, now_ms)?;
             return Ok(FinishEffect::Duplicate);
         }
-        let spec: SweepRecord = parse_json(&spec)?;
+        // The sweep's settings (queue, retries) only where the outcome needs them: not for a
+        // success, the common case (they hold the sweep's whole YAML).
+        let spec = || -> Result<SweepRecord> {
+            let json: String = self
+                .tx
+                .prepare_cached("SELECT spec_json FROM sweeps WHERE name = ?1")?
+                .query_row(params![a.sweep.as_str()], |r| r.get(0))?;
+            parse_json(&json)
+        };
         let result_json = f
             .result
             .as_ref()
@@ -978,7 +986,7 @@ impl Tx<'_> {
                     sweep: a.sweep.clone(),
                     job: a.job,
                     attempt: attempt + 1,
-                    queue: spec.queue.clone(),
+                    queue: spec()?.queue,
                 }),
             ),
             Outcome::Failed | Outcome::TimedOut | Outcome::SpawnFailed => {
@@ -987,7 +995,7 @@ impl Tx<'_> {
                 } else {
                     "failed"
                 };
-                if failures < spec.retries && f.outcome != Outcome::SpawnFailed {
+                if f.outcome != Outcome::SpawnFailed && failures < spec()?.retries {
                     // Exponential backoff: 1 s, 2 s, 4 s, ... capped.
                     let backoff = 1000u64
                         .saturating_mul(1 << failures.min(20))
