@@ -509,6 +509,7 @@ fn rekey_jobs(conn: &mut Connection) -> Result<()> {
     if !sql.is_some_and(|sql| sql.contains("WITHOUT ROWID")) {
         return Ok(());
     }
+    let started = std::time::Instant::now();
     let tx = conn.transaction()?;
     tx.execute_batch(
         "DROP TRIGGER IF EXISTS jobs_count_insert;
@@ -521,7 +522,13 @@ fn rekey_jobs(conn: &mut Connection) -> Result<()> {
         "INSERT INTO jobs({JOBS_COLUMNS}) SELECT {JOBS_COLUMNS} FROM jobs_keyed_by_id ORDER BY sweep, idx;
          DROP TABLE jobs_keyed_by_id;"
     ))?;
+    let jobs: i64 = tx.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))?;
     tx.commit()?;
+    tracing::info!(
+        jobs,
+        took_ms = started.elapsed().as_millis(),
+        "rebuilt the jobs table in expansion order (a store made by an older gridq)"
+    );
     Ok(())
 }
 
