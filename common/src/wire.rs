@@ -250,11 +250,15 @@ pub struct Stopped {
 pub enum ToWorker {
     /// The answers to claims.
     Verdicts { verdicts: Vec<Verdict> },
-    /// Kill this running attempt.
+    /// Kill this running attempt (sent by older masters; read for a rolling update).
     Cancel {
         #[serde(flatten)]
         attempt: AttemptRef,
     },
+    /// Kill these attempts where they run, and drop those held but not started. A cancel's
+    /// attempts on one worker come in one message, so the worker applies them all before a
+    /// slot that killing one of them frees can start another.
+    Cancels { attempts: Vec<AttemptRef> },
     /// Stop taking jobs and exit once the running ones are done.
     Drain,
 }
@@ -300,10 +304,11 @@ impl Kind for ToWorker {
         match self {
             Self::Verdicts { .. } => "verdicts",
             Self::Cancel { .. } => "cancel",
+            Self::Cancels { .. } => "cancels",
             Self::Drain => "drain",
         }
     }
-    const KINDS: &'static [&'static str] = &["verdicts", "cancel", "drain"];
+    const KINDS: &'static [&'static str] = &["verdicts", "cancel", "cancels", "drain"];
 }
 
 /// Why a message was refused. Never worth retrying: the message is dead-lettered.
@@ -476,6 +481,30 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "invalid `drain` body: the body is a `verdicts` message"
+        );
+    }
+
+    #[test]
+    fn cancels_carry_every_attempt_and_the_single_cancel_still_decodes() {
+        let other = AttemptRef {
+            attempt: 2,
+            ..attempt()
+        };
+        let enc = encode(&ToWorker::Cancels {
+            attempts: vec![attempt(), other.clone()],
+        });
+        assert_eq!(kind_of(&enc.properties).unwrap(), "cancels");
+        assert_eq!(
+            decode::<ToWorker>(&enc.properties, &enc.body).unwrap(),
+            ToWorker::Cancels {
+                attempts: vec![attempt(), other]
+            }
+        );
+        // What an older master sends.
+        let single = encode(&ToWorker::Cancel { attempt: attempt() });
+        assert_eq!(
+            decode::<ToWorker>(&single.properties, &single.body).unwrap(),
+            ToWorker::Cancel { attempt: attempt() }
         );
     }
 

@@ -777,6 +777,26 @@ fn host_of(worker: &WorkerId) -> String {
         .to_owned()
 }
 
+/// One `cancels` message per worker with all of its leased attempts: sent one by one, the first
+/// kill could free a slot that the worker filled with the next held job before its cancel came.
+fn cancel_on_workers(effects: &mut Effects, leased: Vec<(String, AttemptRef)>) {
+    let mut by_worker: Vec<(WorkerId, Vec<AttemptRef>)> = Vec::new();
+    for (worker, attempt) in leased {
+        let Ok(w) = WorkerId::new(worker) else {
+            continue;
+        };
+        match by_worker.iter_mut().find(|(id, _)| *id == w) {
+            Some((_, attempts)) => attempts.push(attempt),
+            None => by_worker.push((w, vec![attempt])),
+        }
+    }
+    for (w, attempts) in by_worker {
+        effects
+            .control
+            .push((topology::worker_queue(&w), ToWorker::Cancels { attempts }));
+    }
+}
+
 fn handle_command(
     tx: &crate::store::Tx<'_>,
     cmd: Command,
@@ -811,13 +831,7 @@ fn handle_command(
                 return Ok(());
             }
             let (n, running) = tx.cancel_sweep(&sweep, now)?;
-            for (worker, attempt) in running {
-                if let Ok(w) = WorkerId::new(worker) {
-                    effects
-                        .control
-                        .push((topology::worker_queue(&w), ToWorker::Cancel { attempt }));
-                }
-            }
+            cancel_on_workers(effects, running);
             effects.changed = true;
             effects.replies.push(Box::new(move || {
                 let _ = reply.send(Ok(n));
@@ -826,13 +840,7 @@ fn handle_command(
         Command::CancelJob { sweep, job, reply } => {
             let outcome = tx.cancel_job(&sweep, &job, now)?;
             let changed = outcome.is_some();
-            for (worker, attempt) in outcome.unwrap_or_default() {
-                if let Ok(w) = WorkerId::new(worker) {
-                    effects
-                        .control
-                        .push((topology::worker_queue(&w), ToWorker::Cancel { attempt }));
-                }
-            }
+            cancel_on_workers(effects, outcome.unwrap_or_default());
             effects.changed |= changed;
             effects.replies.push(Box::new(move || {
                 let _ = reply.send(Ok(changed));

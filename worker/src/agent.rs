@@ -341,6 +341,13 @@ fn dispatch(shared: &Shared, msg: ToWorker) {
         ToWorker::Cancel { attempt } => {
             let _ = shared.feed.send(Feed::Cancel(attempt));
         }
+        // All into the feed at once: the feeder applies them before the end of a job killed by
+        // one of them (which comes after them in the same feed) frees its slot.
+        ToWorker::Cancels { attempts } => {
+            for attempt in attempts {
+                let _ = shared.feed.send(Feed::Cancel(attempt));
+            }
+        }
         ToWorker::Drain => {
             info!("the master asked this worker to drain");
             let _ = shared.draining.send(true);
