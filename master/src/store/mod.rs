@@ -974,11 +974,9 @@ impl Tx<'_> {
         // The sweep's settings (queue, retries) only where the outcome needs them: not for a
         // success, the common case (they hold the sweep's whole YAML).
         let spec = || -> Result<SweepRecord> {
-            let json: String = self
-                .tx
-                .prepare_cached("SELECT spec_json FROM sweeps WHERE name = ?1")?
-                .query_row(params![a.sweep.as_str()], |r| r.get(0))?;
-            parse_json(&json)
+            self.view().sweep_record(&a.sweep)?.ok_or_else(|| {
+                StoreError::Corrupt(format!("sweep {} is gone under its job", a.sweep))
+            })
         };
         let result_json = f
             .result
@@ -1902,11 +1900,8 @@ impl ReadView<'_> {
     pub fn sweep_record(&self, name: &SweepId) -> Result<Option<SweepRecord>> {
         let spec: Option<String> = self
             .conn
-            .query_row(
-                "SELECT spec_json FROM sweeps WHERE name = ?1",
-                [name.as_str()],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT spec_json FROM sweeps WHERE name = ?1")?
+            .query_row([name.as_str()], |r| r.get(0))
             .optional()?;
         spec.map(|s| parse_json(&s)).transpose()
     }
@@ -1938,15 +1933,10 @@ impl ReadView<'_> {
             let spec = match specs.entry(p.sweep.as_str()) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
-                    let json: Option<String> = self
-                        .conn
-                        .prepare_cached("SELECT spec_json FROM sweeps WHERE name = ?1")?
-                        .query_row(params![p.sweep.as_str()], |r| r.get(0))
-                        .optional()?;
-                    let Some(json) = json else {
+                    let Some(spec) = self.sweep_record(&p.sweep)? else {
                         continue;
                     };
-                    e.insert(parse_json(&json)?)
+                    e.insert(spec)
                 }
             };
             let params: serde_json::Map<String, serde_json::Value> = parse_json(&params_json)?;
@@ -2465,20 +2455,7 @@ mod tests {
             job: JobId::from_bytes([i; 16]),
             attempt: 1,
         };
-        let report = |worker: &WorkerId, i: u8, outcome: Outcome| Finished {
-            worker: worker.clone(),
-            host: "h".into(),
-            attempt: a(i),
-            outcome,
-            exit_code: Some(i32::from(outcome != Outcome::Succeeded)),
-            signal: None,
-            started_ms: 2,
-            finished_ms: 3,
-            result: None,
-            reason: None,
-            gpus: vec![],
-            lines: 0,
-        };
+        let report = |worker: &WorkerId, i: u8, outcome: Outcome| finished(worker, a(i), outcome);
         store
             .transaction(|tx| {
                 for i in 0..5 {
