@@ -60,6 +60,18 @@ async fn wait_pid(path: &Path) -> i32 {
     .await
 }
 
+/// Waits for a job to leave a file behind.
+async fn wait_file(what: &str, path: &Path) {
+    wait_until(what, MINUTE, || {
+        if path.exists() {
+            Ok(())
+        } else {
+            Err(format!("no {}", path.display()))
+        }
+    })
+    .await;
+}
+
 async fn wait_gone(pid: i32, limit: Duration) {
     wait_until(&format!("process {pid} to be gone"), limit, || {
         if alive(pid) {
@@ -469,14 +481,7 @@ async fn a_master_restart_mid_sweep_loses_no_result_and_keeps_history() {
         .clone();
     // Its worker finishes it while no master listens: the report waits on the broker.
     let marker = c.project.join(format!("done-{}", param_x(&running)));
-    wait_until("a job running at stop time to finish", MINUTE, || {
-        if marker.exists() {
-            Ok(())
-        } else {
-            Err(format!("no {}", marker.display()))
-        }
-    })
-    .await;
+    wait_file("a job running at stop time to finish", &marker).await;
     c.start_master().await;
     let jobs = c.wait_done("mrestart", MINUTE).await;
     assert_eq!(jobs.len(), 20);
@@ -537,14 +542,7 @@ async fn a_step_whose_transaction_fails_gives_its_events_back_and_loses_nothing(
     .expect("trigger");
     for x in [1, 2] {
         let marker = c.project.join(format!("done-{x}"));
-        wait_until("the jobs to finish", MINUTE, || {
-            if marker.exists() {
-                Ok(())
-            } else {
-                Err(format!("no {}", marker.display()))
-            }
-        })
-        .await;
+        wait_file("the jobs to finish", &marker).await;
     }
     // The failed steps gave their events back: the broker delivers them again.
     let deadline = Instant::now() + MINUTE;
@@ -1040,14 +1038,7 @@ async fn sigterm_lets_the_running_job_finish_then_the_worker_stops_cleanly() {
     c.wait_state("stopfinish", job, JobState::Running, MINUTE)
         .await;
     let started = c.project.join("started");
-    wait_until("the job to start", MINUTE, || {
-        if started.exists() {
-            Ok(())
-        } else {
-            Err("not started".to_owned())
-        }
-    })
-    .await;
+    wait_file("the job to start", &started).await;
     c.workers[0].signal(Signal::SIGTERM);
     let status = c.workers[0].wait_exit(Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(0), "{}", c.workers[0].log_text());
