@@ -72,6 +72,38 @@ async fn every_job_runs_once_with_its_argv_and_environment() {
     c.shutdown().await;
 }
 
+/// Jobs go onto the queue in expansion order, so one slot starts them in that order: the master
+/// publishes a batch of job messages all at once, and their order must survive it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slot_runs_a_queued_sweep_in_expansion_order() {
+    let mut c = Cluster::new("order").await;
+    let summary = c
+        .submit(
+            "name: order\ncommand: [sh, -c, 'echo $GRIDQ_PARAM_I >> order.txt']\nparameters:\n  i: {range: [0, 300]}\n",
+        )
+        .await;
+    assert_eq!(summary.added, 300);
+    wait_until("all 300 jobs queued", MINUTE, || {
+        let counts = c.counts("order");
+        if counts.get("queued") == Some(&300) {
+            Ok(())
+        } else {
+            Err(format!("{counts:?}"))
+        }
+    })
+    .await;
+    c.spawn_worker(&["--slots", "1"]);
+    let jobs = c.wait_done("order", MINUTE).await;
+    assert!(
+        jobs.iter()
+            .all(|j| j.state == JobState::Succeeded && j.attempt == 1)
+    );
+    let ran = std::fs::read_to_string(c.project.join("order.txt")).expect("order.txt");
+    let expected: Vec<String> = (0..300).map(|i| i.to_string()).collect();
+    assert_eq!(ran.lines().collect::<Vec<_>>(), expected);
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_values_reach_the_program_byte_for_byte() {
     let mut c = Cluster::new("hostile").await;

@@ -284,21 +284,27 @@ async fn publish_jobs(
     channel: &Channel,
     batch: Vec<(Publish, JobMessage)>,
 ) -> Result<Vec<lapin::PublisherConfirm>, lapin::Error> {
-    let mut confirms = Vec::with_capacity(batch.len());
-    for (p, message) in batch {
-        let enc = wire::encode(&message);
-        let queue = topology::jobs_queue(&p.queue);
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &enc.body,
-                enc.properties,
-            )
-            .await?;
-        confirms.push(confirm);
-    }
+    let mut encoded: Vec<(String, wire::Encoded)> = batch
+        .into_iter()
+        .map(|(p, message)| (topology::jobs_queue(&p.queue), wire::encode(&message)))
+        .collect();
+    // All at once: each publish waits until lapin's I/O thread has written its frames, so one
+    // after another cost a thread round trip and a socket write per job. Polled together (in
+    // order, so delivery tags and the queue keep the batch's order), the I/O thread writes
+    // many frames per wake-up.
+    let sent = futures_util::future::join_all(encoded.iter_mut().map(|(queue, enc)| {
+        let properties = std::mem::take(&mut enc.properties);
+        let (queue, enc): (&String, &wire::Encoded) = (queue, enc);
+        channel.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &enc.body,
+            properties,
+        )
+    }))
+    .await;
+    let confirms = sent.into_iter().collect::<Result<Vec<_>, _>>()?;
     debug!(n = confirms.len(), "published job messages");
     Ok(confirms)
 }
