@@ -651,27 +651,38 @@ impl Store {
     /// # Errors
     /// SQLite's.
     pub fn pending(&self) -> Result<Vec<Publish>> {
+        // Each sweep's queue is read once: its stored spec (the whole YAML with it) was copied
+        // and parsed for every pending job.
         let mut stmt = self.conn.prepare(
-            "SELECT j.sweep, j.id, j.attempt, s.spec_json FROM jobs j JOIN sweeps s ON s.name = j.sweep
-             WHERE j.state = 'pending' ORDER BY j.sweep, j.idx",
+            "SELECT sweep, id, attempt FROM jobs WHERE state = 'pending' ORDER BY sweep, idx",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, u32>(2)?,
-                r.get::<_, String>(3)?,
             ))
         })?;
+        let mut queues: HashMap<String, Option<String>> = HashMap::new();
         let mut out = Vec::new();
         for row in rows {
-            let (sweep, id, attempt, spec) = row?;
-            let spec: SweepRecord = parse_json(&spec)?;
+            let (sweep, id, attempt) = row?;
+            let sweep = parse_sweep(&sweep)?;
+            let queue = match queues.get(sweep.as_str()) {
+                Some(queue) => queue.clone(),
+                None => {
+                    let queue = self.read().sweep_record(&sweep)?.map(|r| r.queue);
+                    queues.insert(sweep.as_str().to_owned(), queue.clone());
+                    queue
+                }
+            };
+            // A job row always has its sweep (the sweep goes with its jobs).
+            let Some(queue) = queue else { continue };
             out.push(Publish {
-                sweep: parse_sweep(&sweep)?,
+                sweep,
                 job: parse_id(&id)?,
                 attempt,
-                queue: spec.queue,
+                queue,
             });
         }
         Ok(out)
@@ -2617,5 +2628,37 @@ mod tests {
             store.read().metric_names(&id).unwrap(),
             vec!["loss".to_owned()]
         );
+    }
+
+    #[test]
+    fn pending_lists_unconfirmed_attempts_with_their_sweeps_queue_in_expansion_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("db")).unwrap();
+        let mut gpu = record("gpu");
+        gpu.queue = "gpu".into();
+        let (_, a) = store
+            .transaction(|tx| tx.submit(&record("cpu"), (1..=3).map(job), false, 1))
+            .unwrap();
+        let (_, b) = store
+            .transaction(|tx| tx.submit(&gpu, [job(5), job(4)], false, 1))
+            .unwrap();
+        // The second job of `cpu` is confirmed on the broker: no longer pending.
+        store.transaction(|tx| tx.confirmed(&a[1..2], 2)).unwrap();
+        let listed: Vec<(String, u8, u32, String)> = store
+            .pending()
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.sweep.to_string(), p.job.as_bytes()[0], p.attempt, p.queue))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("cpu".into(), 1, 1, "default".into()),
+                ("cpu".into(), 3, 1, "default".into()),
+                ("gpu".into(), 4, 1, "gpu".into()),
+                ("gpu".into(), 5, 1, "gpu".into()),
+            ]
+        );
+        assert_eq!(b.len(), 2);
     }
 }
