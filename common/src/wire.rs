@@ -6,7 +6,8 @@
 //! (and dead-lettered by the caller) instead of being half-understood. Fields added later carry
 //! `#[serde(default)]`, so an older body still decodes.
 //!
-//! - [`JobMessage`]: master → workers, on a job queue (kind `job`).
+//! - [`JobMessage`]: master → workers, on a job queue (kind `job`); [`JobBatch`]: several of
+//!   them in one message (kind `jobs`). [`decode_jobs`] reads either.
 //! - [`FromWorker`]: workers → master, on the events queue (kinds `claim`, `output`,
 //!   `finished`, `release`, `heartbeat`, `stopped`).
 //! - [`ToWorker`]: master → one worker, on that worker's own queue (kinds `verdicts`,
@@ -55,6 +56,17 @@ pub struct JobMessage {
     pub timeout_ms: Option<u64>,
     #[serde(default)]
     pub gpus: u32,
+}
+
+/// Several job attempts in one message. Master → workers, on a job queue (kind `jobs`).
+///
+/// A worker claims and runs each attempt on its own, exactly as if it had come alone, and acks
+/// the message once every attempt in it has started, been denied or been given back. The
+/// broker's work is per message, not per byte (a quorum queue enqueues, delivers and settles
+/// each message through its Raft log), so a batch costs it about what one job does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobBatch {
+    pub jobs: Vec<JobMessage>,
 }
 
 /// A reference to one attempt of one job.
@@ -278,6 +290,13 @@ impl Kind for JobMessage {
     const KINDS: &'static [&'static str] = &["job"];
 }
 
+impl Kind for JobBatch {
+    fn kind(&self) -> &'static str {
+        "jobs"
+    }
+    const KINDS: &'static [&'static str] = &["jobs"];
+}
+
 impl Kind for FromWorker {
     fn kind(&self) -> &'static str {
         match self {
@@ -409,6 +428,31 @@ pub fn decode<T: DeserializeOwned + Kind>(
     Ok(message)
 }
 
+/// Decodes a message of a job queue, `job` or `jobs`, into the attempts it carries (at least
+/// one).
+pub fn decode_jobs(
+    properties: &BasicProperties,
+    body: &[u8],
+) -> Result<Vec<JobMessage>, DecodeError> {
+    match kind_of(properties)?.as_str() {
+        "job" => decode::<JobMessage>(properties, body).map(|job| vec![job]),
+        "jobs" => {
+            let batch = decode::<JobBatch>(properties, body)?;
+            if batch.jobs.is_empty() {
+                return Err(DecodeError::Body {
+                    kind: "jobs".into(),
+                    message: "the batch carries no jobs".into(),
+                });
+            }
+            Ok(batch.jobs)
+        }
+        other => Err(DecodeError::UnexpectedKind {
+            found: other.chars().take(64).collect(),
+            expected: "job, jobs".into(),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,5 +569,49 @@ mod tests {
         let job: JobMessage = decode(&enc.properties, body).unwrap();
         assert_eq!(job.argv, ["true"]);
         assert_eq!(job.timeout_ms, None);
+    }
+
+    fn job(n: u8) -> JobMessage {
+        JobMessage {
+            sweep: SweepId::new("s").unwrap(),
+            job: JobId::from_bytes([n; 16]),
+            attempt: 1,
+            argv: vec!["true".into(), format!("--n={n}")],
+            env: vec![],
+            params: vec![("n".into(), n.to_string())],
+            workdir: None,
+            timeout_ms: None,
+            gpus: 0,
+        }
+    }
+
+    #[test]
+    fn a_job_queue_message_carries_one_job_or_a_batch_and_nothing_else() {
+        let one = encode(&job(1));
+        assert_eq!(decode_jobs(&one.properties, &one.body).unwrap(), [job(1)]);
+        let batch = encode(&JobBatch {
+            jobs: vec![job(1), job(2), job(3)],
+        });
+        assert_eq!(kind_of(&batch.properties).unwrap(), "jobs");
+        assert_eq!(
+            decode_jobs(&batch.properties, &batch.body).unwrap(),
+            [job(1), job(2), job(3)]
+        );
+        let empty = encode(&JobBatch { jobs: vec![] });
+        assert_eq!(
+            decode_jobs(&empty.properties, &empty.body)
+                .unwrap_err()
+                .to_string(),
+            "invalid `jobs` body: the batch carries no jobs"
+        );
+        let other = encode(&ToWorker::Drain);
+        assert_eq!(
+            decode_jobs(&other.properties, &other.body)
+                .unwrap_err()
+                .to_string(),
+            "unexpected message kind `drain` (expected one of: job, jobs)"
+        );
+        // A batch body under the single job's kind is refused, not half-read.
+        assert!(decode_jobs(&one.properties, &batch.body).is_err());
     }
 }

@@ -104,6 +104,125 @@ async fn one_slot_runs_a_queued_sweep_in_expansion_order() {
     c.shutdown().await;
 }
 
+/// A message that carries several jobs (kind `jobs`): each job is claimed and runs once; with
+/// long jobs, those no free slot takes are given back and run later; the message is acked once
+/// every job in it has started or gone back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_of_several_jobs_runs_each_of_them_once_and_is_acked() {
+    use gridq_common::topology;
+    use gridq_common::wire::{self, JobBatch};
+    use lapin::options::{
+        BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    };
+
+    let mut c = Cluster::new("batch").await;
+    c.submit(
+        "name: batch\ncommand: [sh, -c, 'echo $GRIDQ_PARAM_I >> ran.txt; sleep 0.3']\nparameters:\n  i: {range: [0, 6]}\n",
+    )
+    .await;
+    wait_until("all 6 jobs queued", MINUTE, || {
+        let counts = c.counts("batch");
+        if counts.get("queued") == Some(&6) {
+            Ok(())
+        } else {
+            Err(format!("{counts:?}"))
+        }
+    })
+    .await;
+    // The master's six messages become one: taken off the queue, published again together,
+    // and only then acked.
+    let conn = gridq_common::amqp::connect(&c.url, "gridq-test-batcher")
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    let queue = topology::jobs_queue(topology::DEFAULT_QUEUE);
+    let mut jobs = Vec::new();
+    let mut last_tag = 0;
+    let deadline = std::time::Instant::now() + MINUTE;
+    while jobs.len() < 6 {
+        assert!(std::time::Instant::now() < deadline, "got only {jobs:?}");
+        match ch
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .expect("basic.get")
+        {
+            Some(m) => {
+                jobs.extend(
+                    wire::decode_jobs(&m.delivery.properties, &m.delivery.data)
+                        .expect("a job message"),
+                );
+                last_tag = m.delivery.delivery_tag;
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let batch = wire::encode(&JobBatch { jobs });
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &batch.body,
+            batch.properties,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack());
+    ch.basic_ack(last_tag, BasicAckOptions { multiple: true })
+        .await
+        .expect("ack");
+    let _ = conn.close(200, "done".into()).await;
+
+    c.spawn_worker(&["--slots", "2"]);
+    let done = c.wait_done("batch", MINUTE).await;
+    assert_eq!(done.len(), 6);
+    for j in &done {
+        assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+        assert_eq!(j.attempt, 1, "{j:?}");
+    }
+    let mut ran: Vec<u32> = std::fs::read_to_string(c.project.join("ran.txt"))
+        .expect("ran.txt")
+        .lines()
+        .map(|l| l.parse().expect("a number"))
+        .collect();
+    ran.sort_unstable();
+    assert_eq!(ran, (0..6).collect::<Vec<_>>(), "each job runs once");
+    // Two slots took two jobs; the other four went back as the same attempts.
+    assert!(
+        c.worker_logs()
+            .contains("giving back granted jobs that have no free slot"),
+        "{}",
+        c.worker_logs()
+    );
+    // Nothing left on the queue, and the batch was acked.
+    let deadline = std::time::Instant::now() + MINUTE;
+    loop {
+        let stats = support::queue_stats(&c.url, &queue).await;
+        if stats["messages"] == 0 && stats["messages_unacknowledged"] == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job queue never emptied: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Acked, not redelivered until the broker gave up on it: no claim was ever denied and
+    // nothing was dead-lettered.
+    assert!(
+        !c.worker_logs().contains("claim denied"),
+        "{}",
+        c.worker_logs()
+    );
+    assert_eq!(c.reader().view().dead_letters(10).unwrap().len(), 0);
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_values_reach_the_program_byte_for_byte() {
     let mut c = Cluster::new("hostile").await;

@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use gridq_common::topology;
-use gridq_common::wire::{self, AttemptRef, FromWorker, JobMessage, ToWorker, Verdict};
+use gridq_common::wire::{self, AttemptRef, FromWorker, ToWorker, Verdict};
 use gridq_common::{JobId, SweepId, WorkerId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
@@ -522,8 +522,9 @@ impl Core {
                     Inbound::Dead { properties, body, .. } => {
                         let (queue, reason) = broker::dead_reason(&properties);
                         let kind = wire::kind_of(&properties).ok();
-                        if kind.as_deref() == Some("job") {
-                            if let Ok(job) = wire::decode::<JobMessage>(&properties, &body) {
+                        if matches!(kind.as_deref(), Some("job" | "jobs")) {
+                            // Every attempt a dead job message carried is marked.
+                            for job in wire::decode_jobs(&properties, &body).unwrap_or_default() {
                                 let a = AttemptRef { sweep: job.sweep, job: job.job, attempt: job.attempt };
                                 let why = if reason.contains("delivery_limit") {
                                     format!(

@@ -19,6 +19,10 @@
 //!   long job came along) is released: the master queues the same attempt again, and the
 //!   worker goes back to the long-job rule.
 //!
+//! A message may carry several jobs (kind `jobs`): each is claimed, granted and started on its
+//! own, and the message is acked once all of them have started, been denied or gone back. The
+//! look-ahead counts jobs, so the prefetch shrinks by the size of the largest message.
+//!
 //! A granted job is the worker's lease: heartbeats list it (held or running), and it runs even
 //! when the session that delivered it is gone. A second delivery of an attempt the worker
 //! already holds (the broker requeued it with a lost channel) is dropped.
@@ -250,6 +254,8 @@ pub(crate) async fn run(
             consumers: SelectAll::new(),
             unsettled: BTreeSet::new(),
             ready: BTreeSet::new(),
+            parts: HashMap::new(),
+            per_message: 1,
             seen_upto: 0,
             seen_above: BTreeSet::new(),
             prefetch: None,
@@ -331,6 +337,11 @@ struct Intake<'a> {
     unsettled: BTreeSet<u64>,
     /// Of those, the ones to ack: they go out together (see [`Intake::flush_acks`]).
     ready: BTreeSet<u64>,
+    /// Of those, the ones whose message carried several jobs: how many are still held.
+    parts: HashMap<u64, usize>,
+    /// The most jobs one message of this session carried: it divides the look-ahead into
+    /// messages.
+    per_message: u16,
     /// Every delivery tag up to this one has been seen (tags count up from 1 on a channel)...
     seen_upto: u64,
     /// ...and these above it (deliveries of several consumers interleave).
@@ -362,18 +373,20 @@ impl Intake<'_> {
                 .unwrap_or(u16::MAX)
                 .saturating_mul(LOOKAHEAD_PER_SLOT)
                 .max(1);
+            // The look-ahead counts jobs; the prefetch counts messages.
+            let messages = (window / self.per_message).max(1);
             let waiting = state.held.iter().filter(|h| h.granted).count();
             if !state.short
                 || stopping
                 || waiting < slots
-                || self.ready.len() >= usize::from(window) / 2
+                || self.ready.len() >= usize::from(messages) / 2
             {
                 self.flush_acks().await?;
             }
             let wanted = if stopping {
                 None
             } else if state.short {
-                Some(window)
+                Some(messages)
             } else if state.capacity() > 0 {
                 Some(1)
             } else {
@@ -467,13 +480,21 @@ impl Intake<'_> {
         }
     }
 
-    /// Marks a delivery of this channel to be acked.
+    /// One job of a delivery of this channel has started, been dropped or gone back: the
+    /// delivery is to be acked once that holds for all of its jobs.
     fn settle(&mut self, tag: Option<u64>) {
-        if let Some(tag) = tag {
-            if self.unsettled.contains(&tag) {
-                self.ready.insert(tag);
-            }
+        let Some(tag) = tag else { return };
+        if !self.unsettled.contains(&tag) {
+            return;
         }
+        if let Some(left) = self.parts.get_mut(&tag) {
+            *left -= 1;
+            if *left > 0 {
+                return;
+            }
+            self.parts.remove(&tag);
+        }
+        self.ready.insert(tag);
     }
 
     /// Acks what is ready: everything below the oldest delivery still held in one `multiple`
@@ -524,8 +545,8 @@ impl Intake<'_> {
         debug!(deliveries = batch.len(), "jobs delivered");
         for delivery in batch {
             self.saw(delivery.delivery_tag);
-            let job = match wire::decode::<JobMessage>(&delivery.properties, &delivery.data) {
-                Ok(j) => j,
+            let jobs = match wire::decode_jobs(&delivery.properties, &delivery.data) {
+                Ok(jobs) => jobs,
                 Err(e) => {
                     warn!(cause = %e, "dead-lettering a job message this worker cannot read");
                     topology::dead_letter(
@@ -541,13 +562,29 @@ impl Intake<'_> {
                 }
             };
             let tag = delivery.delivery_tag;
-            let attempt = AttemptRef {
-                sweep: job.sweep.clone(),
-                job: job.job,
-                attempt: job.attempt,
-            };
-            if state.holds(self.shared, &attempt) {
-                debug!(job = %attempt.job, "a second delivery of an attempt this worker holds; dropping it");
+            // The largest message seen: the prefetch only shrinks, never flips back and forth
+            // (each change cancels and restarts the consumers).
+            self.per_message = self
+                .per_message
+                .max(u16::try_from(jobs.len()).unwrap_or(u16::MAX));
+            let mut new = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                let attempt = AttemptRef {
+                    sweep: job.sweep.clone(),
+                    job: job.job,
+                    attempt: job.attempt,
+                };
+                if state.holds(self.shared, &attempt)
+                    || new
+                        .iter()
+                        .any(|(_, a): &(JobMessage, AttemptRef)| a == &attempt)
+                {
+                    debug!(job = %attempt.job, "a second delivery of an attempt this worker holds; dropping it");
+                    continue;
+                }
+                new.push((job, attempt));
+            }
+            if new.is_empty() {
                 self.unsettled.insert(tag);
                 self.settle(Some(tag));
                 continue;
@@ -566,21 +603,26 @@ impl Intake<'_> {
                     .await?;
                 continue;
             }
-            let token = state.next_token;
-            state.next_token += 1;
-            claims.push(Claim {
-                attempt: attempt.clone(),
-                token,
-            });
             self.unsettled.insert(tag);
-            state.held.push_back(Held {
-                job,
-                attempt,
-                tag: Some(tag),
-                token,
-                granted: false,
-                since: Instant::now(),
-            });
+            if new.len() > 1 {
+                self.parts.insert(tag, new.len());
+            }
+            for (job, attempt) in new {
+                let token = state.next_token;
+                state.next_token += 1;
+                claims.push(Claim {
+                    attempt: attempt.clone(),
+                    token,
+                });
+                state.held.push_back(Held {
+                    job,
+                    attempt,
+                    tag: Some(tag),
+                    token,
+                    granted: false,
+                    since: Instant::now(),
+                });
+            }
         }
         self.send_claims(claims).await
     }
