@@ -240,6 +240,12 @@ pub struct Heartbeat {
     pub gpus: Vec<GpuStat>,
     #[serde(default)]
     pub draining: bool,
+    /// It reads job messages that carry several jobs (kind `jobs`).
+    #[serde(default)]
+    pub reads_batches: bool,
+    /// Its recent jobs were short, so it holds jobs ahead: several jobs per message suit it.
+    #[serde(default)]
+    pub short_jobs: bool,
     pub ts_ms: u64,
     /// Seconds between heartbeats, so the master can judge when one is missed.
     pub interval_ms: u64,

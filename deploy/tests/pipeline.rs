@@ -223,6 +223,96 @@ async fn a_message_of_several_jobs_runs_each_of_them_once_and_is_acked() {
     c.shutdown().await;
 }
 
+/// While every worker holds short jobs ahead, a large submission goes out several jobs per
+/// message: each job still runs exactly once, and the queue carries far fewer messages than
+/// jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_jobs_go_out_several_per_message_and_each_runs_once() {
+    use gridq_common::topology;
+
+    let mut c = Cluster::new("batched").await;
+    c.spawn_worker(&["--slots", "2"]);
+    c.spawn_worker(&["--slots", "2"]);
+    // Short jobs until both workers hold jobs ahead (each needs its last 4 jobs short; one
+    // worker may take most of a warm-up).
+    let mut round = 0;
+    loop {
+        round += 1;
+        c.submit(&format!(
+            "name: warm{round}\ncommand: [\"true\"]\nparameters:\n  x: !!python/tuple [0, 16]\n"
+        ))
+        .await;
+        c.wait_done(&format!("warm{round}"), MINUTE).await;
+        // Heartbeats (every 250 ms) sent well after the warm-up report the mode it left.
+        let after = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis(),
+        )
+        .unwrap()
+            + 300;
+        let short = wait_until("heartbeats after the warm-up", MINUTE, || {
+            let workers = c.reader().view().workers().map_err(|e| e.to_string())?;
+            let fresh = workers.len() == 2
+                && workers
+                    .iter()
+                    .all(|w| w.info["ts_ms"].as_u64().unwrap_or(0) > after);
+            fresh
+                .then_some(workers)
+                .ok_or_else(|| "stale heartbeats".to_owned())
+        })
+        .await
+        .iter()
+        .filter(|w| w.info["short_jobs"] == true && w.info["reads_batches"] == true)
+        .count();
+        if short == 2 {
+            break;
+        }
+        assert!(round < 20, "the workers never both held short jobs ahead");
+    }
+    c.submit("name: batched\ncommand: [\"true\"]\nparameters:\n  i: {range: [0, 400]}\n")
+        .await;
+    let jobs = c.wait_done("batched", MINUTE).await;
+    assert_eq!(jobs.len(), 400);
+    for j in &jobs {
+        assert_eq!(j.state, JobState::Succeeded, "{j:?}");
+        assert_eq!(j.attempt, 1, "ran more than once: {j:?}");
+    }
+    let reader = c.reader();
+    let sweep = gridq_common::SweepId::new("batched").unwrap();
+    assert_eq!(reader.view().result_rows(&sweep).unwrap(), 400);
+    for j in &jobs {
+        assert_eq!(reader.view().duplicates(&sweep, &j.id).unwrap(), 0);
+    }
+    assert_eq!(reader.view().dead_letters(10).unwrap().len(), 0);
+    // The queue's publish counter (the management API refreshes it every few seconds): the
+    // warm-up jobs came one per message, the 400 in about 50 messages, plus any given back.
+    let queue = topology::jobs_queue(topology::DEFAULT_QUEUE);
+    let deadline = std::time::Instant::now() + MINUTE;
+    let (mut last, mut steady_since) = (0, std::time::Instant::now());
+    loop {
+        let stats = support::queue_stats(&c.url, &queue).await;
+        let published = stats["message_stats"]["publish"].as_u64().unwrap_or(0);
+        if published != last {
+            (last, steady_since) = (published, std::time::Instant::now());
+        } else if published > 0 && steady_since.elapsed() > Duration::from_secs(7) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the publish count never settled: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let warm_up = 16 * round;
+    assert!(
+        (warm_up + 50..warm_up + 150).contains(&last),
+        "{last} messages for {warm_up} warm-up jobs and 400 more"
+    );
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_values_reach_the_program_byte_for_byte() {
     let mut c = Cluster::new("hostile").await;

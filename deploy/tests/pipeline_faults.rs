@@ -623,6 +623,8 @@ async fn a_lease_whose_grant_never_arrived_is_recovered() {
                 mem_used_mb: 0,
                 gpus: Vec::new(),
                 draining: false,
+                reads_batches: false,
+                short_jobs: false,
                 ts_ms: 0,
                 interval_ms: 250,
             })));

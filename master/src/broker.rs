@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use gridq_common::amqp::{self, Backoff};
 use gridq_common::topology;
-use gridq_common::wire::{self, FromWorker, JobMessage, ToWorker};
+use gridq_common::wire::{self, FromWorker, JobBatch, JobMessage, ToWorker};
 use lapin::Acker;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -50,8 +50,9 @@ pub enum Inbound {
 /// A request to the publisher.
 #[derive(Debug)]
 pub enum Outbound {
-    /// Job messages to put on their queues, confirmed in order.
-    Jobs(Vec<(Publish, JobMessage)>),
+    /// Job messages to put on their queues, confirmed in order, with at most this many jobs
+    /// of one queue per message (1: each job alone, kind `job`).
+    Jobs(Vec<(Publish, JobMessage)>, usize),
     /// Messages to workers, each to its worker's queue (no confirm: after a lost verdict the
     /// worker claims again).
     Control(Vec<(String, ToWorker)>),
@@ -235,9 +236,9 @@ async fn session(
             request = outbound.recv() => {
                 let Some(request) = request else { return SessionEnd::Shutdown };
                 match request {
-                    Outbound::Jobs(batch) => {
+                    Outbound::Jobs(batch, per_message) => {
                         let publishes: Vec<Publish> = batch.iter().map(|(p, _)| p.clone()).collect();
-                        match publish_jobs(&publish, batch).await {
+                        match publish_jobs(&publish, batch, per_message).await {
                             Ok(confirms) => {
                                 let tx = confirm_tx.clone();
                                 tokio::spawn(async move {
@@ -283,10 +284,28 @@ async fn session(
 async fn publish_jobs(
     channel: &Channel,
     batch: Vec<(Publish, JobMessage)>,
+    per_message: usize,
 ) -> Result<Vec<lapin::PublisherConfirm>, lapin::Error> {
-    let mut encoded: Vec<(String, wire::Encoded)> = batch
+    // Runs of jobs for the same queue, at most `per_message` long, each one message.
+    let mut groups: Vec<(String, Vec<JobMessage>)> = Vec::new();
+    for (p, message) in batch {
+        match groups.last_mut() {
+            Some((queue, jobs)) if *queue == p.queue && jobs.len() < per_message.max(1) => {
+                jobs.push(message);
+            }
+            _ => groups.push((p.queue, vec![message])),
+        }
+    }
+    let mut encoded: Vec<(String, wire::Encoded)> = groups
         .into_iter()
-        .map(|(p, message)| (topology::jobs_queue(&p.queue), wire::encode(&message)))
+        .map(|(queue, mut jobs)| {
+            let enc = if jobs.len() == 1 {
+                wire::encode(&jobs.remove(0))
+            } else {
+                wire::encode(&JobBatch { jobs })
+            };
+            (topology::jobs_queue(&queue), enc)
+        })
         .collect();
     // All at once: each publish waits until lapin's I/O thread has written its frames, so one
     // after another cost a thread round trip and a socket write per job. Polled together (in

@@ -289,7 +289,15 @@ fn hostname() -> String {
 
 struct Live {
     last_seen: Instant,
+    /// Its last heartbeat said it reads several jobs per message and holds short jobs ahead.
+    batches: bool,
 }
+
+/// Jobs per message when every online worker takes batches (see [`Core::publish`]): small
+/// enough for the look-ahead of a one-slot worker (16 jobs) to hold two messages.
+pub const JOBS_PER_MESSAGE: usize = 8;
+/// Fewer jobs than this at once go out one per message.
+const BATCH_FROM: usize = 64;
 
 struct Core {
     store: Store,
@@ -362,6 +370,7 @@ impl Core {
                 worker,
                 Live {
                     last_seen: Instant::now(),
+                    batches: false,
                 },
             );
         }
@@ -624,10 +633,27 @@ impl Core {
         Ok(())
     }
 
+    /// Publishes job messages. Many jobs at once go out several per message (a quorum queue's
+    /// cost is per message) while every online worker takes batches: it reads them, and its
+    /// recent jobs were short, so it holds jobs ahead. A worker running long jobs would start
+    /// only one job of a message and give the others back.
     async fn publish(&mut self, publish: Vec<Publish>) -> Result<(), StoreError> {
+        let per_message = if publish.len() >= BATCH_FROM
+            && !self.workers.is_empty()
+            && self.workers.values().all(|w| w.batches)
+        {
+            JOBS_PER_MESSAGE
+        } else {
+            1
+        };
         for chunk in publish.chunks(1000) {
             let batch = self.store.read().job_messages(chunk)?;
-            if self.out.send(Outbound::Jobs(batch)).await.is_err() {
+            if self
+                .out
+                .send(Outbound::Jobs(batch, per_message))
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -650,6 +676,7 @@ fn handle_event(
             .and_modify(|l| l.last_seen = Instant::now())
             .or_insert(Live {
                 last_seen: Instant::now(),
+                batches: false,
             });
     }
     match event {
@@ -721,6 +748,9 @@ fn handle_event(
         }
         FromWorker::Heartbeat(hb) => {
             seen(workers, &hb.worker);
+            if let Some(live) = workers.get_mut(hb.worker.as_str()) {
+                live.batches = hb.reads_batches && hb.short_jobs;
+            }
             let info = serde_json::to_value(&*hb).unwrap_or(serde_json::Value::Null);
             let state = if hb.draining { "draining" } else { "online" };
             tx.worker_seen(hb.worker.as_str(), &hb.host, state, None, &info, now)?;

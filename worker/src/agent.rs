@@ -22,6 +22,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -160,6 +161,8 @@ pub(crate) struct Shared {
     /// The current session, when connected.
     pub(crate) session: watch::Receiver<Option<Arc<Session>>>,
     draining: watch::Sender<bool>,
+    /// Whether the feeder holds jobs ahead (its recent jobs were short), for heartbeats.
+    pub(crate) short_jobs: AtomicBool,
 }
 
 pub(crate) struct Session {
@@ -201,6 +204,7 @@ pub async fn run(config: WorkerConfig, mut stop: StopSignal) -> std::io::Result<
         outbox: outbox_tx,
         session: session_rx,
         draining: draining_tx,
+        short_jobs: AtomicBool::new(false),
     });
     info!(worker = %id, slots = slots.len(), queues = ?config.queues, broker = %amqp::redact(&config.broker_url), "worker starting");
 
@@ -563,6 +567,8 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
             mem_used_mb,
             gpus: gpus.clone(),
             draining: *shared.draining.borrow(),
+            reads_batches: true,
+            short_jobs: shared.short_jobs.load(Ordering::Relaxed),
             ts_ms: now_ms(),
             interval_ms: u64::try_from(shared.config.heartbeat_interval.as_millis())
                 .unwrap_or(u64::MAX),

@@ -364,6 +364,9 @@ impl Intake<'_> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let stopping = *draining.borrow();
+            self.shared
+                .short_jobs
+                .store(state.short, std::sync::atomic::Ordering::Relaxed);
             self.start_ready(state, stopping).await?;
             // While jobs are short and enough granted ones wait, acks (which return the
             // broker's credit) go out by half windows: the next deliveries then arrive, and are

@@ -549,6 +549,7 @@ fn queue_table(stats: &BrokerStats) -> Markup {
                 }
             }
         }
+        p.muted { (format!("Counts are messages: a job queue's message carries one job, or up to {} while every worker runs short jobs.", crate::service::JOBS_PER_MESSAGE)) }
         p.muted { "source: " (match stats.source { broker_stats::StatsSource::Management => "management API", broker_stats::StatsSource::Amqp => "AMQP passive declares" }) }
     }
 }
