@@ -575,6 +575,20 @@ mod tests {
         let job: JobMessage = decode(&enc.properties, body).unwrap();
         assert_eq!(job.argv, ["true"]);
         assert_eq!(job.timeout_ms, None);
+        // A heartbeat of an older worker: it takes no batches.
+        let hb = br#"{"kind":"heartbeat","worker":"w1","host":"h","pid":1,"version":"0.1.0","slots":2,"queues":["default"],"running":[],"cpus":2,"ts_ms":1,"interval_ms":5000}"#;
+        let enc = encode(&ToWorker::Drain);
+        let mut props = enc.properties.clone();
+        let mut headers = props.headers().clone().unwrap();
+        headers.insert(
+            HEADER_KIND.into(),
+            AMQPValue::LongString("heartbeat".into()),
+        );
+        props = props.with_headers(headers);
+        let FromWorker::Heartbeat(hb) = decode::<FromWorker>(&props, hb).unwrap() else {
+            panic!("not a heartbeat")
+        };
+        assert!(!hb.reads_batches && !hb.short_jobs);
     }
 
     fn job(n: u8) -> JobMessage {
