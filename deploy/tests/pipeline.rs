@@ -234,12 +234,12 @@ async fn short_jobs_go_out_several_per_message_and_each_runs_once() {
     c.spawn_worker(&["--slots", "2"]);
     c.spawn_worker(&["--slots", "2"]);
     // Short jobs until both workers hold jobs ahead (each needs its last 4 jobs short; one
-    // worker may take most of a warm-up).
+    // worker may take most of a warm-up). 40 jobs go out one per message (fewer than 64).
     let mut round = 0;
     loop {
         round += 1;
         c.submit(&format!(
-            "name: warm{round}\ncommand: [\"true\"]\nparameters:\n  x: !!python/tuple [0, 16]\n"
+            "name: warm{round}\ncommand: [\"true\"]\nparameters:\n  x: !!python/tuple [0, 40]\n"
         ))
         .await;
         c.wait_done(&format!("warm{round}"), MINUTE).await;
@@ -305,7 +305,7 @@ async fn short_jobs_go_out_several_per_message_and_each_runs_once() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let warm_up = 16 * round;
+    let warm_up = 40 * round;
     assert!(
         (warm_up + 50..warm_up + 150).contains(&last),
         "{last} messages for {warm_up} warm-up jobs and 400 more"
