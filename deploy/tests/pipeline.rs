@@ -83,15 +83,7 @@ async fn one_slot_runs_a_queued_sweep_in_expansion_order() {
         )
         .await;
     assert_eq!(summary.added, 300);
-    wait_until("all 300 jobs queued", MINUTE, || {
-        let counts = c.counts("order");
-        if counts.get("queued") == Some(&300) {
-            Ok(())
-        } else {
-            Err(format!("{counts:?}"))
-        }
-    })
-    .await;
+    c.wait_count("order", "queued", 300, MINUTE).await;
     c.spawn_worker(&["--slots", "1"]);
     let jobs = c.wait_done("order", MINUTE).await;
     assert!(
@@ -120,15 +112,7 @@ async fn a_message_of_several_jobs_runs_each_of_them_once_and_is_acked() {
         "name: batch\ncommand: [sh, -c, 'echo $GRIDQ_PARAM_I >> ran.txt; sleep 0.3']\nparameters:\n  i: {range: [0, 6]}\n",
     )
     .await;
-    wait_until("all 6 jobs queued", MINUTE, || {
-        let counts = c.counts("batch");
-        if counts.get("queued") == Some(&6) {
-            Ok(())
-        } else {
-            Err(format!("{counts:?}"))
-        }
-    })
-    .await;
+    c.wait_count("batch", "queued", 6, MINUTE).await;
     // The master's six messages become one: taken off the queue, published again together,
     // and only then acked.
     let conn = gridq_common::amqp::connect(&c.url, "gridq-test-batcher")

@@ -400,6 +400,19 @@ impl Cluster {
         self.reader().view().counts(&id).expect("counts")
     }
 
+    /// Waits until exactly `n` jobs of the sweep are in `state`.
+    pub async fn wait_count(&self, sweep: &str, state: &str, n: u64, limit: Duration) {
+        wait_until(&format!("{n} jobs of {sweep} {state}"), limit, || {
+            let counts = self.counts(sweep);
+            if counts.get(state) == Some(&n) {
+                Ok(())
+            } else {
+                Err(format!("{counts:?}"))
+            }
+        })
+        .await;
+    }
+
     /// Waits until every job of the sweep is final.
     pub async fn wait_done(&self, sweep: &str, limit: Duration) -> Vec<JobRow> {
         let reader = self.reader();

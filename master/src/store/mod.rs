@@ -663,21 +663,15 @@ impl Store {
                 r.get::<_, u32>(2)?,
             ))
         })?;
-        let mut queues: HashMap<String, Option<String>> = HashMap::new();
+        let mut records = SweepRecords::new(self.read());
         let mut out = Vec::new();
         for row in rows {
             let (sweep, id, attempt) = row?;
             let sweep = parse_sweep(&sweep)?;
-            let queue = match queues.get(sweep.as_str()) {
-                Some(queue) => queue.clone(),
-                None => {
-                    let queue = self.read().sweep_record(&sweep)?.map(|r| r.queue);
-                    queues.insert(sweep.as_str().to_owned(), queue.clone());
-                    queue
-                }
-            };
             // A job row always has its sweep (the sweep goes with its jobs).
-            let Some(queue) = queue else { continue };
+            let Some(queue) = records.get(&sweep)?.map(|r| r.queue.clone()) else {
+                continue;
+            };
             out.push(Publish {
                 sweep,
                 job: parse_id(&id)?,
@@ -728,6 +722,31 @@ pub struct ReadView<'c> {
 impl Reader {
     pub fn view(&self) -> ReadView<'_> {
         ReadView { conn: &self.conn }
+    }
+}
+
+/// Sweeps' settings, each read once for a run of jobs: they hold the sweep's whole YAML, and the
+/// jobs of a run mostly belong to one sweep.
+struct SweepRecords<'c> {
+    view: ReadView<'c>,
+    read: HashMap<String, Option<SweepRecord>>,
+}
+
+impl<'c> SweepRecords<'c> {
+    fn new(view: ReadView<'c>) -> Self {
+        Self {
+            view,
+            read: HashMap::new(),
+        }
+    }
+
+    /// The sweep's settings; `None` when there is no such sweep.
+    fn get(&mut self, sweep: &SweepId) -> Result<Option<&SweepRecord>> {
+        if !self.read.contains_key(sweep.as_str()) {
+            let record = self.view.sweep_record(sweep)?;
+            self.read.insert(sweep.as_str().to_owned(), record);
+        }
+        Ok(self.read.get(sweep.as_str()).and_then(Option::as_ref))
     }
 }
 
@@ -1927,7 +1946,7 @@ impl ReadView<'_> {
         &self,
         publish: &[Publish],
     ) -> Result<Vec<(Publish, gridq_common::wire::JobMessage)>> {
-        let mut specs: HashMap<&str, SweepRecord> = HashMap::new();
+        let mut records = SweepRecords::new(*self);
         let mut job = self.conn.prepare_cached(
             "SELECT argv_json, env_json, params_json FROM jobs WHERE sweep = ?1 AND id = ?2",
         )?;
@@ -1941,14 +1960,8 @@ impl ReadView<'_> {
             let Some((argv, env, params_json)) = row else {
                 continue;
             };
-            let spec = match specs.entry(p.sweep.as_str()) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    let Some(spec) = self.sweep_record(&p.sweep)? else {
-                        continue;
-                    };
-                    e.insert(spec)
-                }
+            let Some(spec) = records.get(&p.sweep)? else {
+                continue;
             };
             let params: serde_json::Map<String, serde_json::Value> = parse_json(&params_json)?;
             let message = gridq_common::wire::JobMessage {
