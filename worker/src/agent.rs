@@ -165,6 +165,31 @@ pub(crate) struct Shared {
     pub(crate) short_jobs: AtomicBool,
 }
 
+#[cfg(test)]
+impl Shared {
+    /// A worker's shared state with nothing connected, and the receiving end of its outbox.
+    pub(crate) fn for_tests() -> (Self, mpsc::Receiver<Out>) {
+        let (feed, _) = mpsc::unbounded_channel();
+        let (outbox, outbox_rx) = mpsc::channel(16);
+        let (_, session) = watch::channel(None);
+        let (draining, _) = watch::channel(false);
+        let config = WorkerConfig::new(String::new(), PathBuf::new(), PathBuf::new());
+        let shared = Self {
+            id: WorkerId::new("w-test").expect("worker id"),
+            host: "localhost".into(),
+            config,
+            running: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashSet::new()),
+            feed,
+            outbox,
+            session,
+            draining,
+            short_jobs: AtomicBool::new(false),
+        };
+        (shared, outbox_rx)
+    }
+}
+
 pub(crate) struct Session {
     pub(crate) connection: Arc<Connection>,
 }

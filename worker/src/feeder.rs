@@ -26,6 +26,11 @@
 //! A granted job is the worker's lease: heartbeats list it (held or running), and it runs even
 //! when the session that delivered it is gone. A second delivery of an attempt the worker
 //! already holds (the broker requeued it with a lost channel) is dropped.
+//!
+//! A delivery of an attempt the worker is giving back is the master's new message for it (or
+//! the old one, requeued with a lost channel): it is claimed once the broker has confirmed the
+//! release, never before. The claim then reaches the master behind the release on the events
+//! queue, so the master has ended the old lease when it decides the claim.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -79,9 +84,20 @@ struct Held {
     /// Its delivery tag; `None` once the channel that delivered it is gone.
     tag: Option<u64>,
     token: u64,
+    /// Its claim has been sent (see [`State::releases`] for when it waits).
+    claimed: bool,
     granted: bool,
     /// When the claim was (last) sent, or when the grant arrived.
     since: Instant,
+}
+
+/// What applying a [`Feed`] leaves to do on the job channel.
+#[derive(Debug, Default, PartialEq)]
+struct Applied {
+    /// Delivery tags of held jobs that were dropped.
+    settle: Vec<u64>,
+    /// Claims that can go out now.
+    claims: Vec<Claim>,
 }
 
 struct State {
@@ -99,6 +115,19 @@ struct State {
 }
 
 impl State {
+    /// Every slot free, nothing held, long-job mode.
+    fn new(gpus: Vec<Option<u32>>) -> Self {
+        Self {
+            free: (0..gpus.len()).rev().collect(),
+            gpus,
+            held: VecDeque::new(),
+            releasing: HashMap::new(),
+            recent: VecDeque::new(),
+            short: false,
+            next_token: 1,
+        }
+    }
+
     /// Deliveries the worker may still take under the long-job rule.
     fn capacity(&self) -> isize {
         self.free.len() as isize - self.held.len() as isize
@@ -108,10 +137,44 @@ impl State {
         self.held.is_empty() && self.releasing.is_empty() && self.free.len() == self.gpus.len()
     }
 
+    /// The worker holds the attempt (claimed or granted) or runs it: a delivery of it is a
+    /// second one.
     fn holds(&self, shared: &Shared, attempt: &AttemptRef) -> bool {
         self.held.iter().any(|h| &h.attempt == attempt)
-            || self.releasing.values().any(|h| &h.attempt == attempt)
             || shared.running.lock().is_ok_and(|r| r.contains_key(attempt))
+    }
+
+    /// The worker is giving the attempt back and the broker has not confirmed the release yet.
+    /// A delivery of it is claimed only after that confirm: the release and the claim travel
+    /// on different channels, and a claim the master decided first would be granted on the
+    /// old lease (a worker's claim of its own lease is granted again), which the release would
+    /// then end while the job runs.
+    fn releases(&self, attempt: &AttemptRef) -> bool {
+        self.releasing.values().any(|h| &h.attempt == attempt)
+    }
+
+    /// Takes a delivered job: claimed now, or once its attempt's release is confirmed.
+    fn hold(&mut self, job: JobMessage, attempt: AttemptRef, tag: u64) -> Option<Claim> {
+        let token = self.next_token;
+        self.next_token += 1;
+        let claimed = !self.releases(&attempt);
+        if !claimed {
+            debug!(job = %attempt.job, "a delivery of an attempt being given back; claiming it once the release is confirmed");
+        }
+        let claim = claimed.then(|| Claim {
+            attempt: attempt.clone(),
+            token,
+        });
+        self.held.push_back(Held {
+            job,
+            attempt,
+            tag: Some(tag),
+            token,
+            claimed,
+            granted: false,
+            since: Instant::now(),
+        });
+        claim
     }
 
     fn ended(&mut self, slot: usize, took: Duration) {
@@ -127,10 +190,26 @@ impl State {
         self.short = short;
     }
 
-    /// Applies what the rest of the worker says; returns the delivery tags to ack (of the
-    /// held jobs it dropped).
-    fn apply(&mut self, shared: &Shared, m: Feed) -> Vec<u64> {
+    /// Moves every granted held job to `releasing`: returns their attempts, for the release
+    /// message, and their tokens, for its confirm.
+    fn give_back(&mut self, shared: &Shared) -> (Vec<AttemptRef>, Vec<u64>) {
+        let (give_back, waiting): (VecDeque<Held>, VecDeque<Held>) =
+            self.held.drain(..).partition(|h| h.granted);
+        self.held = waiting;
+        let attempts = give_back.iter().map(|h| h.attempt.clone()).collect();
+        let tokens = give_back.iter().map(|h| h.token).collect();
+        for h in give_back {
+            set_held(shared, &h.attempt, false);
+            self.releasing.insert(h.token, h);
+        }
+        (attempts, tokens)
+    }
+
+    /// Applies what the rest of the worker says: returns the delivery tags to ack (of the held
+    /// jobs it dropped) and the claims that can go out now.
+    fn apply(&mut self, shared: &Shared, m: Feed) -> Applied {
         let mut settle = Vec::new();
+        let mut claims = Vec::new();
         match m {
             Feed::Verdicts(verdicts) => {
                 debug!(verdicts = verdicts.len(), "verdicts arrived");
@@ -172,13 +251,26 @@ impl State {
             Feed::Ended { slot, took } => self.ended(slot, took),
             Feed::Released(tokens) => {
                 for t in tokens {
-                    if let Some(h) = self.releasing.remove(&t) {
-                        settle.extend(h.tag);
+                    let Some(released) = self.releasing.remove(&t) else {
+                        continue;
+                    };
+                    settle.extend(released.tag);
+                    for h in self
+                        .held
+                        .iter_mut()
+                        .filter(|h| !h.claimed && h.attempt == released.attempt)
+                    {
+                        h.claimed = true;
+                        h.since = Instant::now();
+                        claims.push(Claim {
+                            attempt: h.attempt.clone(),
+                            token: h.token,
+                        });
                     }
                 }
             }
         }
-        settle
+        Applied { settle, claims }
     }
 }
 
@@ -200,15 +292,7 @@ pub(crate) async fn run(
     mut feed: mpsc::UnboundedReceiver<Feed>,
     mut draining: watch::Receiver<bool>,
 ) {
-    let mut state = State {
-        free: (0..gpus.len()).rev().collect(),
-        gpus,
-        held: VecDeque::new(),
-        releasing: HashMap::new(),
-        recent: VecDeque::new(),
-        short: false,
-        next_token: 1,
-    };
+    let mut state = State::new(gpus);
     let mut session_rx = shared.session.clone();
     loop {
         if *draining.borrow() && state.idle() {
@@ -420,9 +504,11 @@ impl Intake<'_> {
                 },
                 m = feed.recv() => match m {
                     Some(m) => {
-                        for tag in state.apply(self.shared, m) {
+                        let applied = state.apply(self.shared, m);
+                        for tag in applied.settle {
                             self.settle(Some(tag));
                         }
+                        self.send_claims(applied.claims).await?;
                     }
                     None => return Ok(()),
                 },
@@ -611,20 +697,7 @@ impl Intake<'_> {
                 self.parts.insert(tag, new.len());
             }
             for (job, attempt) in new {
-                let token = state.next_token;
-                state.next_token += 1;
-                claims.push(Claim {
-                    attempt: attempt.clone(),
-                    token,
-                });
-                state.held.push_back(Held {
-                    job,
-                    attempt,
-                    tag: Some(tag),
-                    token,
-                    granted: false,
-                    since: Instant::now(),
-                });
+                claims.extend(state.hold(job, attempt, tag));
             }
         }
         self.send_claims(claims).await
@@ -656,7 +729,7 @@ impl Intake<'_> {
     async fn on_tick(&mut self, state: &mut State) -> Result<(), lapin::Error> {
         let timeout = self.shared.config.claim_timeout;
         let mut again = Vec::new();
-        for h in state.held.iter_mut().filter(|h| !h.granted) {
+        for h in state.held.iter_mut().filter(|h| h.claimed && !h.granted) {
             if h.since.elapsed() >= timeout {
                 warn!(sweep = %h.job.sweep, job = %h.job.job, "no answer to a claim yet; is the master running? asking again");
                 h.since = Instant::now();
@@ -719,22 +792,14 @@ impl Intake<'_> {
             return Ok(());
         }
         // Granted jobs that cannot start now go back as the same attempt.
-        let (give_back, waiting): (VecDeque<Held>, VecDeque<Held>) =
-            state.held.drain(..).partition(|h| h.granted);
-        state.held = waiting;
-        if give_back.is_empty() {
+        let (attempts, tokens) = state.give_back(self.shared);
+        if attempts.is_empty() {
             return Ok(());
         }
-        let attempts: Vec<AttemptRef> = give_back.iter().map(|h| h.attempt.clone()).collect();
         info!(
             jobs = attempts.len(),
             "giving back granted jobs that have no free slot"
         );
-        let tokens: Vec<u64> = give_back.iter().map(|h| h.token).collect();
-        for h in give_back {
-            set_held(self.shared, &h.attempt, false);
-            state.releasing.insert(h.token, h);
-        }
         let (done_tx, done_rx) = oneshot::channel();
         let _ = self
             .shared
@@ -755,5 +820,101 @@ impl Intake<'_> {
             }
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(n: u8) -> (JobMessage, AttemptRef) {
+        let job = JobMessage {
+            sweep: gridq_common::SweepId::new("s").expect("sweep id"),
+            job: gridq_common::JobId::from_bytes([n; 16]),
+            attempt: 1,
+            argv: vec!["true".into()],
+            env: Vec::new(),
+            params: Vec::new(),
+            workdir: None,
+            timeout_ms: None,
+            gpus: 0,
+        };
+        let attempt = AttemptRef {
+            sweep: job.sweep.clone(),
+            job: job.job,
+            attempt: job.attempt,
+        };
+        (job, attempt)
+    }
+
+    fn grant(state: &mut State, shared: &Shared, claim: &Claim) {
+        let applied = state.apply(
+            shared,
+            Feed::Verdicts(vec![wire::Verdict {
+                attempt: claim.attempt.clone(),
+                token: claim.token,
+                deny: None,
+            }]),
+        );
+        assert_eq!(applied, Applied::default());
+    }
+
+    #[test]
+    fn a_delivery_of_an_attempt_being_given_back_is_claimed_once_the_release_is_confirmed() {
+        let (shared, _rx) = Shared::for_tests();
+        let mut state = State::new(vec![None]);
+        let (msg, attempt) = job(7);
+        // Delivered (tag 1), claimed, granted, then given back.
+        let first = state
+            .hold(msg.clone(), attempt.clone(), 1)
+            .expect("claimed at once");
+        grant(&mut state, &shared, &first);
+        assert_eq!(
+            state.give_back(&shared),
+            (vec![attempt.clone()], vec![first.token])
+        );
+        // The master's new message for it arrives (tag 2) before the release's confirm: it is
+        // not a second delivery of something held, and it waits unclaimed.
+        assert!(!state.holds(&shared, &attempt));
+        assert_eq!(state.hold(msg.clone(), attempt.clone(), 2), None);
+        assert_eq!(state.capacity(), 0, "it counts against the free slot");
+        // Once the broker confirms the release, the old delivery is acked and the new one
+        // claimed, under a token of its own.
+        let applied = state.apply(&shared, Feed::Released(vec![first.token]));
+        assert_eq!(applied.settle, vec![1]);
+        let [claim] = applied.claims.as_slice() else {
+            panic!("one claim expected: {applied:?}");
+        };
+        assert_eq!(claim.attempt, attempt);
+        assert_ne!(claim.token, first.token);
+        // Now it is held: a further delivery is a second one.
+        assert!(state.holds(&shared, &attempt));
+        grant(&mut state, &shared, claim);
+        assert!(state.held[0].granted);
+        // A confirm that comes again changes nothing.
+        assert_eq!(
+            state.apply(&shared, Feed::Released(vec![first.token])),
+            Applied::default()
+        );
+    }
+
+    #[test]
+    fn a_canceled_delivery_waiting_for_a_release_is_dropped_and_never_claimed() {
+        let (shared, _rx) = Shared::for_tests();
+        let mut state = State::new(vec![None]);
+        let (msg, attempt) = job(9);
+        let first = state
+            .hold(msg.clone(), attempt.clone(), 1)
+            .expect("claimed at once");
+        grant(&mut state, &shared, &first);
+        state.give_back(&shared);
+        assert_eq!(state.hold(msg, attempt.clone(), 2), None);
+        let applied = state.apply(&shared, Feed::Cancel(attempt));
+        assert_eq!(applied.settle, vec![2]);
+        assert!(applied.claims.is_empty());
+        let applied = state.apply(&shared, Feed::Released(vec![first.token]));
+        assert_eq!(applied.settle, vec![1]);
+        assert!(applied.claims.is_empty(), "{applied:?}");
+        assert!(state.idle());
     }
 }
