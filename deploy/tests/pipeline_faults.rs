@@ -573,6 +573,61 @@ async fn a_step_whose_transaction_fails_gives_its_events_back_and_loses_nothing(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_lost_while_the_store_fails_is_taken_for_lost_once_it_recovers() {
+    let mut c = Cluster::new("lostfail").await;
+    // The first attempt runs far longer than the test; the second ends at once.
+    c.write(
+        "slow.py",
+        "import os, time\na = os.environ['GRIDQ_ATTEMPT']\nopen('starts', 'a').write(a + '\\n')\ntime.sleep(300 if a == '1' else 0)\n",
+    );
+    c.spawn_worker(&["--slots", "1"]);
+    c.submit("name: lostfail\ncommand: python3 slow.py\nparameters:\n  x: 1\n")
+        .await;
+    let job = c.jobs("lostfail")[0].id;
+    c.wait_state("lostfail", job, JobState::Running, MINUTE)
+        .await;
+    let starts = c.project.join("starts");
+    wait_file("the first attempt to start", &starts).await;
+    // Marking an attempt lost now fails: the step that takes the worker for lost rolls back.
+    let db = rusqlite::Connection::open(&c.handle.db_path).expect("store");
+    db.busy_timeout(Duration::from_secs(10))
+        .expect("busy timeout");
+    db.execute_batch(
+        "CREATE TRIGGER test_fail_lost BEFORE UPDATE OF state ON attempts WHEN NEW.state = 'lost'
+         BEGIN SELECT RAISE(ABORT, 'injected failure'); END;",
+    )
+    .expect("trigger");
+    let before = c.metric("gridq_store_errors_total").await;
+    c.workers[0].signal(Signal::SIGKILL);
+    c.workers[0].wait_exit(Duration::from_secs(10)).await;
+    // Its heartbeats stop; after the timeout, the master's steps fail and are counted.
+    let deadline = Instant::now() + MINUTE;
+    while c.metric("gridq_store_errors_total").await <= before {
+        assert!(
+            Instant::now() < deadline,
+            "no step of the master failed after its worker was killed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(attempt_states(&c, "lostfail", job), ["running"]);
+    db.execute_batch("DROP TRIGGER test_fail_lost")
+        .expect("drop trigger");
+    // The rolled-back step forgot nothing: the worker is still taken for lost, and the job
+    // runs again on a new worker.
+    c.spawn_worker(&["--slots", "1"]);
+    let done = c
+        .wait_state("lostfail", job, JobState::Succeeded, MINUTE)
+        .await;
+    assert_eq!(done.attempt, 2, "{done:?}");
+    assert_eq!(done.worker.as_deref(), Some(c.worker_id(1).as_str()));
+    assert_eq!(attempt_states(&c, "lostfail", job), ["lost", "succeeded"]);
+    let id = sweep_id("lostfail");
+    assert_eq!(c.reader().view().result_rows(&id).unwrap(), 1);
+    assert_eq!(std::fs::read_to_string(&starts).unwrap(), "1\n2\n");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_whose_grant_never_arrived_is_recovered() {
     let mut c = Cluster::new("lostgrant").await;
     c.submit("name: lostgrant\ncommand: [true]\nparameters:\n  x: 1\n")

@@ -287,6 +287,7 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+#[derive(Clone)]
 struct Live {
     last_seen: Instant,
     /// Its last heartbeat said it reads several jobs per message and holds short jobs ahead.
@@ -425,7 +426,8 @@ impl Core {
             if let Err(e) = self.step(batch_in, batch_cmd, ticked).await {
                 // A store error rolls the transaction back and gives the batch's deliveries
                 // back to their queues, which deliver them again. Keep going; persistent
-                // failures are logged each time.
+                // failures are logged and counted (`gridq_store_errors_total`) each time.
+                self.activity.metrics.store_error();
                 error!(cause = %e, "master step failed; its messages will be redelivered");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -519,14 +521,18 @@ impl Core {
         };
         let config = self.config.clone();
         let activity = self.activity.clone();
-        let workers = &mut self.workers;
+        // The transaction works on a copy of what the core knows of its workers, which takes
+        // the place of the original only once committed: a failed step leaves it as it was.
+        // (A worker taken for lost and dropped from it by a step that then rolled back would
+        // never be taken for lost again, and its jobs would stay `running`.)
+        let mut workers = self.workers.clone();
         let queues = &mut self.queues;
         let out = &self.out;
         self.store.transaction(|tx| {
             for m in inbound {
                 match m {
                     Inbound::Event(event, _) => {
-                        handle_event(tx, event, &config, workers, &activity, &mut effects, now)?;
+                        handle_event(tx, event, &config, &mut workers, &activity, &mut effects, now)?;
                     }
                     Inbound::Dead { properties, body, .. } => {
                         let (queue, reason) = broker::dead_reason(&properties);
@@ -586,6 +592,7 @@ impl Core {
             }
             Ok(())
         })?;
+        self.workers = workers;
         Ok(Committed {
             effects,
             session_up,

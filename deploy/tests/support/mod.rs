@@ -5,6 +5,11 @@
 //! 5-second `consumer_timeout`, so every pipeline test also runs under a tight consumer timeout)
 //! and names its settings in `GRIDQ_TEST_BROKER_ENV`. Without it (plain `cargo test`), the first
 //! test starts a node itself, tied to this test process by a parent-death signal.
+//!
+//! To look into a failure: `GRIDQ_TEST_KEEP=1` keeps each cluster's directory (worker logs,
+//! the store, the project) under `$TMPDIR`; `GRIDQ_TEST_WORKER_LOG` is the workers' `RUST_LOG`
+//! (`info,lapin=off` by default); `GRIDQ_TEST_MASTER_LOG` logs the in-process master to
+//! standard error with that filter.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -283,6 +288,7 @@ impl Cluster {
     pub async fn with_url(name: &str, url: String, tune: impl FnOnce(&mut MasterConfig)) -> Self {
         let dir = tempfile::Builder::new()
             .prefix(&format!("gridq-{name}-"))
+            .disable_cleanup(std::env::var_os("GRIDQ_TEST_KEEP").is_some())
             .tempdir()
             .expect("tempdir");
         let project = dir.path().join("project");
@@ -294,6 +300,12 @@ impl Cluster {
         config.delivery_limit = 3;
         config.max_retry_backoff = Duration::from_millis(1500);
         tune(&mut config);
+        if let Ok(filter) = std::env::var("GRIDQ_TEST_MASTER_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
         let (handle, stop, task) = start_master(config.clone()).await;
         Self {
             name: name.to_owned(),
@@ -347,7 +359,10 @@ impl Cluster {
             .arg(format!("w{}-{}", self.worker_seq, self.name))
             .args(extra)
             .env("GRIDQ_BROKER", &self.url)
-            .env("RUST_LOG", "info,lapin=off")
+            .env(
+                "RUST_LOG",
+                std::env::var("GRIDQ_TEST_WORKER_LOG").unwrap_or_else(|_| "info,lapin=off".into()),
+            )
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
             .stderr(file);
@@ -457,6 +472,26 @@ impl Cluster {
     pub fn attempts(&self, sweep: &str, job: JobId) -> Vec<gridq_master::store::AttemptRow> {
         let id = SweepId::new(sweep).expect("sweep id");
         self.reader().view().attempts(&id, &job).expect("attempts")
+    }
+
+    /// A sample of the master's `/metrics`, read with its token: the value of the line that
+    /// starts with `sample` and a space.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = reqwest::Client::new()
+            .get(format!("http://{}/metrics", self.handle.addr))
+            .bearer_auth(&*self.handle.token)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .expect("the master's /metrics")
+            .text()
+            .await
+            .expect("the master's /metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {sample} in /metrics:\n{text}"))
+            .parse()
+            .expect("a number")
     }
 
     pub fn worker_logs(&self) -> String {

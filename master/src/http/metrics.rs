@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | `gridq_jobs` | gauge | `state` |
 //! | `gridq_job_duration_seconds` | histogram | |
+//! | `gridq_store_errors_total` | counter | |
 //! | `gridq_workers_online` | gauge | |
 //! | `gridq_worker_running_jobs` | gauge | `worker` |
 //! | `gridq_queue_messages` | gauge | `queue`, `kind` = `ready` or `unacked` (when known) |
@@ -17,6 +18,7 @@
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
@@ -35,10 +37,11 @@ pub const DURATION_BUCKETS: [f64; 16] = [
     43200.0, 86400.0,
 ];
 
-/// The master's metrics. Clones share the same histogram.
+/// The master's metrics. Clones share the same histogram and counter.
 #[derive(Debug, Clone)]
 pub struct Metrics {
     durations: Histogram,
+    store_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -68,7 +71,19 @@ impl Metrics {
     pub fn new() -> Self {
         Self {
             durations: Histogram::new(DURATION_BUCKETS),
+            store_errors: Counter::default(),
         }
+    }
+
+    /// Counts one failed step of the master's core: its store transaction was rolled back and
+    /// the broker delivers its messages again.
+    pub fn store_error(&self) {
+        self.store_errors.inc();
+    }
+
+    /// How many steps of the master's core have failed since it started.
+    pub fn store_errors(&self) -> u64 {
+        self.store_errors.get()
     }
 
     /// Records the wall-clock duration of one finished job.
@@ -87,6 +102,12 @@ impl Metrics {
             "Wall-clock duration of finished jobs",
             Unit::Seconds,
             self.durations.clone(),
+        );
+        // Registered without the suffix: the crate appends `_total` to counters.
+        registry.register(
+            "gridq_store_errors",
+            "Failed steps of the master's core (the store transaction rolled back, its messages delivered again)",
+            self.store_errors.clone(),
         );
         registry.register_collector(Box::new(SnapshotCollector(snapshot.clone())));
         let mut out = String::new();
@@ -257,9 +278,10 @@ mod tests {
             !text.contains(r#"queue="gridq.events",kind="unacked""#),
             "{text}"
         );
-        // Every sample belongs to one of the six metrics, under its exact name.
+        // Every sample belongs to one of the seven metrics, under its exact name.
         let names = [
             "gridq_jobs",
+            "gridq_store_errors_total",
             "gridq_job_duration_seconds_bucket",
             "gridq_job_duration_seconds_sum",
             "gridq_job_duration_seconds_count",
@@ -305,6 +327,18 @@ mod tests {
     }
 
     #[test]
+    fn store_errors_are_counted_across_clones() {
+        let metrics = Metrics::new();
+        let shared = metrics.clone();
+        shared.store_error();
+        shared.store_error();
+        assert_eq!(metrics.store_errors(), 2);
+        let text = metrics.render(&Snapshot::default());
+        assert_has(&text, "# TYPE gridq_store_errors counter");
+        assert_has(&text, "gridq_store_errors_total 2");
+    }
+
+    #[test]
     fn hostile_label_values_are_escaped() {
         let snapshot = Snapshot {
             running_by_worker: vec![("evil\"} 1\nfake_metric 9\\".into(), 1)],
@@ -327,6 +361,7 @@ mod tests {
         for name in [
             "gridq_jobs",
             "gridq_job_duration_seconds",
+            "gridq_store_errors",
             "gridq_workers_online",
             "gridq_worker_running_jobs",
             "gridq_queue_messages",
@@ -336,6 +371,7 @@ mod tests {
         }
         assert_has(&text, "gridq_workers_online 0");
         assert_has(&text, "gridq_job_duration_seconds_count 0");
+        assert_has(&text, "gridq_store_errors_total 0");
         assert!(text.ends_with("\n# EOF\n"), "{text}");
         assert_eq!(text.matches("# EOF").count(), 1, "{text}");
     }
