@@ -276,24 +276,29 @@ async fn a_broker_restart_mid_sweep_loses_nothing_and_keeps_one_result_per_job()
     let mut c = Cluster::with_url("brokerrestart", node.amqp_url("/"), |_| {}).await;
     c.spawn_worker(&["--slots", "2"]);
     c.spawn_worker(&["--slots", "2"]);
+    // Jobs 0-3 end at once; the others wait for a gate the test opens once the broker is back.
+    // So the restart falls mid-sweep however slow the machine is: four jobs done, a job running
+    // through it in each slot (they report on the new sessions), the rest queued.
     let summary = c
-        .submit("name: restart\ncommand: [sh, -c, 'sleep 0.3']\nparameters:\n  x: !!python/tuple [0, 30]\n")
+        .submit("name: restart\ncommand: [sh, -c, 'if [ $1 -ge 4 ]; then while [ ! -e gate ]; do sleep 0.05; done; fi', sh, '{x}']\nparameters:\n  x: !!python/tuple [0, 30]\n")
         .await;
     assert_eq!(summary.added, 30);
     let reader = c.reader();
     let id = sweep_id("restart");
-    let before = wait_until("a few jobs to succeed", MINUTE, || {
+    wait_until("four jobs done and the slots filled", MINUTE, || {
         let counts = reader.view().counts(&id).map_err(|e| e.to_string())?;
-        let done = counts.get("succeeded").copied().unwrap_or(0);
-        if done >= 2 {
-            Ok(done)
+        let running = counts.get("running").copied().unwrap_or(0);
+        if counts.get("succeeded") == Some(&4) && running >= 4 {
+            Ok(())
         } else {
             Err(format!("{counts:?}"))
         }
     })
     .await;
     node.restart().await.expect("broker restarts");
-    assert!(before < 30, "the sweep finished before the restart");
+    let counts = c.counts("restart");
+    assert_eq!(counts.get("succeeded"), Some(&4), "{counts:?}");
+    std::fs::write(c.project.join("gate"), "").expect("gate");
     let jobs = c.wait_done("restart", MINUTE).await;
     assert_eq!(jobs.len(), 30);
     for j in &jobs {
@@ -319,9 +324,17 @@ async fn a_broker_restart_mid_sweep_loses_nothing_and_keeps_one_result_per_job()
     assert_eq!(reader.view().result_rows(&id).unwrap(), 30);
     // Everyone reconnected by themselves.
     for w in &c.workers {
-        let log = w.log_text();
-        assert!(log.contains("broker session lost; reconnecting"), "{log}");
-        assert!(log.matches("connected to the broker").count() >= 2, "{log}");
+        wait_until("the worker to reconnect", MINUTE, || {
+            let log = w.log_text();
+            if log.contains("broker session lost; reconnecting")
+                && log.matches("connected to the broker").count() >= 2
+            {
+                Ok(())
+            } else {
+                Err(log)
+            }
+        })
+        .await;
     }
     // A late duplicate report (a `finished` for an attempt already stored) is kept as a
     // duplicate, and the results table still has one row per job.
