@@ -351,15 +351,9 @@ async fn hostile_values_reach_the_program_byte_for_byte() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_whose_worker_is_killed_runs_again_elsewhere_exactly_once() {
     let mut c = Cluster::new("sigkill").await;
-    // The job records each start and its pid; the first attempt runs far longer than the test.
-    c.write(
-        "slow.py",
-        "import os, time\na = os.environ['GRIDQ_ATTEMPT']\nopen('pid-' + a, 'w').write(str(os.getpid()))\nopen('starts', 'a').write(a + '\\n')\ntime.sleep(300 if a == '1' else 2)\nprint('finished')\n",
-    );
     c.spawn_worker(&["--slots", "1"]);
-    c.submit("name: sigkill\ncommand: python3 slow.py\nparameters:\n  x: 1\n")
-        .await;
-    let job = c.jobs("sigkill")[0].id;
+    // The job records each start and its pid; the first attempt runs far longer than the test.
+    let job = c.submit_long_first_attempt("sigkill").await;
     let running = c
         .wait_state("sigkill", job, JobState::Running, MINUTE)
         .await;

@@ -588,15 +588,9 @@ async fn a_step_whose_transaction_fails_gives_its_events_back_and_loses_nothing(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_lost_while_the_store_fails_is_taken_for_lost_once_it_recovers() {
     let mut c = Cluster::new("lostfail").await;
-    // The first attempt runs far longer than the test; the second ends at once.
-    c.write(
-        "slow.py",
-        "import os, time\na = os.environ['GRIDQ_ATTEMPT']\nopen('starts', 'a').write(a + '\\n')\ntime.sleep(300 if a == '1' else 0)\n",
-    );
     c.spawn_worker(&["--slots", "1"]);
-    c.submit("name: lostfail\ncommand: python3 slow.py\nparameters:\n  x: 1\n")
-        .await;
-    let job = c.jobs("lostfail")[0].id;
+    // The first attempt runs far longer than the test.
+    let job = c.submit_long_first_attempt("lostfail").await;
     c.wait_state("lostfail", job, JobState::Running, MINUTE)
         .await;
     let starts = c.project.join("starts");

@@ -859,20 +859,26 @@ mod tests {
         assert_eq!(applied, Applied::default());
     }
 
+    /// A job delivered with tag 1, claimed, granted, then given back: the job, its attempt and
+    /// its first claim.
+    fn given_back(state: &mut State, shared: &Shared, n: u8) -> (JobMessage, AttemptRef, Claim) {
+        let (msg, attempt) = job(n);
+        let first = state
+            .hold(msg.clone(), attempt.clone(), 1)
+            .expect("claimed at once");
+        grant(state, shared, &first);
+        assert_eq!(
+            state.give_back(shared),
+            (vec![attempt.clone()], vec![first.token])
+        );
+        (msg, attempt, first)
+    }
+
     #[test]
     fn a_delivery_of_an_attempt_being_given_back_is_claimed_once_the_release_is_confirmed() {
         let (shared, _rx) = Shared::for_tests();
         let mut state = State::new(vec![None]);
-        let (msg, attempt) = job(7);
-        // Delivered (tag 1), claimed, granted, then given back.
-        let first = state
-            .hold(msg.clone(), attempt.clone(), 1)
-            .expect("claimed at once");
-        grant(&mut state, &shared, &first);
-        assert_eq!(
-            state.give_back(&shared),
-            (vec![attempt.clone()], vec![first.token])
-        );
+        let (msg, attempt, first) = given_back(&mut state, &shared, 7);
         // The master's new message for it arrives (tag 2) before the release's confirm: it is
         // not a second delivery of something held, and it waits unclaimed.
         assert!(!state.holds(&shared, &attempt));
@@ -902,12 +908,7 @@ mod tests {
     fn a_canceled_delivery_waiting_for_a_release_is_dropped_and_never_claimed() {
         let (shared, _rx) = Shared::for_tests();
         let mut state = State::new(vec![None]);
-        let (msg, attempt) = job(9);
-        let first = state
-            .hold(msg.clone(), attempt.clone(), 1)
-            .expect("claimed at once");
-        grant(&mut state, &shared, &first);
-        state.give_back(&shared);
+        let (msg, attempt, first) = given_back(&mut state, &shared, 9);
         assert_eq!(state.hold(msg, attempt.clone(), 2), None);
         let applied = state.apply(&shared, Feed::Cancel(attempt));
         assert_eq!(applied.settle, vec![2]);

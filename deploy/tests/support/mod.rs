@@ -388,6 +388,21 @@ impl Cluster {
     }
 
     /// Submits a sweep given as YAML text.
+    /// Submits sweep `name`: one job that records each start (its attempt number appended to
+    /// `starts`, its pid written to `pid-N`) and whose first attempt runs far longer than any
+    /// test; later attempts end after 2 s. Returns the job's id.
+    pub async fn submit_long_first_attempt(&self, name: &str) -> JobId {
+        self.write(
+            "slow.py",
+            "import os, time\na = os.environ['GRIDQ_ATTEMPT']\nopen('pid-' + a, 'w').write(str(os.getpid()))\nopen('starts', 'a').write(a + '\\n')\ntime.sleep(300 if a == '1' else 2)\nprint('finished')\n",
+        );
+        self.submit(&format!(
+            "name: {name}\ncommand: python3 slow.py\nparameters:\n  x: 1\n"
+        ))
+        .await;
+        self.jobs(name)[0].id
+    }
+
     pub async fn submit(&self, yaml: &str) -> gridq_master::store::SubmitSummary {
         self.submit_opts(yaml, false).await
     }
