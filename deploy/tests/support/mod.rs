@@ -200,6 +200,56 @@ pub async fn queue_stats(url: &str, queue: &str) -> serde_json::Value {
         .expect("queue stats")
 }
 
+/// Takes job messages off the default job queue (`basic.get`, not acked) until `n` jobs have
+/// come: the connection and channel (in confirm mode) that hold them, the jobs in queue order,
+/// and the last delivery tag.
+pub async fn get_jobs(
+    url: &str,
+    n: usize,
+) -> (
+    lapin::Connection,
+    lapin::Channel,
+    Vec<gridq_common::wire::JobMessage>,
+    u64,
+) {
+    use gridq_common::{topology, wire};
+    use lapin::options::{BasicGetOptions, ConfirmSelectOptions};
+
+    let conn = gridq_common::amqp::connect(url, "gridq-test-get-jobs")
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    let queue = topology::jobs_queue(topology::DEFAULT_QUEUE);
+    let mut jobs = Vec::new();
+    let mut last_tag = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while jobs.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "got only {} jobs of {n}",
+            jobs.len()
+        );
+        match ch
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .expect("basic.get")
+        {
+            Some(m) => {
+                jobs.extend(
+                    wire::decode_jobs(&m.delivery.properties, &m.delivery.data)
+                        .expect("a job message"),
+                );
+                last_tag = m.delivery.delivery_tag;
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    (conn, ch, jobs, last_tag)
+}
+
 /// Polls `f` until it returns `Some`, or panics after `limit` with what it saw last.
 pub async fn wait_until<T>(
     what: &str,
