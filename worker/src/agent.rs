@@ -167,14 +167,14 @@ pub(crate) struct Shared {
 
 #[cfg(test)]
 impl Shared {
-    /// A worker's shared state with nothing connected, and the receiving end of its outbox.
-    pub(crate) fn for_tests() -> (Self, mpsc::Receiver<Out>) {
+    /// A worker's shared state with nothing connected (its feed and outbox lead nowhere).
+    pub(crate) fn for_tests() -> Self {
         let (feed, _) = mpsc::unbounded_channel();
-        let (outbox, outbox_rx) = mpsc::channel(16);
+        let (outbox, _) = mpsc::channel(16);
         let (_, session) = watch::channel(None);
         let (draining, _) = watch::channel(false);
         let config = WorkerConfig::new(String::new(), PathBuf::new(), PathBuf::new());
-        let shared = Self {
+        Self {
             id: WorkerId::new("w-test").expect("worker id"),
             host: "localhost".into(),
             config,
@@ -185,8 +185,7 @@ impl Shared {
             session,
             draining,
             short_jobs: AtomicBool::new(false),
-        };
-        (shared, outbox_rx)
+        }
     }
 }
 

@@ -876,7 +876,7 @@ mod tests {
 
     #[test]
     fn a_delivery_of_an_attempt_being_given_back_is_claimed_once_the_release_is_confirmed() {
-        let (shared, _rx) = Shared::for_tests();
+        let shared = Shared::for_tests();
         let mut state = State::new(vec![None]);
         let (msg, attempt, first) = given_back(&mut state, &shared, 7);
         // The master's new message for it arrives (tag 2) before the release's confirm: it is
@@ -906,7 +906,7 @@ mod tests {
 
     #[test]
     fn a_canceled_delivery_waiting_for_a_release_is_dropped_and_never_claimed() {
-        let (shared, _rx) = Shared::for_tests();
+        let shared = Shared::for_tests();
         let mut state = State::new(vec![None]);
         let (msg, attempt, first) = given_back(&mut state, &shared, 9);
         assert_eq!(state.hold(msg, attempt.clone(), 2), None);
