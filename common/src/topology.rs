@@ -7,6 +7,8 @@
 //! | `gridq.dlx` | fanout exchange | master | dead letters, from the broker or from a consumer that refused a message |
 //! | `gridq.dead` | quorum queue | master | bound to `gridq.dlx`; the master records and acks what arrives |
 //! | `gridq.worker.<id>` | classic, exclusive, auto-delete | that worker | verdicts on its claims, cancels and drains for one worker |
+//! | `gridq.master.lock` | classic, exclusive | master | held while a master runs: a second master on the vhost cannot declare it |
+//! | `gridq.master.info` | classic, max one message | master | who holds the lock (host, pid, state directory), for the second master's error |
 //!
 //! Workers declare only their own queue; the master owns everything durable. Quorum queues are
 //! durable and replicated once the broker is a cluster. The events queue is a classic durable
@@ -87,6 +89,97 @@ pub async fn declare_master(channel: &Channel) -> Result<(), lapin::Error> {
         .queue_declare(EVENTS_QUEUE.into(), durable(), FieldTable::default())
         .await?;
     Ok(())
+}
+
+/// The queue a running master holds exclusively (see [`lock_master`]).
+pub const MASTER_LOCK_QUEUE: &str = "gridq.master.lock";
+/// Who holds [`MASTER_LOCK_QUEUE`]: one message, replaced by each master that takes the lock.
+pub const MASTER_INFO_QUEUE: &str = "gridq.master.info";
+
+/// Why a master could not take the vhost's lock.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// Another master's connection holds it; `holder` says who, as that master described itself.
+    #[error("another gridq master runs on vhost `{vhost}` of this broker ({holder})")]
+    Held { vhost: String, holder: String },
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+}
+
+/// Takes the vhost's master lock on this connection: an exclusive queue, which the broker
+/// deletes when the connection closes (or the broker restarts), so a crashed master never
+/// leaves a stale lock. Then records `identity` as the holder.
+///
+/// # Errors
+/// [`LockError::Held`] when another connection holds it (with what that master recorded);
+/// otherwise the broker's error.
+pub async fn lock_master(
+    connection: &lapin::Connection,
+    vhost: &str,
+    identity: &str,
+) -> Result<(), LockError> {
+    let channel = connection.create_channel().await?;
+    let declared = channel
+        .queue_declare(
+            MASTER_LOCK_QUEUE.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(_) => {}
+        Err(e) if is_soft_error(&e, 405) => {
+            return Err(LockError::Held {
+                vhost: vhost.to_owned(),
+                holder: master_holder(connection)
+                    .await
+                    .unwrap_or_else(|| "it did not say who it is".to_owned()),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-max-length"), AMQPValue::LongLongInt(1));
+    channel
+        .queue_declare(MASTER_INFO_QUEUE.into(), durable(), args)
+        .await?;
+    channel
+        .queue_purge(MASTER_INFO_QUEUE.into(), Default::default())
+        .await?;
+    channel
+        .basic_publish(
+            "".into(),
+            MASTER_INFO_QUEUE.into(),
+            lapin::options::BasicPublishOptions::default(),
+            identity.as_bytes(),
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await?;
+    let _ = channel.close(200, "lock taken".into()).await;
+    Ok(())
+}
+
+/// What the lock's holder recorded, read without taking it off the queue.
+async fn master_holder(connection: &lapin::Connection) -> Option<String> {
+    let channel = connection.create_channel().await.ok()?;
+    let got = channel
+        .basic_get(MASTER_INFO_QUEUE.into(), Default::default())
+        .await
+        .ok()
+        .flatten();
+    // Closing the channel puts the unacked message back.
+    let text = got.map(|m| String::from_utf8_lossy(&m.delivery.data).into_owned());
+    let _ = channel.close(200, "read".into()).await;
+    text
+}
+
+/// Whether `e` is the broker's soft (channel) error with this reply code, e.g. 403
+/// ACCESS_REFUSED or 405 RESOURCE_LOCKED.
+pub fn is_soft_error(e: &lapin::Error, code: u16) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(err) if err.get_id() == code)
 }
 
 /// Declares the job queue for the user-facing queue `name`.

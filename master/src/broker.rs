@@ -22,7 +22,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::store::Publish;
 
@@ -68,14 +68,25 @@ pub struct BrokerConfig {
     /// Events fetched ahead of the core (bounded).
     pub prefetch: u16,
     pub name: String,
+    /// The broker URL's vhost, for messages.
+    pub vhost: String,
+    /// How this master describes itself to a second master on the same vhost.
+    pub identity: String,
 }
+
+/// Told once, after the first try to connect: `Err` when another master holds the vhost (this
+/// master must not start); `Ok` when the session is up or the broker could not be reached (the
+/// master starts and keeps trying).
+pub type FirstSession = tokio::sync::oneshot::Sender<Result<(), String>>;
 
 /// Runs sessions until `outbound` closes (the core stopped).
 pub async fn run(
     config: BrokerConfig,
     inbound: mpsc::Sender<Inbound>,
     mut outbound: mpsc::Receiver<Outbound>,
+    first: FirstSession,
 ) {
+    let mut first = Some(first);
     let mut backoff = Backoff::default();
     let mut queues: Vec<String> = vec![topology::DEFAULT_QUEUE.to_owned()];
     loop {
@@ -84,6 +95,9 @@ pub async fn run(
             Err(e) => {
                 let delay = backoff.next_delay();
                 warn!(broker = %amqp::redact(&config.url), cause = %e, retry_in = ?delay, "cannot connect to the broker");
+                if let Some(f) = first.take() {
+                    let _ = f.send(Ok(()));
+                }
                 if inbound.send(Inbound::Down(e.to_string())).await.is_err() {
                     return;
                 }
@@ -98,12 +112,30 @@ pub async fn run(
             &mut outbound,
             &mut queues,
             &mut backoff,
+            &mut first,
         )
         .await
         {
             SessionEnd::Shutdown => {
                 let _ = connection.close(200, "master stopping".into()).await;
                 return;
+            }
+            SessionEnd::Locked(why) => {
+                let _ = connection
+                    .close(200, "another master holds the vhost".into())
+                    .await;
+                if let Some(f) = first.take() {
+                    let _ = f.send(Err(why));
+                    return;
+                }
+                // The lock was lost (a broker restart) and another master took it meanwhile:
+                // this one consumes nothing until it is free again.
+                let delay = backoff.next_delay();
+                error!(cause = %why, retry_in = ?delay, "this master's vhost is held by another master; waiting for it to be free");
+                if inbound.send(Inbound::Down(why)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(delay).await;
             }
             SessionEnd::Lost(why) => {
                 warn!(cause = %why, "broker session lost; reconnecting");
@@ -120,6 +152,8 @@ pub async fn run(
 enum SessionEnd {
     Shutdown,
     Lost(String),
+    /// Another master holds the vhost's lock.
+    Locked(String),
 }
 
 async fn session(
@@ -129,7 +163,16 @@ async fn session(
     outbound: &mut mpsc::Receiver<Outbound>,
     queues: &mut Vec<String>,
     backoff: &mut Backoff,
+    first: &mut Option<FirstSession>,
 ) -> SessionEnd {
+    // One master per vhost: before it consumes anything, it takes the vhost's lock.
+    match topology::lock_master(connection, &config.vhost, &config.identity).await {
+        Ok(()) => {}
+        Err(e @ topology::LockError::Held { .. }) => return SessionEnd::Locked(e.to_string()),
+        Err(topology::LockError::Broker(e)) => {
+            return SessionEnd::Lost(format!("taking the master lock: {e}"));
+        }
+    }
     let setup = async {
         let declare = connection.create_channel().await?;
         topology::declare_master(&declare).await?;
@@ -179,6 +222,9 @@ async fn session(
         };
     info!(broker = %amqp::redact(&config.url), "connected to the broker");
     backoff.reset();
+    if let Some(f) = first.take() {
+        let _ = f.send(Ok(()));
+    }
     if inbound.send(Inbound::Up).await.is_err() {
         return SessionEnd::Shutdown;
     }

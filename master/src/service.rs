@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use gridq_common::secret::Redactor;
 use gridq_common::topology;
 use gridq_common::wire::{self, AttemptRef, FromWorker, ToWorker, Verdict};
 use gridq_common::{JobId, SweepId, WorkerId};
@@ -107,6 +108,11 @@ pub enum MasterError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// Another master holds the broker vhost (what it said of itself).
+    #[error(
+        "{0}; stop that master first, or give this one a vhost of its own (the path of the broker URL, e.g. amqp://user:pass@host:5672/my-project)"
+    )]
+    AnotherMaster(String),
 }
 
 /// A command from the API (or an embedding program) to the core.
@@ -192,6 +198,9 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())
 }
 
+/// How long [`start`] waits for the first broker session to say whether the vhost is free.
+const FIRST_SESSION_WAIT: Duration = Duration::from_secs(15);
+
 /// Starts the master and returns once it listens; it runs until `shutdown` resolves.
 ///
 /// # Errors
@@ -253,8 +262,28 @@ pub async fn start(
         delivery_limit: config.delivery_limit,
         prefetch: 1000,
         name: format!("gridq-master@{}", hostname()),
+        vhost: gridq_common::amqp::vhost(&config.broker_url),
+        identity: format!(
+            "host {}, pid {}, state directory {}, API http://{addr}, since {}",
+            hostname(),
+            std::process::id(),
+            dir.display(),
+            humantime::format_rfc3339_seconds(SystemTime::now())
+        ),
     };
-    let broker_task = tokio::spawn(broker::run(broker_config, inbound_tx, outbound_rx));
+    let (first_tx, first_rx) = oneshot::channel();
+    let broker_task = tokio::spawn(broker::run(
+        broker_config,
+        inbound_tx,
+        outbound_rx,
+        first_tx,
+    ));
+    // A second master on a vhost that has one must not start (both would consume the same
+    // events). An unreachable broker does not stop the start: the session keeps trying, and
+    // takes the lock before it consumes anything.
+    if let Ok(Ok(Err(holder))) = tokio::time::timeout(FIRST_SESSION_WAIT, first_rx).await {
+        return Err(MasterError::AnotherMaster(holder));
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let http_task = tokio::spawn(http::serve(
         listener,
@@ -264,7 +293,9 @@ pub async fn start(
         stop_rx.clone(),
     ));
     info!(listen = %addr, broker = %gridq_common::amqp::redact(&config.broker_url), "master started");
-    let core = Core::new(store, config, outbound_tx, changes_tx, activity)?;
+    let mut secrets = Redactor::for_broker_url(&config.broker_url);
+    secrets.add(token.to_string());
+    let core = Core::new(store, config, outbound_tx, changes_tx, activity, secrets)?;
     let task = tokio::spawn(async move {
         let mut stop = stop_rx;
         tokio::select! {
@@ -273,8 +304,15 @@ pub async fn start(
         }
         let _ = stop_tx.send(true);
         let _ = http_task.await;
-        broker_task.abort();
-        let _ = broker_task.await;
+        // The core is gone, so its outbound channel is closed: the session closes the
+        // connection, which frees the vhost's master lock at once for the next master.
+        let abort = broker_task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), broker_task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
         info!("master stopped");
     });
     Ok((handle, task))
@@ -310,6 +348,9 @@ struct Core {
     queues: HashSet<String>,
     activity: Arc<Activity>,
     last_purge: Instant,
+    /// The master's secrets (its broker password and API token), masked in whatever a worker
+    /// sends of a job's output or result before it is stored, whatever the worker did.
+    secrets: Arc<Redactor>,
 }
 
 /// What to do once a transaction has committed.
@@ -363,6 +404,7 @@ impl Core {
         out: mpsc::Sender<Outbound>,
         changes: watch::Sender<u64>,
         activity: Arc<Activity>,
+        secrets: Redactor,
     ) -> Result<Self, MasterError> {
         // Leases survive a restart: every worker holding one gets a full timeout to show up.
         let mut workers = HashMap::new();
@@ -385,6 +427,7 @@ impl Core {
             queues: HashSet::from([topology::DEFAULT_QUEUE.to_owned()]),
             activity,
             last_purge: Instant::now(),
+            secrets: Arc::new(secrets),
         })
     }
 
@@ -521,6 +564,7 @@ impl Core {
         };
         let config = self.config.clone();
         let activity = self.activity.clone();
+        let secrets = self.secrets.clone();
         // The transaction works on a copy of what the core knows of its workers, which takes
         // the place of the original only once committed: a failed step leaves it as it was.
         // (A worker taken for lost and dropped from it by a step that then rolled back would
@@ -531,7 +575,8 @@ impl Core {
         self.store.transaction(|tx| {
             for m in inbound {
                 match m {
-                    Inbound::Event(event, _) => {
+                    Inbound::Event(mut event, _) => {
+                        redact_event(&secrets, &mut event);
                         handle_event(tx, event, &config, &mut workers, &activity, &mut effects, now)?;
                     }
                     Inbound::Dead { properties, body, .. } => {
@@ -665,6 +710,28 @@ impl Core {
             }
         }
         Ok(())
+    }
+}
+
+/// Masks the master's secrets in a job's output lines, result and failure reason.
+fn redact_event(secrets: &Redactor, event: &mut FromWorker) {
+    match event {
+        FromWorker::Output(batch) => {
+            for l in &mut batch.lines {
+                secrets.redact_in_place(&mut l.line);
+            }
+        }
+        FromWorker::Finished(results) => {
+            for f in &mut results.results {
+                if let Some(r) = &mut f.result {
+                    secrets.redact_object(r);
+                }
+                if let Some(reason) = &mut f.reason {
+                    secrets.redact_in_place(reason);
+                }
+            }
+        }
+        _ => {}
     }
 }
 

@@ -21,6 +21,7 @@
 //! heartbeats stop.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use gridq_common::amqp::{self, Backoff};
+use gridq_common::secret::Redactor;
 use gridq_common::topology;
 use gridq_common::wire::{
     self, AttemptRef, FromWorker, GpuStat, Heartbeat, JobMessage, LogLine, Outcome, OutputBatch,
@@ -163,6 +165,10 @@ pub(crate) struct Shared {
     draining: watch::Sender<bool>,
     /// Whether the feeder holds jobs ahead (its recent jobs were short), for heartbeats.
     pub(crate) short_jobs: AtomicBool,
+    /// The worker's secrets, masked in a job's output and result before they leave the host.
+    secrets: Redactor,
+    /// What every job inherits of the worker's environment (see [`crate::job_env`]).
+    inherit: Arc<[(OsString, OsString)]>,
 }
 
 #[cfg(test)]
@@ -185,6 +191,8 @@ impl Shared {
             session,
             draining,
             short_jobs: AtomicBool::new(false),
+            secrets: Redactor::default(),
+            inherit: Arc::from(Vec::new()),
         }
     }
 }
@@ -218,6 +226,8 @@ pub async fn run(config: WorkerConfig, mut stop: StopSignal) -> std::io::Result<
     let (session_tx, session_rx) = watch::channel::<Option<Arc<Session>>>(None);
     let (draining_tx, draining_rx) = watch::channel(false);
     let (feed_tx, feed_rx) = mpsc::unbounded_channel();
+    let secrets = Redactor::for_broker_url(&config.broker_url);
+    let inherit = crate::job_env::inherited(&secrets);
     let shared = Arc::new(Shared {
         id: id.clone(),
         host,
@@ -229,6 +239,8 @@ pub async fn run(config: WorkerConfig, mut stop: StopSignal) -> std::io::Result<
         session: session_rx,
         draining: draining_tx,
         short_jobs: AtomicBool::new(false),
+        secrets,
+        inherit,
     });
     info!(worker = %id, slots = slots.len(), queues = ?config.queues, broker = %amqp::redact(&config.broker_url), "worker starting");
 
@@ -714,6 +726,7 @@ pub(crate) async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u
         .join(format!("{}-{}.json", job.job, job.attempt));
     let spec = JobSpec {
         argv: job.argv.clone(),
+        inherit: shared.inherit.clone(),
         env: job_env(shared, &job, gpu),
         workdir,
         timeout: job.timeout_ms.map(Duration::from_millis),
@@ -836,8 +849,11 @@ fn finished_report(
         signal,
         started_ms,
         finished_ms,
-        result: outcome.result,
-        reason,
+        result: outcome.result.map(|mut r| {
+            shared.secrets.redact_object(&mut r);
+            r
+        }),
+        reason: reason.map(|r| shared.secrets.redact(&r).into_owned()),
         gpus: gpu.into_iter().collect(),
         lines,
     }
@@ -865,7 +881,8 @@ async fn forward_output(
             }
         };
         match line {
-            Some(l) => {
+            Some(mut l) => {
+                shared.secrets.redact_in_place(&mut l.line);
                 batch.push(LogLine {
                     stream: l.stream,
                     line: l.line,

@@ -5,9 +5,11 @@
 //! - [`agent`]: the worker service: sessions, the outbox, heartbeats, graceful stop.
 //! - [`feeder`]: deliveries, claims and grants, how many jobs a worker holds, starting jobs on
 //!   free slots.
+//! - [`job_env`]: what a job inherits from the worker's environment, and what it never sees.
 //! - [`runner`]: runs one job as a subprocess (process group, timeout, kill, output lines, result).
 
 pub mod agent;
 pub mod feeder;
+pub mod job_env;
 pub mod runner;
 pub mod spawn;

@@ -22,6 +22,7 @@
 //! - Dropping the process SIGKILLs and reaps it, and if the supervising task is dropped
 //!   (runtime shutdown) before the job was reaped, the whole group is SIGKILLed.
 
+use std::ffi::OsString;
 use std::io;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::process::ExitStatusExt as _;
@@ -73,7 +74,10 @@ pub struct JobSpec {
     /// `argv[0]` is the program, looked up on `PATH`; each element is passed as one argument,
     /// exactly, never through a shell.
     pub argv: Vec<String>,
-    /// Added on top of the worker's own environment; later entries win.
+    /// What the job inherits from the worker: [`crate::job_env::inherited`], never the worker's
+    /// whole environment (it holds the broker's credentials).
+    pub inherit: Arc<[(OsString, OsString)]>,
+    /// Added on top of `inherit`; later entries win.
     pub env: Vec<(String, String)>,
     /// The job's working directory.
     pub workdir: PathBuf,
@@ -285,16 +289,21 @@ impl RunningJob {
         ));
         let started_at = SystemTime::now();
         let start = Instant::now();
-        let mut child = spawn_from_lasting_thread(spec.argv.clone(), env, spec.workdir.clone())
-            .map_err(|failure| match failure {
-                // The child's chdir failed, before its exec.
-                spawn::SpawnFailure::Workdir(source) => SpawnError::Workdir {
-                    program: program.clone(),
-                    dir: spec.workdir.clone(),
-                    source,
-                },
-                spawn::SpawnFailure::Start(err) => classify(program.clone(), err),
-            })?;
+        let mut child = spawn_from_lasting_thread(
+            spec.argv.clone(),
+            spec.inherit.clone(),
+            env,
+            spec.workdir.clone(),
+        )
+        .map_err(|failure| match failure {
+            // The child's chdir failed, before its exec.
+            spawn::SpawnFailure::Workdir(source) => SpawnError::Workdir {
+                program: program.clone(),
+                dir: spec.workdir.clone(),
+                source,
+            },
+            spawn::SpawnFailure::Start(err) => classify(program.clone(), err),
+        })?;
         // Dropping `child` on these error paths SIGKILLs and reaps it.
         let (pid, pgid) = match (u32::try_from(child.pid), child.pid) {
             (Ok(pid), raw) if raw > 1 => (pid, Pid::from_raw(raw)),
@@ -488,12 +497,14 @@ fn on_main_thread() -> bool {
 /// spawner thread. Either way the caller waits for the clone and exec.
 fn spawn_from_lasting_thread(
     argv: Vec<String>,
+    inherit: Arc<[(OsString, OsString)]>,
     env: Vec<(String, String)>,
     cwd: PathBuf,
 ) -> Result<spawn::Process, spawn::SpawnFailure> {
     if on_main_thread() {
         return spawn::spawn(&spawn::Spawn {
             argv: &argv,
+            inherit: &inherit,
             env: &env,
             cwd: &cwd,
         });
@@ -503,6 +514,7 @@ fn spawn_from_lasting_thread(
     let request: SpawnRequest = Box::new(move || {
         let _ = reply.send(spawn::spawn(&spawn::Spawn {
             argv: &argv,
+            inherit: &inherit,
             env: &env,
             cwd: &cwd,
         }));

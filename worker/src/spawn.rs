@@ -44,7 +44,9 @@ use tokio::io::unix::AsyncFd;
 #[derive(Debug)]
 pub struct Spawn<'a> {
     pub argv: &'a [String],
-    /// Added to (and overriding) the worker's own environment.
+    /// What the job inherits (see [`crate::job_env`]): never the worker's whole environment.
+    pub inherit: &'a [(OsString, OsString)],
+    /// Added to (and overriding) `inherit`.
     pub env: &'a [(String, String)],
     pub cwd: &'a Path,
 }
@@ -138,8 +140,8 @@ pub fn spawn(spec: &Spawn<'_>) -> Result<Process, SpawnFailure> {
         .argv
         .first()
         .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
-    // The worker's environment, then the job's; a later value of a name replaces an earlier.
-    let mut env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    // What the job inherits, then its own; a later value of a name replaces an earlier.
+    let mut env: Vec<(OsString, OsString)> = spec.inherit.to_vec();
     for (k, v) in spec.env {
         match env.iter_mut().find(|(n, _)| n.as_os_str() == OsStr::new(k)) {
             Some(slot) => slot.1 = OsString::from(v),

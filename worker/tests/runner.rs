@@ -25,6 +25,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 fn spec(dir: &Path, argv: &[&str]) -> JobSpec {
     JobSpec {
         argv: argv.iter().map(|arg| arg.to_string()).collect(),
+        inherit: gridq_worker::job_env::inherited(&Default::default()),
         env: Vec::new(),
         workdir: dir.to_path_buf(),
         // A safety net so that a broken runner fails the test instead of hanging it.

@@ -29,9 +29,19 @@ pub(crate) struct RunArgs {
     /// The command, for bare parameters files.
     #[arg(long, short = 'c')]
     command: Option<String>,
-    /// The broker; default: amqp://127.0.0.1:5672 if it answers, else a private node.
+    /// The broker; default: amqp://127.0.0.1:5672 if it answers (and a vhost of this run's own
+    /// can be made there), else a private node. A URL whose vhost is `/` gets a vhost of this
+    /// state directory's own (created through the management API); any other vhost is used as
+    /// given.
     #[arg(long, env = "GRIDQ_BROKER", hide_env_values = true)]
     broker: Option<String>,
+    /// RabbitMQ's management API, to create this run's vhost on a shared broker (default: the
+    /// broker's host, port 15672).
+    #[arg(long, env = "GRIDQ_MANAGEMENT_URL")]
+    management_url: Option<String>,
+    /// The CA certificates (PEM) an amqps:// broker's certificate must chain to.
+    #[arg(long, env = "GRIDQ_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Where the store, token, private broker and results live.
     #[arg(long, env = "GRIDQ_STATE_DIR", default_value = ".gridq")]
     state_dir: PathBuf,
@@ -41,6 +51,7 @@ pub(crate) struct RunArgs {
 }
 
 pub(crate) fn run(args: &RunArgs) -> Result<(), Failure> {
+    super::services::protect_secrets();
     let _ = args.local;
     // Validate the sweep before starting anything: bad input exits 2 and changes nothing.
     let yaml = std::fs::read_to_string(&args.sweep)
@@ -81,24 +92,44 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), Failure> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let state_dir = absolute(&args.state_dir).map_err(Failure::Other)?;
 
+    let given = match &args.broker {
+        Some(url) => {
+            let url = super::services::with_ca_file(url.clone(), args.ca_file.as_deref())?;
+            super::services::warn_if_plain(&url);
+            Some(url)
+        }
+        None => None,
+    };
     let rt = super::services::runtime()?;
     let outcome = rt.block_on(async {
         let mut stop = super::services::stop_signals()?;
         let mut node = None;
-        let broker = match &args.broker {
-            Some(url) => url.clone(),
-            None => match probe(amqp::DEFAULT_BROKER).await {
-                true => amqp::DEFAULT_BROKER.to_owned(),
-                false => {
-                    let n = start_private_broker(&state_dir).await?;
-                    let url = n.amqp_url("/");
-                    node = Some(n);
-                    url
+        let management = args.management_url.as_deref();
+        let shared = match &given {
+            Some(url) => Some(own_vhost(url, &state_dir, management).await?),
+            None if probe(amqp::DEFAULT_BROKER).await => {
+                match own_vhost(amqp::DEFAULT_BROKER, &state_dir, management).await {
+                    Ok(url) => Some(url),
+                    Err(e) => {
+                        eprintln!("note: {e:#}\nstarting a private broker node instead");
+                        None
+                    }
                 }
-            },
+            }
+            None => None,
+        };
+        let broker = match shared {
+            Some(url) => url,
+            None => {
+                let n = start_private_broker(&state_dir).await?;
+                let url = n.amqp_url("/");
+                node = Some(n);
+                url
+            }
         };
         let result = session(
-            &state_dir, &broker, &project, n_workers, record, jobs, args.rerun, &mut stop,
+            &state_dir, &broker, management, &project, n_workers, record, jobs, args.rerun,
+            &mut stop,
         )
         .await;
         if let Some(mut n) = node {
@@ -126,6 +157,54 @@ async fn probe(url: &str) -> bool {
     )
 }
 
+/// The vhost of a run with this state directory on a shared broker: one per state directory
+/// and host, so two projects (or two clones of one) never see each other's queues, and a run
+/// resumed from the same directory finds its own.
+fn local_vhost(state_dir: &Path) -> String {
+    let host = nix::unistd::gethostname().unwrap_or_default();
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(host.as_encoded_bytes());
+    hasher.update(b"\0");
+    hasher.update(state_dir.as_os_str().as_encoded_bytes());
+    let hash = hasher.finalize().to_hex();
+    format!("gridq-local-{}", &hash[..16])
+}
+
+/// The URL this run uses on the broker at `url`: as given when it names a vhost other than
+/// `/`, else on a vhost of this state directory's own, created when missing.
+async fn own_vhost(
+    url: &str,
+    state_dir: &Path,
+    management: Option<&str>,
+) -> anyhow::Result<String> {
+    if amqp::vhost(url) != "/" {
+        return Ok(url.to_owned());
+    }
+    let vhost = local_vhost(state_dir);
+    let api = gridq_common::management::Management::for_broker(url, management);
+    let created = async {
+        if !api.vhost_exists(&vhost).await? {
+            let description = format!("gridq run --local, state directory {}", state_dir.display());
+            api.add_vhost(&vhost, &description).await?;
+            api.set_permissions(&vhost, api.user(), ".*", ".*", ".*")
+                .await?;
+        }
+        Ok::<_, gridq_common::management::ManagementError>(())
+    };
+    if let Err(e) = created.await {
+        bail!(
+            "the broker at {} is shared (its URL names vhost `/`), and this run needs a vhost of its own, `{vhost}`, which gridq cannot create: {e}.\n\
+             Create it once on the broker host:\n  \
+             rabbitmqctl add_vhost {vhost}\n  \
+             rabbitmqctl set_permissions -p {vhost} {} '.*' '.*' '.*'\n\
+             or name a vhost of this project's in the URL (amqp://user:pass@host:5672/VHOST), or give --management-url",
+            amqp::redact(url),
+            api.user()
+        );
+    }
+    Ok(amqp::with_vhost(url, &vhost))
+}
+
 async fn start_private_broker(state_dir: &Path) -> anyhow::Result<RabbitNode> {
     if let Err(e) = gridq_common::rabbit_node::locate_server() {
         bail!("no broker answers at {} and {e}", amqp::DEFAULT_BROKER);
@@ -145,6 +224,7 @@ async fn start_private_broker(state_dir: &Path) -> anyhow::Result<RabbitNode> {
 async fn session(
     state_dir: &Path,
     broker: &str,
+    management: Option<&str>,
     project: &Path,
     n_workers: usize,
     record: gridq_master::store::SweepRecord,
@@ -152,10 +232,12 @@ async fn session(
     rerun: bool,
     stop: &mut tokio::sync::watch::Receiver<u32>,
 ) -> anyhow::Result<bool> {
+    eprintln!("broker: {}", amqp::redact(broker));
     let (master_stop_tx, master_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut config = MasterConfig::new(state_dir.to_path_buf(), broker.to_owned());
     config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     config.heartbeat_timeout = Duration::from_secs(10);
+    config.management_url = management.map(str::to_owned);
     let (handle, master_task) = service::start(config, async move {
         let _ = master_stop_rx.await;
     })
