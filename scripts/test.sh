@@ -12,11 +12,12 @@ echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # One private RabbitMQ node for the whole run (each test uses its own vhost). Its
-# consumer_timeout is 5 s, so every pipeline test also runs under a tight consumer timeout.
+# consumer_timeout is 5 s, so every pipeline test also runs under a tight consumer timeout. It
+# also listens with TLS (its own CA) for the TLS tests.
 echo "== test broker" >&2
 cargo build --locked -q -p gridq-deploy
 broker_dir=$(mktemp -d /tmp/gridq-test-broker.XXXXXX)
-target/debug/gridq broker --dir "$broker_dir/node" --management --consumer-timeout 5s \
+target/debug/gridq broker --dir "$broker_dir/node" --management --tls --consumer-timeout 5s \
     --env-file "$broker_dir/env" >"$broker_dir/broker.log" 2>&1 &
 broker_pid=$!
 cleanup() {

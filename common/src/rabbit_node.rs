@@ -280,6 +280,17 @@ pub struct NodeOptions {
     pub consumer_timeout: Option<Duration>,
     /// How long the node may take to accept its first AMQP connection.
     pub startup_timeout: Duration,
+    /// Also listen for AMQP over TLS (on 127.0.0.1, another free port) with these files.
+    pub tls: Option<NodeTls>,
+}
+
+/// The PEM files of a node's TLS listener. Clients are not asked for certificates.
+#[derive(Debug, Clone)]
+pub struct NodeTls {
+    /// The CA that issued `cert`, which clients verify the node against.
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl NodeOptions {
@@ -292,6 +303,7 @@ impl NodeOptions {
             management: false,
             consumer_timeout: None,
             startup_timeout: Duration::from_secs(90),
+            tls: None,
         }
     }
 }
@@ -304,6 +316,8 @@ struct SavedNode {
     dist_port: u16,
     #[serde(default)]
     management_port: Option<u16>,
+    #[serde(default)]
+    tls_port: Option<u16>,
 }
 
 /// The password of the node's user; its `Debug` never shows it.
@@ -367,6 +381,7 @@ pub struct RabbitNode {
     amqp_port: u16,
     dist_port: u16,
     management_port: Option<u16>,
+    tls_port: Option<u16>,
     password: Password,
     /// The `rabbitmq-server` shell wrapper: leader of the node's process group.
     child: Option<Child>,
@@ -430,6 +445,7 @@ impl RabbitNode {
             amqp_port: 0,
             dist_port: 0,
             management_port: None,
+            tls_port: None,
             password,
             child: None,
             server_pid: None,
@@ -454,6 +470,10 @@ impl RabbitNode {
             let previous = saved.as_ref().and_then(|s| s.management_port);
             node.management_port = Some(node.claim_port(previous)?);
         }
+        if node.options.tls.is_some() {
+            let previous = saved.as_ref().and_then(|s| s.tls_port);
+            node.tls_port = Some(node.claim_port(previous)?);
+        }
         write_atomically(
             &node.layout.saved_node,
             &serde_json::to_vec_pretty(&SavedNode {
@@ -461,6 +481,7 @@ impl RabbitNode {
                 amqp_port: node.amqp_port,
                 dist_port: node.dist_port,
                 management_port: node.management_port,
+                tls_port: node.tls_port,
             })
             .map_err(|e| NodeError::io("serialize", &node.layout.saved_node, e.into()))?,
             0o644,
@@ -473,6 +494,19 @@ impl RabbitNode {
     /// [`RabbitNode::redacted_url`].
     pub fn amqp_url(&self, vhost: &str) -> String {
         amqp_url(&self.password.0, self.amqp_port, vhost)
+    }
+
+    /// The `amqps://` URL for `vhost` when the node listens with TLS: it names the CA to verify
+    /// the node against (`cacertfile`, as RabbitMQ's URI spec has it).
+    pub fn amqps_url(&self, vhost: &str) -> Option<String> {
+        let (port, tls) = (self.tls_port?, self.options.tls.as_ref()?);
+        Some(format!(
+            "amqps://{USER}:{}@127.0.0.1:{port}/{}?{}={}",
+            self.password.0,
+            percent_encode(vhost),
+            crate::amqp::CA_FILE_PARAM,
+            percent_encode(&tls.ca_cert.to_string_lossy())
+        ))
     }
 
     /// [`RabbitNode::amqp_url`] with the password replaced by `***`, for logs and messages.
@@ -788,6 +822,21 @@ impl RabbitNode {
         if let Some(port) = self.management_port {
             conf.push_str(&format!(
                 "management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {port}\n"
+            ));
+        }
+        if let (Some(port), Some(tls)) = (self.tls_port, &self.options.tls) {
+            conf.push_str(&format!(
+                "listeners.ssl.default = 127.0.0.1:{port}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n\
+                 ssl_options.versions.1 = tlsv1.3\n\
+                 ssl_options.versions.2 = tlsv1.2\n",
+                tls.ca_cert.display(),
+                tls.cert.display(),
+                tls.key.display()
             ));
         }
         write_atomically(&self.layout.config_file(), conf.as_bytes(), 0o600)?;
@@ -1171,18 +1220,7 @@ fn amqp_url(password: &str, port: u16, vhost: &str) -> String {
     )
 }
 
-/// Percent-encodes everything but RFC 3986's unreserved characters, so `/` becomes `%2F`.
-pub fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
+pub use crate::amqp::percent_encode;
 
 /// `len` characters drawn uniformly from `[A-Za-z0-9]` by the system's random generator.
 fn random_alphanumeric(len: usize) -> Result<String> {

@@ -11,6 +11,11 @@
 //! - latency: one job's submit-to-stored time, median and p99 over 200 jobs in sequence;
 //! - memory: idle worker RSS, and master RSS after 100,000 stored jobs (skipped when
 //!   `GRIDQ_BENCH_SKIP_MASTER_RSS` is set).
+//!
+//! With `GRIDQ_BENCH_TLS` set it measures instead what TLS costs: one broker listening plain and
+//! with TLS, a master and two workers on a vhost over plain AMQP and another set over `amqps://`,
+//! and pairs of runs on each in turn (ABBA order): end-to-end jobs/s of a 5,000-job sweep and the
+//! median latency of 50 one-job sweeps.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -178,6 +183,148 @@ fn count(counts: &Value, state: &str) -> u64 {
     counts[state].as_u64().unwrap_or(0)
 }
 
+/// A master and two workers on one broker URL.
+struct Stack {
+    api: Api,
+    _master: Proc,
+    _workers: [Proc; 2],
+}
+
+fn stack(exe: &Path, dir: &Path, name: &str, broker: &str) -> Stack {
+    let ctx = dir.join(format!("context-{name}.json"));
+    let master = Proc(
+        Command::new(exe)
+            .args(["master", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.join(format!("state-{name}")))
+            .env("GRIDQ_BROKER", broker)
+            .env("GRIDQ_CONTEXT", &ctx)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gridq master"),
+    );
+    let ctx: Value = serde_json::from_str(&wait_file(&ctx)).expect("context");
+    let project = dir.join("project");
+    std::fs::create_dir_all(&project).expect("project");
+    let worker = |n: usize| {
+        Proc(
+            Command::new(exe)
+                .args(["worker", "--slots", "2", "--heartbeat", "1s", "--id"])
+                .arg(format!("bench-{name}-{n}"))
+                .arg("--project")
+                .arg(&project)
+                .env("GRIDQ_BROKER", broker)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("gridq worker"),
+        )
+    };
+    Stack {
+        api: Api {
+            base: ctx["url"].as_str().expect("url").to_owned(),
+            token: ctx["token"].as_str().expect("token").to_owned(),
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .expect("http"),
+        },
+        _master: master,
+        _workers: [worker(1), worker(2)],
+    }
+}
+
+/// End-to-end jobs/s of an `n`-job sweep, and the median latency of `k` one-job sweeps.
+fn e2e_and_latency(api: &Api, tag: &str, n: u64, k: usize) -> (f64, f64) {
+    let t = Instant::now();
+    api.submit(&format!(
+        "name: e2e-{tag}\ncommand: [\"true\"]\nparameters:\n  i: {{range: [0, {n}]}}\n"
+    ));
+    api.wait(&format!("e2e-{tag}"), PROGRESS_PACE, |c| {
+        count(c, "succeeded") == n
+    });
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let mut samples = Vec::with_capacity(k);
+    for i in 0..k {
+        let name = format!("lat-{tag}-{i}");
+        let t = Instant::now();
+        api.submit(&format!(
+            "name: {name}\ncommand: [\"true\"]\nparameters:\n  i: {i}\n"
+        ));
+        api.wait(&name, Duration::ZERO, |c| count(c, "succeeded") == 1);
+        samples.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    (rate, samples[k / 2])
+}
+
+/// Plain AMQP against TLS, interleaved on one broker (see the module's documentation).
+fn tls_pairs(exe: &Path, dir: &Path) {
+    let env_file = dir.join("broker.env");
+    let _broker = Proc(
+        Command::new(exe)
+            .args(["broker", "--management", "--tls", "--dir"])
+            .arg(dir.join("broker"))
+            .arg("--env-file")
+            .arg(&env_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gridq broker"),
+    );
+    let env = wait_file(&env_file);
+    let get = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} missing"))
+            .to_owned()
+    };
+    let http = reqwest::blocking::Client::new();
+    let mut urls = Vec::new();
+    for (mode, base) in [
+        ("plain", get("GRIDQ_BROKER")),
+        ("tls", get("GRIDQ_BROKER_TLS")),
+    ] {
+        let vhost = format!("bench-{mode}");
+        for (path, body) in [
+            (format!("/api/vhosts/{vhost}"), json!({})),
+            (
+                format!("/api/permissions/{vhost}/{}", get("GRIDQ_BROKER_USER")),
+                json!({"configure": ".*", "write": ".*", "read": ".*"}),
+            ),
+        ] {
+            http.put(format!("{}{path}", get("GRIDQ_BROKER_MANAGEMENT")))
+                .basic_auth(get("GRIDQ_BROKER_USER"), Some(get("GRIDQ_BROKER_PASSWORD")))
+                .json(&body)
+                .send()
+                .and_then(|r| r.error_for_status())
+                .expect("management API");
+        }
+        urls.push((mode, gridq_common::amqp::with_vhost(&base, &vhost)));
+    }
+    let stacks: Vec<(&str, Stack)> = urls
+        .iter()
+        .map(|(mode, url)| (*mode, stack(exe, dir, mode, url)))
+        .collect();
+    for (mode, s) in &stacks {
+        e2e_and_latency(&s.api, &format!("warm-{mode}"), 2_000, 10);
+    }
+    println!("pair  mode   end to end (jobs/s)  median latency (ms)");
+    for round in 0..3 {
+        // ABBA: neither mode always runs first.
+        let order: Vec<usize> = if round % 2 == 0 {
+            vec![0, 1]
+        } else {
+            vec![1, 0]
+        };
+        for i in order {
+            let (mode, s) = &stacks[i];
+            let (rate, median) = e2e_and_latency(&s.api, &format!("{round}-{mode}"), 5_000, 50);
+            println!("{round:>4}  {mode:<5}  {rate:>19.0}  {median:>19.2}");
+        }
+    }
+}
+
 fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = gridq();
@@ -185,6 +332,10 @@ fn main() {
         exe.exists(),
         "build the binary first: cargo build --release -p gridq-deploy"
     );
+    if std::env::var_os("GRIDQ_BENCH_TLS").is_some() {
+        tls_pairs(&exe, dir.path());
+        return;
+    }
 
     // Broker.
     let env_file = dir.path().join("broker.env");

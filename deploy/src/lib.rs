@@ -16,6 +16,7 @@ pub mod cli;
 pub mod cluster;
 pub mod docker;
 pub mod hosts;
+pub mod pki;
 pub mod ssh;
 pub mod sync;
 pub mod tunnel;

@@ -268,3 +268,284 @@ async fn client_commands_talk_to_the_master() {
     );
     c.shutdown().await;
 }
+
+/// Everything stored of a master's state directory, as text (the store and its WAL).
+fn state_bytes(state: &std::path::Path) -> String {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir(state).unwrap().flatten() {
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with("gridq.db") {
+            all.extend(std::fs::read(entry.path()).unwrap_or_default());
+        }
+    }
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_never_sees_or_leaks_the_broker_password_or_the_token() {
+    let mut c = Cluster::new("secrets").await;
+    c.spawn_worker(&[]);
+    let password = support::broker().password.clone();
+    let token = c.handle.token.to_string();
+    let state = c.config.state_dir.clone();
+    // The job dumps its environment, then prints secrets it finds elsewhere: the broker URL
+    // in a project file, the master's token file, the worker's own environment.
+    c.write("leak.txt", &c.url);
+    c.write(
+        "leak.sh",
+        &format!(
+            "echo '--- env'; env; echo '--- end env'\n\
+             echo \"file: $(cat leak.txt)\"\n\
+             echo \"token: $(cat {token_file})\"\n\
+             tr '\\0' '\\n' < /proc/$PPID/environ || echo 'worker environ: unreadable'\n\
+             printf '{{\"found\": \"%s\", \"token\": \"%s\"}}' \"$(cat leak.txt)\" \"$(cat {token_file})\" > \"$GRIDQ_RESULT\"\n\
+             exit 3\n",
+            token_file = state.join("token").display()
+        ),
+    );
+    c.submit("name: leak\ncommand: [sh, leak.sh]\nparameters:\n  x: [1]\n")
+        .await;
+    let jobs = c.wait_done("leak", MINUTE).await;
+    let id = jobs[0].id.to_string();
+
+    let master = format!("http://{}", c.handle.addr);
+    let env = [
+        ("GRIDQ_MASTER", master.as_str()),
+        ("GRIDQ_TOKEN", token.as_str()),
+        ("GRIDQ_CONTEXT", "/dev/null"),
+    ];
+    let out = gridq(&["logs", &id], &env, c.dir.path()).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let log = text(&out.stdout);
+    // The environment was dumped, without the worker's settings.
+    let dumped = log
+        .split("--- env\n")
+        .nth(1)
+        .and_then(|rest| rest.split("--- end env").next())
+        .unwrap_or_else(|| panic!("no environment in the log:\n{log}"));
+    assert!(dumped.contains("GRIDQ_JOB_ID="), "{dumped}");
+    assert!(dumped.contains("PATH="), "{dumped}");
+    assert!(!dumped.contains("GRIDQ_BROKER"), "{dumped}");
+    // What it found elsewhere is masked.
+    let user = &support::broker().user;
+    assert!(log.contains(&format!("file: amqp://{user}:***@")), "{log}");
+    assert!(log.contains("token: ***\n"), "{log}");
+    // The job was reported as it ended (exit 3), so the masking did not hide a failure.
+    let out = gridq(&["jobs", "--sweep", "leak", "--json"], &env, c.dir.path()).await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["jobs"][0]["exit_code"], 3, "{v}");
+    let result = gridq(
+        &["results", "leak", "--format", "jsonl"],
+        &env,
+        c.dir.path(),
+    )
+    .await;
+    let result = text(&result.stdout);
+    assert!(result.contains(&format!("amqp://{user}:***@")), "{result}");
+
+    // Nowhere: the CLI's output, the job's result, the store, the monitor's job page, the
+    // worker's log.
+    let page = reqwest::Client::new()
+        .get(format!("{master}/jobs/{id}"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert!(page.status().is_success());
+    let page = page.text().await.unwrap();
+    let stored = state_bytes(&state);
+    let worker_log = c.workers[0].log_text();
+    for (what, text) in [
+        ("gridq logs", &log),
+        ("gridq results", &result),
+        ("the store", &stored),
+        ("the job page", &page),
+        ("the worker's log", &worker_log),
+    ] {
+        assert!(
+            !text.contains(&password),
+            "the broker password is in {what}"
+        );
+        assert!(!text.contains(&token), "the token is in {what}");
+    }
+    c.shutdown().await;
+}
+
+/// The vhost a `gridq run --local` said it uses (`broker: amqp://...`).
+fn local_broker_line(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("broker: "))
+        .unwrap_or_else(|| panic!("no broker line in:\n{stderr}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_local_runs_on_one_broker_each_run_only_their_own_jobs() {
+    let b = support::broker();
+    // The same sweep (so the same job ids) in two projects whose code differs.
+    let projects: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    for (i, p) in projects.iter().enumerate() {
+        std::fs::write(p.path().join("marker"), format!("project-{i}")).unwrap();
+        std::fs::write(
+            p.path().join("job.sh"),
+            "printf '{\"project\": \"%s\", \"cwd\": \"%s\"}' \"$(cat marker)\" \"$PWD\" > \"$GRIDQ_RESULT\"\nsleep 0.05\n",
+        )
+        .unwrap();
+        std::fs::write(
+            p.path().join("sweep.yaml"),
+            "name: iso\ncommand: [sh, job.sh]\nparameters:\n  i: !!python/tuple [0, 12]\n",
+        )
+        .unwrap();
+    }
+    let run = |p: &tempfile::TempDir| {
+        let cwd = p.path().to_path_buf();
+        async move {
+            gridq(
+                &["run", "sweep.yaml", "--local", "--workers", "2"],
+                &[
+                    ("GRIDQ_BROKER", b.url.as_str()),
+                    ("GRIDQ_MANAGEMENT_URL", b.management.as_str()),
+                    ("GRIDQ_CONTEXT", "/dev/null"),
+                    ("GRIDQ_STATE_DIR", "st"),
+                ],
+                &cwd,
+            )
+            .await
+        }
+    };
+    let (a, c) = tokio::join!(run(&projects[0]), run(&projects[1]));
+    let mut vhosts = Vec::new();
+    for (i, out) in [a, c].iter().enumerate() {
+        let stderr = text(&out.stderr);
+        let broker = local_broker_line(&stderr);
+        assert!(broker.contains("/gridq-local-"), "{broker}");
+        assert!(!broker.contains(&b.password), "{broker}");
+        vhosts.push(broker);
+        assert!(out.status.success(), "run {i}:\n{stderr}");
+        let cwd = std::fs::canonicalize(projects[i].path()).unwrap();
+        let csv = std::fs::read_to_string(projects[i].path().join("st/results/iso.csv")).unwrap();
+        let mut rows = csv::Reader::from_reader(csv.as_bytes());
+        let header = rows.headers().unwrap().clone();
+        let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+        let (state, project, dir) = (col("state"), col("project"), col("cwd"));
+        let records: Vec<csv::StringRecord> = rows.records().map(Result::unwrap).collect();
+        assert_eq!(records.len(), 12, "{csv}");
+        for r in &records {
+            assert_eq!(
+                (&r[state], &r[project], &r[dir]),
+                (
+                    "succeeded",
+                    format!("project-{i}").as_str(),
+                    cwd.to_str().unwrap()
+                ),
+                "run {i}: {csv}"
+            );
+        }
+    }
+    assert_ne!(vhosts[0], vhosts[1]);
+    for v in &vhosts {
+        support::drop_vhost(v).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_master_on_a_vhost_refuses_to_start_and_names_the_first() {
+    let mut c = Cluster::new("twomasters").await;
+    let other = tempfile::tempdir().unwrap();
+    let vhost = c.url.rsplit('/').next().unwrap().to_owned();
+    let args = [
+        "master",
+        "--state-dir",
+        other.path().to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    let env = [
+        ("GRIDQ_BROKER", c.url.as_str()),
+        ("GRIDQ_CONTEXT", "/dev/null"),
+    ];
+    let out = gridq(&args, &env, other.path()).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("another gridq master runs on vhost `{vhost}`")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("state directory {}", c.config.state_dir.display())),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&support::broker().password), "{stderr}");
+    // Once the first has stopped, a master starts there again.
+    c.stop_master().await;
+    c.start_master().await;
+    c.spawn_worker(&[]);
+    c.submit("name: after\ncommand: [true]\nparameters:\n  x: [1, 2]\n")
+        .await;
+    let jobs = c.wait_done("after", MINUTE).await;
+    assert!(jobs.iter().all(|j| j.state == JobState::Succeeded));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_over_tls_checks_the_broker_certificate_and_runs_a_sweep() {
+    use gridq_common::amqp;
+    let b = support::broker();
+    let plain_vhost = support::vhost("tls").await;
+    let vhost = amqp::vhost(&plain_vhost);
+    let tls_url = amqp::with_vhost(&b.tls, &vhost);
+    let connect = |url: String| async move {
+        tokio::time::timeout(Duration::from_secs(20), amqp::connect(&url, "gridq-test"))
+            .await
+            .expect("connection attempt ends in time")
+    };
+    // The TLS port speaks no plain AMQP.
+    let tls_port = tls_url
+        .split(':')
+        .nth(3)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
+    let plain_to_tls_port = format!(
+        "amqp://{}:{}@127.0.0.1:{tls_port}/{vhost}",
+        b.user, b.password
+    );
+    assert!(connect(plain_to_tls_port).await.is_err());
+    // TLS with the broker's CA: connected.
+    let ok = connect(tls_url.clone())
+        .await
+        .expect("TLS with the broker's CA");
+    let _ = ok.close(200, "done".into()).await;
+    // TLS checked against another CA: refused, before any credentials are sent.
+    let other = tempfile::tempdir().unwrap();
+    let (files, _) = gridq_deploy::pki::ensure(
+        other.path(),
+        "other",
+        &["127.0.0.1".to_owned()],
+        Duration::ZERO,
+    )
+    .unwrap();
+    let wrong_ca = amqp::with_query_param(
+        &tls_url,
+        amqp::CA_FILE_PARAM,
+        files.ca_cert.to_str().unwrap(),
+    );
+    let Err(err) = connect(wrong_ca).await else {
+        panic!("a broker certificate from another CA was accepted");
+    };
+    assert!(
+        format!("{err}").to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    // A whole sweep over TLS: the master and a worker process.
+    let mut c = Cluster::with_url("tls", tls_url, |_| {}).await;
+    c.spawn_worker(&[]);
+    c.submit("name: overtls\ncommand: [true]\nparameters:\n  x: [1, 2, 3, 4]\n")
+        .await;
+    let jobs = c.wait_done("overtls", MINUTE).await;
+    assert_eq!(jobs.len(), 4);
+    assert!(jobs.iter().all(|j| j.state == JobState::Succeeded));
+    c.shutdown().await;
+}

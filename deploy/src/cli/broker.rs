@@ -3,13 +3,17 @@
 //! It needs Debian's `rabbitmq-server` package and nothing else: the node lives under `--dir`
 //! with its own ports, a generated user (never `guest`) and a stored password. With `--env-file`
 //! it writes `GRIDQ_BROKER=...` (and the management URL and credentials) for scripts, mode 0600.
+//! With `--tls` it also listens for AMQP over TLS, with a certificate from a CA of its own under
+//! `DIR/tls` (made on first use, kept afterwards), and writes `GRIDQ_BROKER_TLS=amqps://...`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use gridq_common::rabbit_node::{NodeOptions, RabbitNode};
+use gridq_common::rabbit_node::{NodeOptions, NodeTls, RabbitNode};
+
+use crate::pki as gridq_deploy_pki;
 
 use super::Failure;
 
@@ -27,6 +31,9 @@ pub(crate) struct BrokerArgs {
     /// RabbitMQ's consumer_timeout (default: RabbitMQ's 30 minutes).
     #[arg(long, value_parser = humantime::parse_duration)]
     consumer_timeout: Option<Duration>,
+    /// Also listen for AMQP over TLS, with a CA and certificate of its own (under DIR/tls).
+    #[arg(long)]
+    tls: bool,
     /// Write the connection settings here as KEY=value lines (mode 0600).
     #[arg(long)]
     env_file: Option<PathBuf>,
@@ -40,6 +47,18 @@ pub(crate) fn run(args: &BrokerArgs) -> Result<(), Failure> {
         options.amqp_port = args.port;
         options.management = args.management;
         options.consumer_timeout = args.consumer_timeout;
+        if args.tls {
+            let addresses = ["127.0.0.1".to_owned(), "localhost".to_owned()];
+            let month = Duration::from_secs(30 * 24 * 3600);
+            let (files, _) =
+                gridq_deploy_pki::ensure(&args.dir.join("tls"), "broker", &addresses, month)
+                    .context("making the broker's TLS certificates")?;
+            options.tls = Some(NodeTls {
+                ca_cert: std::fs::canonicalize(&files.ca_cert)?,
+                cert: std::fs::canonicalize(&files.server_cert)?,
+                key: std::fs::canonicalize(&files.server_key)?,
+            });
+        }
         let mut node = RabbitNode::start(options)
             .await
             .context("starting the RabbitMQ node")?;
@@ -51,6 +70,9 @@ pub(crate) fn run(args: &BrokerArgs) -> Result<(), Failure> {
             );
             if let Some(m) = node.management_url() {
                 text.push_str(&format!("GRIDQ_BROKER_MANAGEMENT={m}\n"));
+            }
+            if let Some(tls) = node.amqps_url("/") {
+                text.push_str(&format!("GRIDQ_BROKER_TLS={tls}\n"));
             }
             write_private(path, &text).with_context(|| format!("writing {}", path.display()))?;
         }

@@ -14,12 +14,96 @@ use tokio::sync::watch;
 use super::Failure;
 use super::context;
 
-/// The broker URL: `--broker`, `GRIDQ_BROKER`, or the local default.
+/// The broker URL: `--broker-file`, `--broker`, `GRIDQ_BROKER`, or the local default.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct BrokerArgs {
     /// The RabbitMQ URL, e.g. amqp://user:pass@host:5672/%2f (never logged with its password).
     #[arg(long, env = "GRIDQ_BROKER", default_value = gridq_common::amqp::DEFAULT_BROKER, hide_env_values = true)]
     pub(crate) broker: String,
+    /// Read the broker URL from this file (its first line) instead: it then appears in no
+    /// environment, process list or `docker inspect`. The file must not be readable by other
+    /// users.
+    #[arg(long, env = "GRIDQ_BROKER_FILE", conflicts_with = "broker")]
+    pub(crate) broker_file: Option<PathBuf>,
+    /// The CA certificates (PEM) an amqps:// broker's certificate must chain to: a cluster's
+    /// private CA. Without it, public CAs are trusted. The same as `?cacertfile=` in the URL.
+    #[arg(long, env = "GRIDQ_CA_FILE")]
+    pub(crate) ca_file: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    /// The broker URL, read from `--broker-file` when given, with `--ca-file` in it; warns
+    /// when the credentials would cross a network in the clear.
+    pub(crate) fn url(&self) -> Result<String, Failure> {
+        let url = match &self.broker_file {
+            Some(path) => read_broker_file(path).map_err(Failure::Usage)?,
+            None => self.broker.clone(),
+        };
+        let url = with_ca_file(url, self.ca_file.as_deref())?;
+        warn_if_plain(&url);
+        Ok(url)
+    }
+}
+
+/// The URL with `--ca-file` (made absolute) as its `cacertfile`.
+pub(crate) fn with_ca_file(url: String, ca: Option<&std::path::Path>) -> Result<String, Failure> {
+    let Some(ca) = ca else {
+        return Ok(url);
+    };
+    if !gridq_common::amqp::is_tls(&url) {
+        return Err(Failure::Usage(
+            "--ca-file: the broker URL is not amqps://; TLS needs an amqps:// URL".into(),
+        ));
+    }
+    let ca = std::fs::canonicalize(ca)
+        .map_err(|e| Failure::Usage(format!("--ca-file {}: {e}", ca.display())))?;
+    Ok(gridq_common::amqp::with_query_param(
+        &url,
+        gridq_common::amqp::CA_FILE_PARAM,
+        &ca.to_string_lossy(),
+    ))
+}
+
+/// Warns about a plain `amqp://` URL to another host: its password and every message would
+/// cross the network unencrypted.
+pub(crate) fn warn_if_plain(url: &str) {
+    if !gridq_common::amqp::is_tls(url) && !is_loopback_url(url) {
+        let shown = gridq_common::amqp::redact(url);
+        tracing::warn!(broker = %shown, "broker traffic is not encrypted");
+        eprintln!(
+            "warning: {shown} is plain AMQP to another host: the password and every message cross the network unencrypted; use amqps:// (with --ca-file for a private CA)"
+        );
+    }
+}
+
+/// The first line of a credentials file that only its owner (or root) can read.
+fn read_broker_file(path: &std::path::Path) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("--broker-file {shown}: {e}"))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "--broker-file {shown}: readable by other users (mode {:o}); make it private with chmod 600",
+            meta.mode() & 0o777
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("--broker-file {shown}: {e}"))?;
+    let url = text.lines().next().unwrap_or("").trim();
+    if url.is_empty() {
+        return Err(format!(
+            "--broker-file {shown}: empty; its first line must be the broker URL"
+        ));
+    }
+    Ok(url.to_owned())
+}
+
+/// Keeps other processes of the same user (a job, above all) out of this one's memory and
+/// `/proc/PID/environ`, where the broker's credentials are: the process is made non-dumpable,
+/// so only root may read them. Jobs are dumpable again once they exec.
+pub(crate) fn protect_secrets() {
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(cause = %e, "cannot make the process non-dumpable; its environment stays readable by the same user");
+    }
 }
 
 #[derive(Debug, Args)]
@@ -116,8 +200,9 @@ pub(crate) fn stop_signals() -> anyhow::Result<watch::Receiver<u32>> {
 }
 
 pub(crate) fn master(args: &MasterArgs) -> Result<(), Failure> {
-    if gridq_common::amqp::uses_guest(&args.broker.broker) && !is_loopback_url(&args.broker.broker)
-    {
+    protect_secrets();
+    let broker = args.broker.url()?;
+    if gridq_common::amqp::uses_guest(&broker) && !is_loopback_url(&broker) {
         return Err(Failure::Usage(
             "--broker: the `guest` user only works over loopback; give the broker a user of its own".into(),
         ));
@@ -125,7 +210,7 @@ pub(crate) fn master(args: &MasterArgs) -> Result<(), Failure> {
     let rt = runtime()?;
     rt.block_on(async {
         let mut stop = stop_signals()?;
-        let mut config = MasterConfig::new(args.state_dir.clone(), args.broker.broker.clone());
+        let mut config = MasterConfig::new(args.state_dir.clone(), broker);
         config.listen = args.listen;
         config.heartbeat_timeout = args.heartbeat_timeout;
         config.max_lost = args.max_lost;
@@ -148,7 +233,7 @@ pub(crate) fn master(args: &MasterArgs) -> Result<(), Failure> {
     .map_err(Failure::Other)
 }
 
-fn is_loopback_url(url: &str) -> bool {
+pub(crate) fn is_loopback_url(url: &str) -> bool {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
     let host = authority.rsplit('@').next().unwrap_or("");
@@ -157,6 +242,8 @@ fn is_loopback_url(url: &str) -> bool {
 }
 
 pub(crate) fn worker(args: &WorkerArgs) -> Result<(), Failure> {
+    protect_secrets();
+    let broker = args.broker.url()?;
     let id = args
         .id
         .as_deref()
@@ -169,7 +256,7 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), Failure> {
     let project = std::fs::canonicalize(&args.project)
         .map_err(|e| Failure::Usage(format!("--project {}: {e}", args.project.display())))?;
     let scratch = std::env::temp_dir().join(format!("gridq-worker-{}", std::process::id()));
-    let mut config = WorkerConfig::new(args.broker.broker.clone(), project, scratch.clone());
+    let mut config = WorkerConfig::new(broker, project, scratch.clone());
     if let Some(s) = args.slots {
         config.slots = s;
     }

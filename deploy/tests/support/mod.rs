@@ -33,6 +33,8 @@ pub struct BrokerEnv {
     pub user: String,
     pub password: String,
     pub management: String,
+    /// `amqps://` on the vhost `/`, with the broker CA's `cacertfile`.
+    pub tls: String,
 }
 
 fn parse_env(text: &str) -> HashMap<String, String> {
@@ -83,6 +85,7 @@ pub fn broker() -> &'static BrokerEnv {
             user: get("GRIDQ_BROKER_USER"),
             password: get("GRIDQ_BROKER_PASSWORD"),
             management: get("GRIDQ_BROKER_MANAGEMENT"),
+            tls: get("GRIDQ_BROKER_TLS"),
         }
     })
 }
@@ -103,6 +106,7 @@ fn start_own_broker() -> String {
             .arg("--dir")
             .arg(dir2.join("node"))
             .arg("--management")
+            .arg("--tls")
             .arg("--consumer-timeout")
             .arg("5s")
             .arg("--env-file")
@@ -174,6 +178,7 @@ pub async fn vhost(name: &str) -> String {
 /// Deletes a test's vhost (and everything in it).
 pub async fn drop_vhost(url: &str) {
     let b = broker();
+    let url = url.split('?').next().unwrap_or(url);
     let Some(enc) = url.rsplit('/').next() else {
         return;
     };
