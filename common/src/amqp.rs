@@ -67,6 +67,21 @@ pub fn host(url: &str) -> String {
     }
 }
 
+/// The user a broker URL logs in as, decoded: what RabbitMQ checks a message's `user_id`
+/// property against. `guest` when the URL names none (AMQP clients' default).
+pub fn user(url: &str) -> String {
+    let Some((_, authority, _)) = split_authority(url) else {
+        return "guest".to_owned();
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, _)) => {
+            let u = userinfo.split(':').next().unwrap_or("");
+            percent_decode(u).unwrap_or_else(|| u.to_owned())
+        }
+        None => "guest".to_owned(),
+    }
+}
+
 /// `%XX` escapes decoded; `None` when there are none or the result is not UTF-8.
 pub fn percent_decode(s: &str) -> Option<String> {
     if !s.contains('%') {
@@ -305,6 +320,8 @@ mod tests {
         assert_eq!(host("amqps://u:p@broker.lan:5671/v"), "broker.lan");
         assert_eq!(host("amqp://[::1]:5672"), "[::1]");
         assert_eq!(host("amqp://"), "127.0.0.1");
+        assert_eq!(user("amqp://w%2B1:p@h/v"), "w+1");
+        assert_eq!(user("amqp://h:5672"), "guest");
     }
 
     #[test]

@@ -165,6 +165,52 @@ impl Management {
             .map(drop)
     }
 
+    /// Creates or updates broker user `name` with `password` and `tags` (comma-separated:
+    /// `administrator`, `monitoring`, ...; empty for none: such a user cannot use this API).
+    ///
+    /// # Errors
+    /// The API's.
+    pub async fn put_user(
+        &self,
+        name: &str,
+        password: &str,
+        tags: &str,
+    ) -> Result<(), ManagementError> {
+        let path = format!("/api/users/{}", crate::amqp::percent_encode(name));
+        self.call(
+            reqwest::Method::PUT,
+            &path,
+            Some(serde_json::json!({ "password": password, "tags": tags })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Deletes broker user `name`.
+    ///
+    /// # Errors
+    /// The API's (404 when there is no such user).
+    pub async fn delete_user(&self, name: &str) -> Result<(), ManagementError> {
+        let path = format!("/api/users/{}", crate::amqp::percent_encode(name));
+        self.call(reqwest::Method::DELETE, &path, None)
+            .await
+            .map(drop)
+    }
+
+    /// Gives `user` the [`crate::topology::Permissions`] of its role on `vhost`.
+    ///
+    /// # Errors
+    /// The API's.
+    pub async fn grant(
+        &self,
+        vhost: &str,
+        user: &str,
+        p: &crate::topology::Permissions,
+    ) -> Result<(), ManagementError> {
+        self.set_permissions(vhost, user, &p.configure, &p.write, &p.read)
+            .await
+    }
+
     /// Sets `user`'s permissions on `vhost` (regular expressions over resource names).
     ///
     /// # Errors

@@ -3,7 +3,8 @@
 //! | name | type | declared by | what |
 //! |---|---|---|---|
 //! | `gridq.jobs.<queue>` | quorum queue | master | job messages; `x-delivery-limit` bounds redeliveries, then dead-letters |
-//! | `gridq.events` | classic durable queue | master | everything workers send the master: results persistent, claims, output and heartbeats transient |
+//! | `gridq.events` | fanout exchange | master | where workers publish everything they send the master (they may write nowhere else but `gridq.dlx`) |
+//! | `gridq.events` | classic durable queue | master | bound to that exchange: results persistent, claims, output and heartbeats transient |
 //! | `gridq.dlx` | fanout exchange | master | dead letters, from the broker or from a consumer that refused a message |
 //! | `gridq.dead` | quorum queue | master | bound to `gridq.dlx`; the master records and acks what arrives |
 //! | `gridq.worker.<id>` | classic, exclusive, auto-delete | that worker | verdicts on its claims, cancels and drains for one worker |
@@ -15,6 +16,16 @@
 //! queue: claims, heartbeats and output are transient there (no disk write, no Raft round), and
 //! results are persistent messages with publisher confirms; the master consumes it continuously,
 //! so it is short-lived data in transit. Isolation between deployments (or tests) is by vhost.
+//!
+//! # Who may do what
+//! [`master_permissions`] and [`worker_permissions`] are the RabbitMQ permissions of the two
+//! roles: a worker's broker user can consume job queues and its own queue, and publish only to
+//! `gridq.events` and `gridq.dlx`; it cannot declare, delete or publish to a job queue, read the
+//! events or another worker's queue. Every message carries the AMQP `user_id` of its sender,
+//! which RabbitMQ checks against the connection's user, so neither side can forge the other.
+//! A worker whose broker user is not the master's has an id that starts with its user and a dot
+//! ([`worker_id_user`]), so its own queue is `gridq.worker.<user>.<rest>`, and the master takes a
+//! message about a worker only from that worker's user.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -22,6 +33,9 @@ use lapin::{Channel, ExchangeKind};
 
 /// The events queue.
 pub const EVENTS_QUEUE: &str = "gridq.events";
+/// The exchange workers publish events to (bound to [`EVENTS_QUEUE`]).
+pub const EVENTS_EXCHANGE: &str = "gridq.events";
+
 /// The dead-letter exchange.
 pub const DEAD_LETTER_EXCHANGE: &str = "gridq.dlx";
 /// The dead-letter queue.
@@ -39,6 +53,63 @@ pub fn jobs_queue(name: &str) -> String {
 /// A worker's own queue.
 pub fn worker_queue(worker: &crate::WorkerId) -> String {
     format!("gridq.worker.{worker}")
+}
+
+/// The broker user a worker id belongs to, when the worker does not share the master's user:
+/// the part before the first dot. (Such users have no dot in their names.)
+pub fn worker_id_user(worker: &crate::WorkerId) -> &str {
+    worker.as_str().split('.').next().unwrap_or("")
+}
+
+/// Whether a message that says it is from `worker` may come from broker user `user` (the
+/// message's RabbitMQ-checked `user_id`): the master's own user may speak for any worker (one
+/// user for everything: local runs, tests), any other user only for the workers whose ids
+/// start with its name and a dot.
+pub fn may_speak_for(user: &str, master_user: &str, worker: &crate::WorkerId) -> bool {
+    user == master_user || (!user.contains('.') && worker_id_user(worker) == user)
+}
+
+/// A broker user's permissions on the vhost: regular expressions over the names of the queues
+/// and exchanges it may configure (declare, delete), write (publish to, bind) and read (consume,
+/// get, purge, bind from).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions {
+    pub configure: String,
+    pub write: String,
+    pub read: String,
+}
+
+/// The master's: everything gridq's, and the default exchange (it publishes jobs there).
+pub fn master_permissions() -> Permissions {
+    Permissions {
+        configure: r"^gridq\..*$".to_owned(),
+        write: r"^(gridq\..*|amq\.default)$".to_owned(),
+        read: r"^gridq\..*$".to_owned(),
+    }
+}
+
+/// A worker user's: its own queues (`gridq.worker.<user>.*`: declare, consume), the job queues
+/// (consume; RabbitMQ ties purging to the same read right), and publishing to `gridq.events` and
+/// `gridq.dlx` only. No default exchange: it cannot put a message on any queue by name.
+pub fn worker_permissions(user: &str) -> Permissions {
+    let own = format!(r"gridq\.worker\.{}\..*", regex_escape(user));
+    Permissions {
+        configure: format!("^{own}$"),
+        write: r"^(gridq\.events|gridq\.dlx)$".to_owned(),
+        read: format!(r"^({own}|gridq\.jobs\..*)$"),
+    }
+}
+
+/// `text` with the characters special in a regular expression escaped.
+fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if r"\.+*?()|[]{}^$".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn quorum_args() -> FieldTable {
@@ -87,6 +158,26 @@ pub async fn declare_master(channel: &Channel) -> Result<(), lapin::Error> {
         .await?;
     channel
         .queue_declare(EVENTS_QUEUE.into(), durable(), FieldTable::default())
+        .await?;
+    channel
+        .exchange_declare(
+            EVENTS_EXCHANGE.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            EVENTS_QUEUE.into(),
+            EVENTS_EXCHANGE.into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     Ok(())
 }
@@ -252,14 +343,19 @@ pub async fn check_queue(channel: &Channel, queue: &str) -> Result<u32, lapin::E
 /// Header naming the queue a consumer-refused message came from.
 pub const DEAD_QUEUE_HEADER: &str = "gridq-dead-queue";
 
+/// Header naming the broker user that sent a consumer-refused message.
+pub const DEAD_USER_HEADER: &str = "gridq-dead-user-id";
+
 /// Sends a message this consumer cannot use to the dead-letter exchange with the reason, keeping
-/// its headers and body.
+/// its headers and body. It goes out as `publisher` (the `user_id` the broker checks); who sent
+/// it first is kept in [`DEAD_USER_HEADER`].
 pub async fn dead_letter(
     channel: &Channel,
+    publisher: &str,
     queue: &str,
     properties: &lapin::BasicProperties,
     body: &[u8],
-    reason: &crate::wire::DecodeError,
+    reason: &(dyn std::fmt::Display + Sync),
 ) -> Result<(), lapin::Error> {
     tracing::warn!(queue, cause = %reason, "dead-lettering a message");
     let mut headers = properties.headers().clone().unwrap_or_default();
@@ -271,7 +367,16 @@ pub async fn dead_letter(
         ShortString::from(DEAD_QUEUE_HEADER),
         AMQPValue::LongString(queue.into()),
     );
-    let props = properties.clone().with_headers(headers);
+    if let Some(sender) = properties.user_id() {
+        headers.insert(
+            ShortString::from(DEAD_USER_HEADER),
+            AMQPValue::LongString(sender.as_str().into()),
+        );
+    }
+    let props = properties
+        .clone()
+        .with_headers(headers)
+        .with_user_id(publisher.into());
     channel
         .basic_publish(
             DEAD_LETTER_EXCHANGE.into(),
@@ -283,4 +388,37 @@ pub async fn dead_letter(
         .await?
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::WorkerId;
+
+    #[test]
+    fn a_worker_user_speaks_only_for_its_own_workers() {
+        let w = |s: &str| WorkerId::new(s).unwrap();
+        assert!(may_speak_for("gridq-m", "gridq-m", &w("anyone-1")));
+        assert!(may_speak_for(
+            "gridq-w1",
+            "gridq-m",
+            &w("gridq-w1.host-12-ab")
+        ));
+        assert!(!may_speak_for(
+            "gridq-w1",
+            "gridq-m",
+            &w("gridq-w2.host-12-ab")
+        ));
+        assert!(!may_speak_for("gridq-w1", "gridq-m", &w("gridq-w1x.host")));
+        assert!(!may_speak_for("gridq-w1", "gridq-m", &w("host-12-ab")));
+        assert!(!may_speak_for("a.b", "m", &w("a.b.c")));
+    }
+
+    #[test]
+    fn worker_permissions_escape_the_user() {
+        let p = worker_permissions("w.1");
+        assert_eq!(p.configure, r"^gridq\.worker\.w\.1\..*$");
+        assert_eq!(p.write, r"^(gridq\.events|gridq\.dlx)$");
+        assert_eq!(p.read, r"^(gridq\.worker\.w\.1\..*|gridq\.jobs\..*)$");
+    }
 }

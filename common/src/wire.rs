@@ -96,6 +96,20 @@ pub enum FromWorker {
     Stopped(Stopped),
 }
 
+impl FromWorker {
+    /// The workers the message speaks for (a batch of results may name several).
+    pub fn workers(&self) -> Vec<&WorkerId> {
+        match self {
+            FromWorker::Claim(c) => vec![&c.worker],
+            FromWorker::Output(o) => vec![&o.worker],
+            FromWorker::Finished(r) => r.results.iter().map(|f| &f.worker).collect(),
+            FromWorker::Release(r) => vec![&r.worker],
+            FromWorker::Heartbeat(h) => vec![&h.worker],
+            FromWorker::Stopped(s) => vec![&s.worker],
+        }
+    }
+}
+
 /// Requests to run delivered attempts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {

@@ -127,7 +127,10 @@ async fn a_message_of_several_jobs_runs_each_of_them_once_and_is_acked() {
             queue.as_str().into(),
             BasicPublishOptions::default(),
             &batch.body,
-            batch.properties,
+            // Published as the master's broker user: workers take jobs from no one else.
+            batch
+                .properties
+                .with_user_id(support::broker().user.as_str().into()),
         )
         .await
         .expect("publish")

@@ -111,7 +111,10 @@ async fn publish_raw(conn: &Connection, queue: &str, body: &[u8], headers: Optio
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirm mode");
-    let mut props = BasicProperties::default().with_delivery_mode(2);
+    // As the test's one broker user, which is also the master's: the user_id RabbitMQ checks.
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_user_id(support::broker().user.as_str().into());
     if let Some(h) = headers {
         props = props.with_headers(h);
     }
@@ -1213,4 +1216,215 @@ async fn a_second_sigterm_stops_the_worker_at_once_and_the_job_runs_elsewhere() 
     let sweep = sweep_id("stoptwice");
     assert_eq!(c.reader().view().result_rows(&sweep).unwrap(), 1);
     c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_users_run_jobs_but_cannot_touch_the_broker_or_speak_for_another_worker() {
+    use gridq_common::amqp;
+    use lapin::options::QueueDeclareOptions;
+    let admin = support::vhost("roles").await;
+    let master_url = support::role_user(&admin, "rolem", |_| topology::master_permissions()).await;
+    let w1_url = support::role_user(&admin, "rolew1", topology::worker_permissions).await;
+    let w2_url = support::role_user(&admin, "rolew2", topology::worker_permissions).await;
+    let master_user = amqp::user(&master_url);
+    let (w1_user, w2_user) = (amqp::user(&w1_url), amqp::user(&w2_url));
+
+    let mut c = Cluster::with_url("roles", master_url.clone(), |_| {}).await;
+    c.spawn_worker_on(&w1_url, &["--master-user", &master_user, "--slots", "2"]);
+    c.spawn_worker_on(&w2_url, &["--master-user", &master_user, "--slots", "1"]);
+    // A sweep runs to the end under the least-privilege users.
+    c.submit("name: plain\ncommand: [true]\nparameters:\n  x: !!python/tuple [0, 8]\n")
+        .await;
+    let jobs = c.wait_done("plain", MINUTE).await;
+    assert_eq!(jobs.len(), 8);
+    assert!(
+        jobs.iter().all(|j| j.state == JobState::Succeeded),
+        "{jobs:?}"
+    );
+    // A job held running until the test opens its gate.
+    c.write(
+        "gate.sh",
+        "while [ ! -e open ]; do sleep 0.05; done\nprintf '{\"loss\": 0.5}' > \"$GRIDQ_RESULT\"\n",
+    );
+    c.submit("name: roles\ncommand: [sh, gate.sh]\nparameters:\n  x: [1]\n")
+        .await;
+    let job = c.jobs("roles")[0].id;
+    let running = c.wait_state("roles", job, JobState::Running, MINUTE).await;
+    let holder = running.worker.clone().expect("a worker");
+    assert!(
+        holder.starts_with(&format!("{w1_user}.")) || holder.starts_with(&format!("{w2_user}.")),
+        "worker ids start with their broker user: {holder}"
+    );
+    let (own_url, other_user) = if holder.starts_with(&format!("{w1_user}.")) {
+        (&w1_url, &w2_user)
+    } else {
+        (&w2_url, &w1_user)
+    };
+    let other_queue = format!("gridq.worker.{other_user}.");
+
+    // With a worker's credentials, the broker refuses all of these (403 ACCESS_REFUSED).
+    let conn = amqp::connect(own_url, "gridq-test-worker-user")
+        .await
+        .expect("connect as a worker user");
+    let jobs_queue = topology::jobs_queue(topology::DEFAULT_QUEUE);
+    let refused = |what: &str, r: Result<(), lapin::Error>| match r {
+        Err(e) if topology::is_soft_error(&e, 403) => {}
+        other => panic!("{what}: expected ACCESS_REFUSED, got {other:?}"),
+    };
+    let ch = conn.create_channel().await.unwrap();
+    let declare = ch
+        .queue_declare(
+            "gridq.jobs.evil".into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    refused("declaring a job queue", declare.map(drop));
+    let ch = conn.create_channel().await.unwrap();
+    let delete = ch
+        .queue_delete(jobs_queue.as_str().into(), Default::default())
+        .await;
+    refused("deleting a job queue", delete.map(drop));
+    let ch = conn.create_channel().await.unwrap();
+    let purge = ch
+        .queue_purge(topology::EVENTS_QUEUE.into(), Default::default())
+        .await;
+    refused("purging the events queue", purge.map(drop));
+    let ch = conn.create_channel().await.unwrap();
+    let consume = ch
+        .basic_consume(
+            format!("{other_queue}w-anything").as_str().into(),
+            "thief".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await;
+    refused("reading another worker's queue", consume.map(drop));
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let forged_job = async {
+        ch.basic_publish(
+            "".into(),
+            jobs_queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default().with_user_id(master_user.as_str().into()),
+        )
+        .await?
+        .await
+        .map(drop)
+    }
+    .await;
+    refused("publishing a job message", forged_job);
+
+    // Claiming to be the master: RabbitMQ checks user_id against the connection (406).
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let spoofed = async {
+        ch.basic_publish(
+            topology::EVENTS_EXCHANGE.into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default().with_user_id(master_user.as_str().into()),
+        )
+        .await?
+        .await
+        .map(drop)
+    }
+    .await;
+    assert!(
+        matches!(&spoofed, Err(e) if topology::is_soft_error(e, 406)),
+        "{spoofed:?}"
+    );
+    let _ = conn.close(200, "done".into()).await;
+
+    // The other worker's user forges a result for the running job, in the holder's name.
+    let forged = wire::encode(&FromWorker::Finished(wire::Results {
+        results: vec![Finished {
+            worker: WorkerId::new(holder.clone()).unwrap(),
+            host: running.host.clone().unwrap_or_default(),
+            attempt: wire::AttemptRef {
+                sweep: sweep_id("roles"),
+                job,
+                attempt: running.attempt,
+            },
+            outcome: Outcome::Succeeded,
+            exit_code: Some(0),
+            signal: None,
+            started_ms: 0,
+            finished_ms: 1,
+            result: serde_json::json!({"loss": -999}).as_object().cloned(),
+            reason: None,
+            gpus: Vec::new(),
+            lines: 0,
+        }],
+    }));
+    let other_url = if own_url == &w1_url { &w2_url } else { &w1_url };
+    let conn = amqp::connect(other_url, "gridq-test-forger").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let confirm = ch
+        .basic_publish(
+            topology::EVENTS_EXCHANGE.into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            &forged.body,
+            forged
+                .properties
+                .with_user_id(amqp::user(other_url).as_str().into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack(), "a worker user may publish events");
+    let _ = conn.close(200, "done".into()).await;
+    let reader = c.reader();
+    let dead = wait_until("the forged result to be refused", MINUTE, || {
+        let dead = reader.view().dead_letters(100).map_err(|e| e.to_string())?;
+        dead.into_iter()
+            .find(|d| d.reason.contains("may not speak for worker"))
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    assert!(
+        dead.reason.contains(&format!(
+            "broker user `{}` may not speak for worker `{holder}`",
+            amqp::user(other_url)
+        )),
+        "{dead:?}"
+    );
+    assert_eq!(
+        c.metric(r#"gridq_rejected_messages_total{reason="wrong_user"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(c.jobs("roles")[0].state, JobState::Running);
+    // The real result is the one stored, once.
+    std::fs::write(c.project.join("open"), "").unwrap();
+    let done = c
+        .wait_state("roles", job, JobState::Succeeded, MINUTE)
+        .await;
+    assert_eq!(
+        done.result.as_ref().and_then(|r| r.get("loss")),
+        Some(&serde_json::json!(0.5))
+    );
+    assert_eq!(
+        reader.view().duplicates(&sweep_id("roles"), &job).unwrap(),
+        0
+    );
+    c.shutdown().await;
+    for url in [&master_url, &w1_url, &w2_url] {
+        support::drop_user(url).await;
+    }
 }

@@ -72,6 +72,11 @@ pub struct BrokerConfig {
     pub vhost: String,
     /// How this master describes itself to a second master on the same vhost.
     pub identity: String,
+    /// The broker user it connects as: the `user_id` of everything it publishes, and the one
+    /// user that may speak for any worker.
+    pub user: String,
+    /// Where refused events are counted (`gridq_rejected_messages_total{reason}`).
+    pub metrics: crate::http::metrics::Metrics,
 }
 
 /// Told once, after the first try to connect: `Err` when another master holds the vhost (this
@@ -239,15 +244,16 @@ async fn session(
                     Ok(d) => d,
                     Err(e) => return SessionEnd::Lost(format!("events consumer: {e}")),
                 };
-                match wire::decode::<FromWorker>(&delivery.properties, &delivery.data) {
+                match check_event(config, &delivery.properties, &delivery.data) {
                     Ok(event) => {
                         if inbound.send(Inbound::Event(event, delivery.acker)).await.is_err() {
                             return SessionEnd::Shutdown;
                         }
                     }
-                    Err(e) => {
-                        if let Err(err) = topology::dead_letter(&events, topology::EVENTS_QUEUE, &delivery.properties, &delivery.data, &e).await {
-                            return SessionEnd::Lost(format!("dead-lettering a poison event: {err}"));
+                    Err((label, why)) => {
+                        config.metrics.rejected(label);
+                        if let Err(err) = topology::dead_letter(&events, &config.user, topology::EVENTS_QUEUE, &delivery.properties, &delivery.data, &why).await {
+                            return SessionEnd::Lost(format!("dead-lettering a refused event: {err}"));
                         }
                         let _ = delivery.acker.ack(BasicAckOptions::default()).await;
                     }
@@ -284,7 +290,7 @@ async fn session(
                 match request {
                     Outbound::Jobs(batch, per_message) => {
                         let publishes: Vec<Publish> = batch.iter().map(|(p, _)| p.clone()).collect();
-                        match publish_jobs(&publish, batch, per_message).await {
+                        match publish_jobs(&publish, &config.user, batch, per_message).await {
                             Ok(confirms) => {
                                 let tx = confirm_tx.clone();
                                 tokio::spawn(async move {
@@ -309,7 +315,7 @@ async fn session(
                         }
                     }
                     Outbound::Control(messages) => {
-                        if let Err(e) = publish_control(&control, messages).await {
+                        if let Err(e) = publish_control(&control, &config.user, messages).await {
                             return SessionEnd::Lost(e);
                         }
                     }
@@ -329,6 +335,7 @@ async fn session(
 
 async fn publish_jobs(
     channel: &Channel,
+    user: &str,
     batch: Vec<(Publish, JobMessage)>,
     per_message: usize,
 ) -> Result<Vec<lapin::PublisherConfirm>, lapin::Error> {
@@ -358,7 +365,7 @@ async fn publish_jobs(
     // order, so delivery tags and the queue keep the batch's order), the I/O thread writes
     // many frames per wake-up.
     let sent = futures_util::future::join_all(encoded.iter_mut().map(|(queue, enc)| {
-        let properties = std::mem::take(&mut enc.properties);
+        let properties = std::mem::take(&mut enc.properties).with_user_id(user.into());
         let (queue, enc): (&String, &wire::Encoded) = (queue, enc);
         channel.basic_publish(
             "".into(),
@@ -379,6 +386,7 @@ async fn publish_jobs(
 /// (the worker died) drops its message: fine.
 async fn publish_control(
     channel: &Channel,
+    user: &str,
     messages: Vec<(String, ToWorker)>,
 ) -> Result<(), String> {
     let encoded: Vec<(String, wire::Encoded)> = messages
@@ -391,7 +399,10 @@ async fn publish_control(
             queue.as_str().into(),
             BasicPublishOptions::default(),
             &enc.body,
-            enc.properties.clone().with_delivery_mode(1),
+            enc.properties
+                .clone()
+                .with_delivery_mode(1)
+                .with_user_id(user.into()),
         )
     }))
     .await;
@@ -401,6 +412,35 @@ async fn publish_control(
         }
     }
     Ok(())
+}
+
+/// Decodes an event and checks its sender: RabbitMQ has checked the `user_id` against the
+/// publishing connection's user, and that user must be one that may speak for every worker the
+/// event names ([`topology::may_speak_for`]). A refusal gives the metric's label and the reason.
+fn check_event(
+    config: &BrokerConfig,
+    properties: &BasicProperties,
+    body: &[u8],
+) -> Result<FromWorker, (&'static str, String)> {
+    let event =
+        wire::decode::<FromWorker>(properties, body).map_err(|e| ("undecodable", e.to_string()))?;
+    let Some(user) = properties.user_id().as_ref().map(|u| u.as_str()) else {
+        return Err((
+            "no_user_id",
+            "no user_id: the sender is unknown (gridq workers always set it)".to_owned(),
+        ));
+    };
+    if let Some(w) = event
+        .workers()
+        .into_iter()
+        .find(|w| !topology::may_speak_for(user, &config.user, w))
+    {
+        return Err((
+            "wrong_user",
+            format!("broker user `{user}` may not speak for worker `{w}`"),
+        ));
+    }
+    Ok(event)
 }
 
 /// Reads why a dead-lettered message died: gridq's own reason header, or the broker's

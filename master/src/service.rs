@@ -270,6 +270,8 @@ pub async fn start(
             dir.display(),
             humantime::format_rfc3339_seconds(SystemTime::now())
         ),
+        user: gridq_common::amqp::user(&config.broker_url),
+        metrics: activity.metrics.clone(),
     };
     let (first_tx, first_rx) = oneshot::channel();
     let broker_task = tokio::spawn(broker::run(

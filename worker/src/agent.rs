@@ -75,6 +75,12 @@ pub struct WorkerConfig {
     pub grace: Duration,
     pub on_stop: OnStop,
     pub id: Option<WorkerId>,
+    /// The master's broker user: the only one whose job and control messages this worker takes.
+    /// `None`: the worker's own user (one user for everything).
+    pub master_user: Option<String>,
+    /// Jobs run as this `(uid, gid)` (a worker started as root, whose credentials file only
+    /// root can read); `None`: as the worker's own user.
+    pub job_user: Option<(u32, u32)>,
 }
 
 impl WorkerConfig {
@@ -92,6 +98,8 @@ impl WorkerConfig {
             grace: Duration::from_secs(10),
             on_stop: OnStop::Finish,
             id: None,
+            master_user: None,
+            job_user: None,
         }
     }
 }
@@ -146,6 +154,26 @@ pub fn new_worker_id() -> WorkerId {
     .expect("host name is sanitised to id characters")
 }
 
+/// The worker's id as the master will take it: a worker whose broker user is not the master's
+/// speaks only for ids that start with its user and a dot (see
+/// [`topology::may_speak_for`]), so the id gets that prefix when it lacks it.
+///
+/// # Errors
+/// When the user cannot name workers (a dot or a character ids do not allow).
+fn owned_id(id: WorkerId, user: &str, master_user: &str) -> std::io::Result<WorkerId> {
+    if user == master_user || topology::may_speak_for(user, master_user, &id) {
+        return Ok(id);
+    }
+    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
+    if user.contains('.') {
+        return Err(invalid(format!(
+            "broker user `{user}` has a dot in its name, so it cannot name workers of its own; give the worker a user without one"
+        )));
+    }
+    WorkerId::new(format!("{user}.{id}"))
+        .map_err(|e| invalid(format!("broker user `{user}` cannot name workers: {e}")))
+}
+
 /// Stop requests: 0 none, 1 graceful, 2 or more immediate.
 pub type StopSignal = watch::Receiver<u32>;
 
@@ -169,6 +197,10 @@ pub(crate) struct Shared {
     secrets: Redactor,
     /// What every job inherits of the worker's environment (see [`crate::job_env`]).
     inherit: Arc<[(OsString, OsString)]>,
+    /// The broker user it connects as: the `user_id` of everything it publishes.
+    pub(crate) broker_user: String,
+    /// The master's broker user (see [`WorkerConfig::master_user`]).
+    pub(crate) master_user: String,
 }
 
 #[cfg(test)]
@@ -193,6 +225,8 @@ impl Shared {
             short_jobs: AtomicBool::new(false),
             secrets: Redactor::default(),
             inherit: Arc::from(Vec::new()),
+            broker_user: "guest".into(),
+            master_user: "guest".into(),
         }
     }
 }
@@ -216,7 +250,25 @@ pub(crate) struct Out {
 /// Only setup errors (the scratch directory); broker problems are retried forever.
 pub async fn run(config: WorkerConfig, mut stop: StopSignal) -> std::io::Result<()> {
     std::fs::create_dir_all(&config.scratch_dir)?;
-    let id = config.id.clone().unwrap_or_else(new_worker_id);
+    if let Some((uid, gid)) = config.job_user {
+        // Jobs of another user write their results here, and have a home of their own.
+        let home = config.scratch_dir.join("home");
+        std::fs::create_dir_all(&home)?;
+        for dir in [&config.scratch_dir, &home] {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        }
+    }
+    let broker_user = amqp::user(&config.broker_url);
+    let master_user = config
+        .master_user
+        .clone()
+        .unwrap_or_else(|| broker_user.clone());
+    let id = owned_id(
+        config.id.clone().unwrap_or_else(new_worker_id),
+        &broker_user,
+        &master_user,
+    )?;
     let host = hostname();
     let slots: Vec<Option<u32>> = match &config.gpus {
         Some(gpus) => gpus.iter().map(|g| Some(*g)).collect(),
@@ -241,6 +293,8 @@ pub async fn run(config: WorkerConfig, mut stop: StopSignal) -> std::io::Result<
         short_jobs: AtomicBool::new(false),
         secrets,
         inherit,
+        broker_user,
+        master_user,
     });
     info!(worker = %id, slots = slots.len(), queues = ?config.queues, broker = %amqp::redact(&config.broker_url), "worker starting");
 
@@ -361,6 +415,11 @@ async fn sessions(shared: Arc<Shared>, session_tx: watch::Sender<Option<Arc<Sess
         })));
         while let Some(delivery) = consumer.next().await {
             let Ok(delivery) = delivery else { break };
+            let sender = delivery.properties.user_id().as_ref().map(|u| u.as_str());
+            if sender != Some(shared.master_user.as_str()) {
+                warn!(sender = ?sender, "ignoring a control message that is not from the master's broker user");
+                continue;
+            }
             match wire::decode::<ToWorker>(&delivery.properties, &delivery.data) {
                 Ok(msg) => dispatch(&shared, msg),
                 Err(e) => warn!(cause = %e, "ignoring a control message this worker cannot read"),
@@ -454,11 +513,11 @@ async fn outbox_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Out>) {
             };
             match ch
                 .basic_publish(
+                    topology::EVENTS_EXCHANGE.into(),
                     "".into(),
-                    topology::EVENTS_QUEUE.into(),
                     BasicPublishOptions::default(),
                     &enc.body,
-                    properties,
+                    properties.with_user_id(shared.broker_user.as_str().into()),
                 )
                 .await
             {
@@ -689,6 +748,18 @@ fn job_env(shared: &Shared, job: &JobMessage, gpu: Option<u32>) -> Vec<(String, 
     for (name, value) in &job.params {
         env.push((format!("GRIDQ_PARAM_{}", env_name(name)), value.clone()));
     }
+    if shared.config.job_user.is_some() {
+        // The worker's HOME is root's: a job of another user gets one it can write to.
+        env.push((
+            "HOME".to_owned(),
+            shared
+                .config
+                .scratch_dir
+                .join("home")
+                .to_string_lossy()
+                .into_owned(),
+        ));
+    }
     env.extend(job.env.iter().cloned());
     if let Some(g) = gpu {
         env.push(("CUDA_VISIBLE_DEVICES".to_owned(), g.to_string()));
@@ -732,6 +803,7 @@ pub(crate) async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u
         timeout: job.timeout_ms.map(Duration::from_millis),
         grace: shared.config.grace,
         result_path: result_path.clone(),
+        user: shared.config.job_user,
     };
     let (lines_tx, lines_rx) = mpsc::channel(1024);
     let started_ms = now_ms();

@@ -634,12 +634,28 @@ impl Intake<'_> {
         debug!(deliveries = batch.len(), "jobs delivered");
         for delivery in batch {
             self.saw(delivery.delivery_tag);
-            let jobs = match wire::decode_jobs(&delivery.properties, &delivery.data) {
+            // Only the master's broker user may publish jobs (RabbitMQ checks the user_id
+            // against the publishing connection's user, so it cannot be forged).
+            let sender = delivery.properties.user_id().as_ref().map(|u| u.as_str());
+            let jobs = if sender != Some(self.shared.master_user.as_str()) {
+                Err(format!(
+                    "a job message must come from the master's broker user `{}`, this one came from {}",
+                    self.shared.master_user,
+                    sender.map_or_else(
+                        || "an unnamed user (no user_id)".to_owned(),
+                        |u| format!("`{u}`")
+                    )
+                ))
+            } else {
+                wire::decode_jobs(&delivery.properties, &delivery.data).map_err(|e| e.to_string())
+            };
+            let jobs = match jobs {
                 Ok(jobs) => jobs,
                 Err(e) => {
-                    warn!(cause = %e, "dead-lettering a job message this worker cannot read");
+                    warn!(cause = %e, "dead-lettering a job message this worker cannot run");
                     topology::dead_letter(
                         &self.ch,
+                        &self.shared.broker_user,
                         delivery.routing_key.as_str(),
                         &delivery.properties,
                         &delivery.data,
@@ -714,11 +730,13 @@ impl Intake<'_> {
         }));
         self.ch
             .basic_publish(
+                topology::EVENTS_EXCHANGE.into(),
                 "".into(),
-                topology::EVENTS_QUEUE.into(),
                 BasicPublishOptions::default(),
                 &enc.body,
-                enc.properties.with_delivery_mode(1),
+                enc.properties
+                    .with_delivery_mode(1)
+                    .with_user_id(self.shared.broker_user.as_str().into()),
             )
             .await?;
         Ok(())

@@ -88,6 +88,8 @@ pub struct JobSpec {
     /// Exported to the job as `GRIDQ_RESULT` (made absolute; a relative path is taken relative to
     /// `workdir`). Removed before the spawn if it exists.
     pub result_path: PathBuf,
+    /// Run as this `(uid, gid)` instead of the worker's user.
+    pub user: Option<(u32, u32)>,
 }
 
 /// One line of the job's output, without its line terminator.
@@ -294,6 +296,7 @@ impl RunningJob {
             spec.inherit.clone(),
             env,
             spec.workdir.clone(),
+            spec.user,
         )
         .map_err(|failure| match failure {
             // The child's chdir failed, before its exec.
@@ -500,6 +503,7 @@ fn spawn_from_lasting_thread(
     inherit: Arc<[(OsString, OsString)]>,
     env: Vec<(String, String)>,
     cwd: PathBuf,
+    user: Option<(u32, u32)>,
 ) -> Result<spawn::Process, spawn::SpawnFailure> {
     if on_main_thread() {
         return spawn::spawn(&spawn::Spawn {
@@ -507,6 +511,7 @@ fn spawn_from_lasting_thread(
             inherit: &inherit,
             env: &env,
             cwd: &cwd,
+            user,
         });
     }
     let gone = || spawn::SpawnFailure::Start(io::Error::other("the job spawner thread is gone"));
@@ -517,6 +522,7 @@ fn spawn_from_lasting_thread(
             inherit: &inherit,
             env: &env,
             cwd: &cwd,
+            user,
         }));
     });
     {
@@ -932,7 +938,8 @@ async fn read_result_file(path: &Path) -> Result<Option<Map<String, Value>>, Str
     // no result: no trip to the blocking pool); read through Tokio.
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        // Never through a link: the job may have put one there, to a file only the worker may read.
+        .custom_flags((nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOFOLLOW).bits())
         .open(path);
     let file = match file {
         Ok(file) => tokio::fs::File::from_std(file),

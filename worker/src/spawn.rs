@@ -49,6 +49,9 @@ pub struct Spawn<'a> {
     /// Added to (and overriding) `inherit`.
     pub env: &'a [(String, String)],
     pub cwd: &'a Path,
+    /// Run as this `(uid, gid)` instead of the worker's user (a worker started as root runs
+    /// jobs as the project's owner); `None`: the worker's own.
+    pub user: Option<(u32, u32)>,
 }
 
 /// A started process, the leader of its own process group, with its output pipes.
@@ -89,6 +92,9 @@ struct ChildArgs {
     stdin: RawFd,
     stdout: RawFd,
     stderr: RawFd,
+    /// `(uid, gid)` to switch to, or `(-1, -1)`.
+    uid: libc::c_long,
+    gid: libc::c_long,
     parent: libc::pid_t,
     mask: libc::sigset_t,
     /// Bit `n - 1` set: signal `n` has a handler or is ignored, and is reset in the child.
@@ -177,12 +183,12 @@ pub fn spawn(spec: &Spawn<'_>) -> Result<Process, SpawnFailure> {
     // A program found a moment ago is started from there; if it is no longer there (or no
     // longer executable), it is looked up again once.
     let (path, cached) = lookup(program, &search, spec.cwd)?;
-    let started = start(&path, &argv_ptrs, &env_ptrs, &cwd, stdin);
+    let started = start(&path, &argv_ptrs, &env_ptrs, &cwd, stdin, spec.user);
     match started {
         Err(SpawnFailure::Start(e)) if cached && lookup_may_be_stale(&e) => {
             forget(program, &search, spec.cwd);
             let (path, _) = lookup(program, &search, spec.cwd)?;
-            start(&path, &argv_ptrs, &env_ptrs, &cwd, stdin)
+            start(&path, &argv_ptrs, &env_ptrs, &cwd, stdin, spec.user)
         }
         other => other,
     }
@@ -202,6 +208,7 @@ fn start(
     envp: &[*const libc::c_char],
     cwd: &CString,
     stdin: RawFd,
+    user: Option<(u32, u32)>,
 ) -> Result<Process, SpawnFailure> {
     let path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -215,6 +222,8 @@ fn start(
         stdin,
         stdout: out_w.as_raw_fd(),
         stderr: err_w.as_raw_fd(),
+        uid: user.map_or(-1, |(u, _)| libc::c_long::from(u)),
+        gid: user.map_or(-1, |(_, g)| libc::c_long::from(g)),
         parent: std::process::id() as libc::pid_t,
         // SAFETY: a plain C struct; filled in below by pthread_sigmask.
         mask: unsafe { std::mem::zeroed() },
@@ -309,6 +318,18 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                     std::ptr::null_mut::<libc::c_void>(),
                     8usize,
                 );
+            }
+        }
+        // Another user: raw system calls, which change this task's credentials only (glibc's
+        // wrappers would signal every thread of the worker, whose memory this child shares).
+        // Before the parent-death signal, which a change of credentials clears.
+        if a.uid >= 0 {
+            let groups = [a.gid as libc::gid_t];
+            if libc::syscall(libc::SYS_setgroups, 1usize, groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setresgid, a.gid, a.gid, a.gid) != 0
+                || libc::syscall(libc::SYS_setresuid, a.uid, a.uid, a.uid) != 0
+            {
+                fail(STEP_SETUP);
             }
         }
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {

@@ -32,6 +32,7 @@ fn spec(dir: &Path, argv: &[&str]) -> JobSpec {
         timeout: Some(Duration::from_secs(60)),
         grace: Duration::from_millis(500),
         result_path: dir.join("result.json"),
+        user: None,
     }
 }
 

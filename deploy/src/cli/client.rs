@@ -397,17 +397,34 @@ pub(crate) fn status(args: &StatusArgs) -> Result<(), Failure> {
     block_on(async {
         let sweeps = client.get("/sweeps").await.map_err(classify)?;
         let workers = client.get("/workers").await.map_err(classify)?;
+        let overview = client.get("/overview").await.map_err(classify)?;
         if args.conn.json {
-            print_json(
-                &serde_json::json!({ "sweeps": sweeps["sweeps"], "workers": workers["workers"] }),
-            );
+            print_json(&serde_json::json!({
+                "sweeps": sweeps["sweeps"],
+                "workers": workers["workers"],
+                "broker": overview["broker"],
+            }));
             return Ok(());
         }
+        print_broker(&overview["broker"]);
         print_sweeps(&sweeps["sweeps"]);
         println!();
         print_workers(&workers["workers"]);
         Ok(())
     })
+}
+
+/// The broker line of `gridq status`: where, and whether its traffic is encrypted.
+pub(crate) fn print_broker(link: &Value) {
+    let url = link["url"].as_str().unwrap_or("?");
+    match link["encryption"].as_str() {
+        Some("tls") => println!("broker: {url} (encrypted: TLS)"),
+        Some("loopback") => println!("broker: {url} (plain AMQP on the master's loopback)"),
+        Some(_) => println!(
+            "broker: {url}\nwarning: broker traffic is NOT encrypted (plain AMQP to another host); use amqps://"
+        ),
+        None => {}
+    }
 }
 
 /// The sweeps table of `gridq status`: counts by state.

@@ -168,9 +168,29 @@ pub(crate) struct WorkerArgs {
     /// SIGTERM → SIGKILL grace for timeouts and cancels.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
-    /// A fixed worker id (default: host-pid-random).
+    /// A fixed worker id (default: host-pid-random). A worker whose broker user is not the
+    /// master's gets its user and a dot in front.
     #[arg(long)]
     id: Option<String>,
+    /// The master's broker user: job and control messages from any other user are refused
+    /// (default: this worker's own user, when one user does everything).
+    #[arg(long, env = "GRIDQ_MASTER_USER")]
+    master_user: Option<String>,
+    /// Run jobs as this user, UID:GID (a worker started as root, e.g. in a container, whose
+    /// broker credentials file jobs must not read).
+    #[arg(long, value_parser = parse_uid_gid)]
+    job_user: Option<(u32, u32)>,
+}
+
+fn parse_uid_gid(text: &str) -> Result<(u32, u32), String> {
+    let (u, g) = text
+        .split_once(':')
+        .ok_or_else(|| format!("`{text}`: expected UID:GID, e.g. 1000:1000"))?;
+    let num = |s: &str| {
+        s.parse::<u32>()
+            .map_err(|_| format!("`{text}`: expected UID:GID with numbers, e.g. 1000:1000"))
+    };
+    Ok((num(u)?, num(g)?))
 }
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
@@ -269,6 +289,8 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), Failure> {
         OnStopArg::Requeue => OnStop::Requeue,
     };
     config.id = id;
+    config.master_user.clone_from(&args.master_user);
+    config.job_user = args.job_user;
     // A worker waits on the broker and on its jobs' pipes: one thread is plenty, and it keeps
     // an idle worker small.
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -175,6 +175,35 @@ pub async fn vhost(name: &str) -> String {
     format!("{}/{enc}", b.url)
 }
 
+/// A broker user of its own for one test, with `permissions` on the vhost of `vhost_url`;
+/// returns its URL on that vhost. [`drop_user`] removes it.
+pub async fn role_user(
+    vhost_url: &str,
+    name: &str,
+    permissions: impl FnOnce(&str) -> gridq_common::topology::Permissions,
+) -> String {
+    let b = broker();
+    let api = gridq_common::management::Management::new(&b.management, &b.user, &b.password);
+    let user = format!("t-{name}-{}", std::process::id());
+    let password = format!("pw-{name}-{}", std::process::id());
+    api.put_user(&user, &password, "")
+        .await
+        .expect("creating a user");
+    let vhost = gridq_common::amqp::vhost(vhost_url);
+    api.grant(&vhost, &user, &permissions(&user))
+        .await
+        .expect("permissions");
+    let rest = vhost_url.split_once('@').expect("a URL with credentials").1;
+    format!("amqp://{user}:{password}@{rest}")
+}
+
+/// Deletes a user made by [`role_user`], given its URL.
+pub async fn drop_user(url: &str) {
+    let b = broker();
+    let api = gridq_common::management::Management::new(&b.management, &b.user, &b.password);
+    let _ = api.delete_user(&gridq_common::amqp::user(url)).await;
+}
+
 /// Deletes a test's vhost (and everything in it).
 pub async fn drop_vhost(url: &str) {
     let b = broker();
@@ -396,6 +425,12 @@ impl Cluster {
 
     /// Starts a worker process with extra arguments.
     pub fn spawn_worker(&mut self, extra: &[&str]) -> usize {
+        let url = self.url.clone();
+        self.spawn_worker_on(&url, extra)
+    }
+
+    /// Starts a worker process that connects with `url` (another broker user, say).
+    pub fn spawn_worker_on(&mut self, url: &str, extra: &[&str]) -> usize {
         self.worker_seq += 1;
         let log = self
             .dir
@@ -413,7 +448,7 @@ impl Cluster {
             .arg("--id")
             .arg(format!("w{}-{}", self.worker_seq, self.name))
             .args(extra)
-            .env("GRIDQ_BROKER", &self.url)
+            .env("GRIDQ_BROKER", url)
             .env(
                 "RUST_LOG",
                 std::env::var("GRIDQ_TEST_WORKER_LOG").unwrap_or_else(|_| "info,lapin=off".into()),

@@ -670,6 +670,7 @@ async fn overview(State(state): State<AppState>) -> ApiResult<Json<serde_json::V
         "throughput": state.monitor.activity.throughput(now)
             .into_iter().map(|(t, n)| serde_json::json!({"t_ms": t, "finished": n})).collect::<Vec<_>>(),
         "recent_failures": failures,
+        "broker": state.monitor.broker_link(),
     })))
 }
 

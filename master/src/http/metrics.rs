@@ -11,6 +11,7 @@
 //! | `gridq_jobs` | gauge | `state` |
 //! | `gridq_job_duration_seconds` | histogram | |
 //! | `gridq_store_errors_total` | counter | |
+//! | `gridq_rejected_messages_total` | counter | `reason` |
 //! | `gridq_workers_online` | gauge | |
 //! | `gridq_worker_running_jobs` | gauge | `worker` |
 //! | `gridq_queue_messages` | gauge | `queue`, `kind` = `ready` or `unacked` (when known) |
@@ -19,6 +20,7 @@
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
@@ -42,6 +44,7 @@ pub const DURATION_BUCKETS: [f64; 16] = [
 pub struct Metrics {
     durations: Histogram,
     store_errors: Counter,
+    rejected: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -72,6 +75,7 @@ impl Metrics {
         Self {
             durations: Histogram::new(DURATION_BUCKETS),
             store_errors: Counter::default(),
+            rejected: Family::default(),
         }
     }
 
@@ -84,6 +88,21 @@ impl Metrics {
     /// How many steps of the master's core have failed since it started.
     pub fn store_errors(&self) -> u64 {
         self.store_errors.get()
+    }
+
+    /// Counts one event refused and dead-lettered, by why (`undecodable`, `no_user_id`,
+    /// `wrong_user`).
+    pub fn rejected(&self, reason: &str) {
+        self.rejected
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .inc();
+    }
+
+    /// How many events were refused for `reason`.
+    pub fn rejected_count(&self, reason: &str) -> u64 {
+        self.rejected
+            .get_or_create(&vec![("reason".to_owned(), reason.to_owned())])
+            .get()
     }
 
     /// Records the wall-clock duration of one finished job.
@@ -108,6 +127,11 @@ impl Metrics {
             "gridq_store_errors",
             "Failed steps of the master's core (the store transaction rolled back, its messages delivered again)",
             self.store_errors.clone(),
+        );
+        registry.register(
+            "gridq_rejected_messages",
+            "Events refused and dead-lettered, by reason: undecodable, no_user_id (no sender), wrong_user (a broker user speaking for another's worker)",
+            self.rejected.clone(),
         );
         registry.register_collector(Box::new(SnapshotCollector(snapshot.clone())));
         let mut out = String::new();
@@ -282,6 +306,7 @@ mod tests {
         let names = [
             "gridq_jobs",
             "gridq_store_errors_total",
+            "gridq_rejected_messages_total",
             "gridq_job_duration_seconds_bucket",
             "gridq_job_duration_seconds_sum",
             "gridq_job_duration_seconds_count",

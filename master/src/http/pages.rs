@@ -53,6 +53,30 @@ pub struct Monitor {
 }
 
 impl Monitor {
+    /// How the master reaches its broker, for the API and the broker page: the URL without its
+    /// password, and whether the traffic is encrypted (`tls`), stays on this host (`loopback`,
+    /// plain AMQP) or crosses a network in the clear (`none`).
+    pub fn broker_link(&self) -> serde_json::Value {
+        let url = &self.amqp_url;
+        let host = gridq_common::amqp::host(url);
+        let loopback = host == "localhost"
+            || host == "[::1]"
+            || host
+                .parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        let encryption = if gridq_common::amqp::is_tls(url) {
+            "tls"
+        } else if loopback {
+            "loopback"
+        } else {
+            "none"
+        };
+        serde_json::json!({
+            "url": gridq_common::amqp::redact(url),
+            "encryption": encryption,
+        })
+    }
+
     /// `management_url`: the RabbitMQ management API's base URL; `None` derives it from the
     /// AMQP URL's host on port 15672.
     pub fn new(
@@ -1248,8 +1272,17 @@ pub(crate) async fn broker_page(
     .await?;
     let stats = state.monitor.broker_stats(&queues).await;
     let csrf = csrf_of(caller.as_deref());
+    let link = state.monitor.broker_link();
     let body = html! {
         h1 { "Broker" }
+        p #brokerlink {
+            code { (link["url"].as_str().unwrap_or("")) } " "
+            @match link["encryption"].as_str() {
+                Some("tls") => { span.ok { "encrypted (TLS)" } }
+                Some("loopback") => { span.muted { "plain AMQP on this host's loopback" } }
+                _ => { strong.warn { "NOT ENCRYPTED: plain AMQP to another host; use amqps://" } }
+            }
+        }
         section #brokerq data-live { (queue_table(&stats)) }
         h2 { "Dead-lettered messages" }
         section #dead data-live {
