@@ -549,3 +549,46 @@ async fn amqp_over_tls_checks_the_broker_certificate_and_runs_a_sweep() {
     assert!(jobs.iter().all(|j| j.state == JobState::Succeeded));
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_worker_runs_jobs_as_the_job_user_who_cannot_read_its_secrets() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut c = Cluster::new("jobuser").await;
+    // The job user (nobody) must reach the project; the worker's own files stay root's.
+    for dir in [c.dir.path(), c.project.as_path()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let secret = c.write("credentials", "s3cr3t-of-the-worker");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o400)).unwrap();
+    c.write(
+        "who.sh",
+        "echo \"uid=$(id -u) gid=$(id -g)\"\n\
+         cat credentials 2>/dev/null || echo 'credentials: unreadable'\n\
+         if cat /proc/$PPID/environ >/dev/null 2>&1; then echo 'worker environ: readable'; else echo 'worker environ: unreadable'; fi\n\
+         touch \"$HOME/written\" && echo 'home: writable'\n\
+         printf '{\"uid\": %s}' \"$(id -u)\" > \"$GRIDQ_RESULT\"\n",
+    );
+    c.spawn_worker(&["--job-user", "65534:65534"]);
+    c.submit("name: jobuser\ncommand: [sh, who.sh]\nparameters:\n  x: [1]\n")
+        .await;
+    let jobs = c.wait_done("jobuser", MINUTE).await;
+    assert_eq!(jobs[0].state, JobState::Succeeded, "{}", c.worker_logs());
+    assert_eq!(
+        jobs[0].result.as_ref().and_then(|r| r.get("uid")),
+        Some(&serde_json::json!(65534))
+    );
+    let master = format!("http://{}", c.handle.addr);
+    let token = c.handle.token.to_string();
+    let env = [
+        ("GRIDQ_MASTER", master.as_str()),
+        ("GRIDQ_TOKEN", token.as_str()),
+        ("GRIDQ_CONTEXT", "/dev/null"),
+    ];
+    let id = jobs[0].id.to_string();
+    let out = gridq(&["logs", &id], &env, c.dir.path()).await;
+    assert_eq!(
+        text(&out.stdout),
+        "uid=65534 gid=65534\ncredentials: unreadable\nworker environ: unreadable\nhome: writable\n"
+    );
+    c.shutdown().await;
+}

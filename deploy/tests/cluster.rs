@@ -362,6 +362,96 @@ fn check_complete(results: &[Value], expected_jobs: usize) -> BTreeMap<String, u
         .collect()
 }
 
+/// What a deployed cluster keeps secret and how its broker is reached: no password in any
+/// container's `docker inspect`, the broker port speaks TLS only, with the cluster's CA, and a
+/// worker's broker user may not declare a job queue.
+fn check_security(c: &TestCluster, master_addr: &str) {
+    use gridq_common::{amqp, topology};
+    let gridq_dir = c.project().join(".gridq");
+    let secrets: Value = serde_json::from_str(
+        &std::fs::read_to_string(gridq_dir.join(format!("cluster-{}.secrets.json", c.name)))
+            .unwrap(),
+    )
+    .unwrap();
+    let passwords = secrets["passwords"].as_object().expect("role passwords");
+    let users: Vec<&str> = passwords.keys().map(String::as_str).collect();
+    assert_eq!(
+        users,
+        [
+            "gridq-master",
+            "gridq-worker-1",
+            "gridq-worker-2",
+            "gridq-worker-3"
+        ]
+    );
+    for (name, _, _) in c.containers() {
+        let out = Command::new("docker")
+            .args(["inspect", &name])
+            .output()
+            .unwrap();
+        let inspect = String::from_utf8_lossy(&out.stdout);
+        assert!(inspect.contains(&name), "{inspect}");
+        for (user, pw) in passwords {
+            assert!(
+                !inspect.contains(pw.as_str().unwrap()),
+                "{user}'s password is in `docker inspect {name}`"
+            );
+        }
+        assert!(!inspect.contains("GRIDQ_BROKER="), "{inspect}");
+    }
+    let ca = gridq_dir.join(format!("cluster-{}.tls/ca.pem", c.name));
+    let key = gridq_dir.join(format!("cluster-{}.tls/ca.key", c.name));
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions())
+            & 0o777,
+        0o600
+    );
+    let pw = passwords["gridq-worker-1"].as_str().unwrap();
+    let port = c.ports[0];
+    let tls = format!(
+        "amqps://gridq-worker-1:{pw}@{master_addr}:{port}/{}?cacertfile={}",
+        c.name,
+        amqp::percent_encode(&ca.to_string_lossy())
+    );
+    let plain = format!("amqp://gridq-worker-1:{pw}@{master_addr}:{port}/{}", c.name);
+    let other = tempfile::tempdir().unwrap();
+    let (files, _) = gridq_deploy::pki::ensure(
+        other.path(),
+        "other",
+        &[master_addr.to_owned()],
+        Duration::ZERO,
+    )
+    .unwrap();
+    let wrong_ca =
+        amqp::with_query_param(&tls, amqp::CA_FILE_PARAM, &files.ca_cert.to_string_lossy());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let connect = |url: String| async move {
+            tokio::time::timeout(Duration::from_secs(30), amqp::connect(&url, "gridq-test"))
+                .await
+                .expect("a connection attempt ends in time")
+        };
+        assert!(connect(plain).await.is_err(), "plain AMQP is refused");
+        assert!(
+            connect(wrong_ca).await.is_err(),
+            "a certificate from another CA is refused"
+        );
+        let conn = connect(tls).await.expect("TLS with the cluster's CA");
+        let ch = conn.create_channel().await.unwrap();
+        let declared = ch
+            .queue_declare(
+                "gridq.jobs.evil".into(),
+                lapin::options::QueueDeclareOptions::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await;
+        assert!(
+            matches!(&declared, Err(e) if topology::is_soft_error(e, 403)),
+            "a worker user may not declare a job queue: {declared:?}"
+        );
+        let _ = conn.close(200, "done".into()).await;
+    });
+}
+
 #[test]
 fn cluster_lifecycle() {
     let h = hosts::hosts();
@@ -412,6 +502,8 @@ fn cluster_lifecycle() {
         );
         assert!(!files.iter().any(|f| f.contains("secrets")), "{files:?}");
     }
+
+    check_security(&c, &h.docker[0].addr);
 
     let out = c.ok(&["submit", "sweep.yaml", "--watch"]);
     assert!(out.contains("6 new"), "{out}");
@@ -466,7 +558,7 @@ fn cluster_lifecycle() {
     // The monitor, through its tunnel, with the token.
     let mut monitor = c
         .cmd()
-        .args(["monitor", "--json"])
+        .args(["monitor", "--json", "--show-token"])
         .current_dir(c.project())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -31,6 +31,22 @@ if [ -d "$src/conf.d" ]; then
         fi
     done
 fi
+# gridq deploy's definitions and TLS files, named in its conf.d file by their /etc/rabbitmq
+# paths: copied for rabbitmq too, and the copied configuration names the copies.
+if [ -f "$src/definitions.json" ]; then
+    install -o rabbitmq -g rabbitmq -m 0600 "$src/definitions.json" "$conf/definitions.json"
+fi
+if [ -d "$src/tls" ]; then
+    install -d -o rabbitmq -g rabbitmq -m 0700 "$conf/tls"
+    for f in "$src"/tls/*; do
+        install -o rabbitmq -g rabbitmq -m 0600 "$f" "$conf/tls/"
+    done
+fi
+for f in "$conf"/conf.d/*.conf; do
+    if [ -f "$f" ]; then
+        sed -i "s#$src/definitions.json#$conf/definitions.json#; s#$src/tls/#$conf/tls/#" "$f"
+    fi
+done
 export RABBITMQ_CONFIG_FILE="$conf/rabbitmq.conf"
 export RABBITMQ_CONFIG_FILES="$conf/conf.d"
 export RABBITMQ_ADVANCED_CONFIG_FILE="$conf/advanced.config"

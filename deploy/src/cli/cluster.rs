@@ -383,7 +383,6 @@ pub(crate) fn deploy(args: &DeployArgs) -> Result<(), Failure> {
             "monitor": {
                 "host": master_place,
                 "url_on_master_host": format!("http://127.0.0.1:{}/", m.monitor_port),
-                "token": report.token,
             },
         });
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
@@ -415,8 +414,11 @@ pub(crate) fn deploy(args: &DeployArgs) -> Result<(), Failure> {
             "  reach it with: gridq monitor --config {}",
             abs_path.display()
         );
-        if let Some(t) = &report.token {
-            println!("  token: {t}");
+        if report.token.is_some() {
+            // Never on stdout by default: terminals are logged and shared.
+            println!(
+                "  token: kept in the master's state on {master_place}; `gridq monitor --show-token` prints it"
+            );
         }
         println!("submit a sweep with: gridq submit SWEEP.yaml --watch");
     }
@@ -548,6 +550,9 @@ pub(crate) struct MonitorArgs {
     /// Open the URL in a browser (xdg-open).
     #[arg(long)]
     open: bool,
+    /// Print the monitor's token too (to paste it into the login page).
+    #[arg(long)]
+    show_token: bool,
 }
 
 pub(crate) fn monitor(args: &MonitorArgs) -> Result<(), Failure> {
@@ -565,13 +570,18 @@ pub(crate) fn monitor(args: &MonitorArgs) -> Result<(), Failure> {
         let api = MasterApi::open(&fleet, Instant::now() + Duration::from_secs(30), local).await?;
         let (url, token) = (&api.url, &api.token);
         if args.sel.json {
-            println!(
-                "{}",
-                serde_json::json!({"url": format!("{url}/"), "token": token})
-            );
+            let mut doc = serde_json::json!({"url": format!("{url}/")});
+            if args.show_token {
+                doc["token"] = serde_json::json!(token);
+            }
+            println!("{doc}");
         } else {
             println!("monitor: {url}/");
-            println!("token: {token}");
+            if args.show_token {
+                println!("token: {token}");
+            } else {
+                println!("token: not shown (--show-token prints it)");
+            }
             println!(
                 "(an SSH tunnel to 127.0.0.1:{} on {}; Ctrl-C closes it)",
                 cluster.file.master.monitor_port,
@@ -762,6 +772,7 @@ pub(crate) fn status(file: &Path, json: bool) -> Result<(), Failure> {
                 }
             }
             println!();
+            super::client::print_broker(&m["broker"]);
             super::client::print_sweeps(&m["sweeps"]);
         }
         (None, Some(e)) => println!("master: not reachable: {e}"),

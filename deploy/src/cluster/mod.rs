@@ -26,7 +26,7 @@ use serde_json::Value;
 
 use self::config::{Cluster, Gpus, HostRef};
 use self::containers::{Found, Outcome, Role};
-use self::plan::{Secrets, WorkerFacts};
+use self::plan::{Keys, Secrets, WorkerFacts};
 use crate::docker::{DockerHost, ImageOutcome};
 use crate::ssh::{HostSession, Sessions, SshOptions};
 use crate::sync::{SyncOptions, remote_abs_path, sync_project};
@@ -455,29 +455,60 @@ fn parse_listening(text: &str) -> Vec<u16> {
     ports
 }
 
-/// The broker credentials: the secrets file, else the running broker's config, else new.
-async fn secrets(fleet: &Fleet) -> anyhow::Result<(Secrets, &'static str)> {
+/// The broker credentials (the secrets file, else the running broker's definitions, else
+/// new; a role user missing from them gets a password) and the cluster's TLS files (its CA,
+/// made once and kept on this machine, and the broker's certificate, reissued when its
+/// addresses change or it has less than 30 days left).
+async fn keys(fleet: &Fleet) -> anyhow::Result<(Keys, String)> {
     let path = fleet.cluster.secrets_path();
-    if let Some(s) = Secrets::load(&path).map_err(anyhow::Error::msg)? {
-        return Ok((s, "kept"));
+    let (mut secrets, mut how) = match Secrets::load(&path).map_err(anyhow::Error::msg)? {
+        Some(s) => (s, "kept"),
+        None => (recovered_secrets(fleet).await, "recovered from the broker"),
+    };
+    if secrets.passwords.is_empty() && how != "kept" {
+        how = "generated";
     }
+    if secrets.ensure_users(&fleet.cluster) || how != "kept" {
+        secrets.save(&path).map_err(anyhow::Error::msg)?;
+    }
+    let dir = path.with_file_name(format!("cluster-{}.tls", fleet.cluster.name()));
+    let month = std::time::Duration::from_secs(30 * 24 * 3600);
+    let addresses = plan::broker_addresses(&fleet.cluster);
+    let (files, issued) = crate::pki::ensure(&dir, fleet.cluster.name(), &addresses, month)?;
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+    };
+    let tls = plan::Tls {
+        ca_cert: read(&files.ca_cert)?,
+        server_cert: read(&files.server_cert)?,
+        server_key: read(&files.server_key)?,
+    };
+    let note = format!(
+        "broker credentials {how} ({}); broker certificate {} for {} ({})",
+        path.display(),
+        if issued { "issued" } else { "kept" },
+        addresses.join(", "),
+        dir.display()
+    );
+    Ok((Keys { secrets, tls }, note))
+}
+
+/// The role users' passwords from the running broker's definitions, else new ones.
+async fn recovered_secrets(fleet: &Fleet) -> Secrets {
     if let Some(conn) = fleet.conn(fleet.cluster.file.master.host) {
-        let conf = containers::read_file(
+        let defs = containers::read_file(
             conn.docker.docker(),
             &plan::broker_name(fleet.cluster.name()),
-            &format!("{}/{}", plan::BROKER_CONF_DIR, plan::BROKER_CONF),
+            &format!("{}/{}", plan::BROKER_CONF_DIR, plan::BROKER_DEFINITIONS),
         )
         .await
         .ok()
         .flatten();
-        if let Some(s) = conf.as_deref().and_then(Secrets::from_broker_conf) {
-            s.save(&path).map_err(anyhow::Error::msg)?;
-            return Ok((s, "recovered from the broker"));
+        if let Some(s) = defs.as_deref().and_then(Secrets::from_definitions) {
+            return s;
         }
     }
-    let s = Secrets::generate();
-    s.save(&path).map_err(anyhow::Error::msg)?;
-    Ok((s, "generated"))
+    Secrets::generate()
 }
 
 /// Makes sure `image` is on a place's engine (streamed from this machine, or pulled) and
@@ -564,7 +595,7 @@ async fn project_at(
 async fn deploy_place(
     fleet: &Fleet,
     conn: &PlaceConn,
-    secrets: &Secrets,
+    keys: &Keys,
     gpus: &HashMap<HostRef, Vec<u32>>,
     options: &DeployOptions,
     progress: &Progress,
@@ -582,11 +613,11 @@ async fn deploy_place(
     };
     if cluster.file.master.host == conn.place {
         let broker_image = image_at(fleet, conn, &cluster.file.images.broker, progress).await?;
-        let spec = plan::broker_spec(cluster, secrets, &broker_image);
+        let spec = plan::broker_spec(cluster, keys, &broker_image);
         let outcome = containers::ensure(conn.docker.docker(), &spec).await?;
         note(&mut steps, &mut changed, &spec.name, outcome);
         let gridq_image = image_at(fleet, conn, &cluster.file.images.gridq, progress).await?;
-        let spec = plan::master_spec(cluster, secrets, &gridq_image);
+        let spec = plan::master_spec(cluster, keys, &gridq_image);
         let outcome = containers::ensure(conn.docker.docker(), &spec).await?;
         note(&mut steps, &mut changed, &spec.name, outcome);
     }
@@ -603,7 +634,7 @@ async fn deploy_place(
             gpus: gpus.get(&w.host).cloned().unwrap_or_default(),
             image_id,
         };
-        let specs = plan::worker_specs(cluster, secrets, i, &facts);
+        let specs = plan::worker_specs(cluster, keys, i, &facts);
         let wanted: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
         for spec in &specs {
             let outcome = containers::ensure(conn.docker.docker(), spec).await?;
@@ -645,20 +676,14 @@ pub async fn deploy(
             );
         }
     };
-    let (secrets, how) = secrets(fleet).await?;
-    progress(
-        "local",
-        &format!(
-            "broker credentials {how} ({})",
-            fleet.cluster.secrets_path().display()
-        ),
-    );
+    let (keys, note) = keys(fleet).await?;
+    progress("local", &note);
     let mut tasks = Vec::new();
     for (place, conn) in &fleet.places {
         let Ok(conn) = conn else { continue };
-        let (secrets, gpus) = (&secrets, &gpus);
+        let (keys, gpus) = (&keys, &gpus);
         tasks.push(async move {
-            let result = deploy_place(fleet, conn, secrets, gpus, options, progress).await;
+            let result = deploy_place(fleet, conn, keys, gpus, options, progress).await;
             (*place, conn.label.clone(), result)
         });
     }
@@ -995,8 +1020,10 @@ pub async fn status(fleet: &Fleet) -> ClusterStatus {
                 let workers = api.get("/workers").await?;
                 let queues = api.get("/queues").await.unwrap_or(Value::Null);
                 let sweeps = api.get("/sweeps").await?;
+                let overview = api.get("/overview").await.unwrap_or(Value::Null);
                 anyhow::Ok(serde_json::json!({
                     "url_on_master_host": format!("http://127.0.0.1:{}", cluster.file.master.monitor_port),
+                    "broker": overview["broker"],
                     "workers": workers["workers"],
                     "queues": queues,
                     "sweeps": sweeps["sweeps"],
@@ -1130,7 +1157,7 @@ pub async fn update(
     progress: &Progress,
 ) -> anyhow::Result<UpdateReport> {
     let cluster = &fleet.cluster;
-    let (secrets, _) = secrets(fleet).await?;
+    let (keys, _) = keys(fleet).await?;
     // GPUs as deploy gives them; a place whose GPUs cannot be determined is not restarted
     // (its worker would lose them).
     let gpus = worker_gpus(fleet).await;
@@ -1188,7 +1215,7 @@ pub async fn update(
             continue;
         };
         let host_name = worker_host_name(cluster, w.host);
-        for spec in plan::worker_specs(cluster, &secrets, i, f) {
+        for spec in plan::worker_specs(cluster, &keys, i, f) {
             let step = async {
                 if options.drain {
                     // A drained worker exits once idle; Docker must not start it again (it

@@ -1,34 +1,68 @@
 //! From a [`Cluster`] to the containers of each place: names, commands, ports, mounts.
 //!
-//! Networking: the broker is on Docker's bridge with only its AMQP port published (on
-//! `master.broker_bind`) and its management API on the master host's loopback; the master and
-//! the workers use the host's network, so the monitor binds to the master host's own loopback
-//! and jobs see the host's interfaces (NCCL, InfiniBand, ports of their own).
+//! Networking: the broker is on Docker's bridge with only its AMQP-over-TLS port published (on
+//! `master.broker_bind`; plain AMQP does not listen at all) and its management API on the
+//! master host's loopback; the master and the workers use the host's network, so the monitor
+//! binds to the master host's own loopback and jobs see the host's interfaces (NCCL,
+//! InfiniBand, ports of their own).
+//!
+//! Broker users, one per role, all on the cluster's vhost (named after the cluster), created by
+//! the broker itself from a definitions file at every start (so no default user, and never
+//! `guest`): [`MASTER_USER`] with [`topology::master_permissions`], and one worker user per
+//! worker place ([`worker_user`]) with [`topology::worker_permissions`]. Each container gets its
+//! own URL in a file only its service user can read, with the cluster CA's certificate.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+
+use gridq_common::topology;
 
 use serde::{Deserialize, Serialize};
 
 use super::config::{Cluster, HostRef};
 use super::containers::{ContainerSpec, File, Mounted, Network, Role};
 
+/// The master's broker user.
+pub const MASTER_USER: &str = "gridq-master";
+
+/// The broker user of the workers at `place` (no dot in it: see
+/// [`topology::may_speak_for`]).
+pub fn worker_user(place: HostRef) -> String {
+    format!("gridq-worker-{place}")
+}
+
+/// Where a container finds its broker URL (mode 0400, its service user's) and the cluster CA.
+pub const CREDENTIALS_DIR: &str = "run/gridq";
+/// See [`CREDENTIALS_DIR`].
+pub const BROKER_FILE: &str = "/run/gridq/broker";
+/// See [`CREDENTIALS_DIR`].
+pub const CA_FILE: &str = "/run/gridq/ca.pem";
+/// The user the gridq image runs the master as (`docker/Dockerfile`): its credentials file is
+/// this user's.
+pub const GRIDQ_IMAGE_UID: u64 = 10001;
+/// The port the broker's TLS listener has inside its container.
+pub const BROKER_TLS_PORT: u16 = 5671;
+
 /// The broker's credentials, generated once per cluster and kept in the project's
 /// `.gridq/cluster-NAME.secrets.json` (0600); recovered from the broker container when that
-/// file is gone, since RabbitMQ only applies `default_user` to a fresh data volume.
+/// file is gone.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Secrets {
-    /// The broker user (never `guest`).
+    /// The administrator of deploys before per-role users; created on no new broker.
     pub broker_user: String,
     /// Its password.
     pub broker_password: String,
+    /// Each role user's password, by user name.
+    #[serde(default)]
+    pub passwords: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Secrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Secrets")
             .field("broker_user", &self.broker_user)
-            .field("broker_password", &"<redacted>")
-            .finish()
+            .field("users", &self.passwords.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
     }
 }
 
@@ -38,7 +72,79 @@ impl Secrets {
         Self {
             broker_user: format!("gridq-{}", random_hex(4)),
             broker_password: random_hex(24),
+            passwords: BTreeMap::new(),
         }
+    }
+
+    /// Gives every role user of `cluster` a password (kept ones stay); true when one was added.
+    pub fn ensure_users(&mut self, cluster: &Cluster) -> bool {
+        let before = self.passwords.len();
+        for user in role_users(cluster).into_keys() {
+            self.passwords.entry(user).or_insert_with(|| random_hex(24));
+        }
+        self.passwords.len() != before
+    }
+
+    /// New passwords for every role user (`gridq deploy --rotate-secrets`).
+    pub fn rotate(&mut self) {
+        for p in self.passwords.values_mut() {
+            *p = random_hex(24);
+        }
+    }
+
+    /// `user`'s URL on the cluster's vhost at `host:port`, over TLS checked against [`CA_FILE`]
+    /// (it holds the password: never print it unredacted).
+    pub fn url_for(&self, user: &str, host: &str, port: u16, vhost: &str) -> String {
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        let password = self.passwords.get(user).map_or("", String::as_str);
+        format!(
+            "amqps://{user}:{password}@{host}:{port}/{}?{}={}",
+            gridq_common::amqp::percent_encode(vhost),
+            gridq_common::amqp::CA_FILE_PARAM,
+            gridq_common::amqp::percent_encode(CA_FILE)
+        )
+    }
+
+    /// The broker's definitions file: the cluster's vhost, the role users (with their
+    /// passwords, which RabbitMQ hashes on import) and their permissions.
+    pub fn definitions(&self, cluster: &Cluster) -> String {
+        let vhost = cluster.name();
+        let mut users = Vec::new();
+        let mut permissions = Vec::new();
+        for (user, p) in role_users(cluster) {
+            users.push(serde_json::json!({
+                "name": user,
+                "password": self.passwords.get(&user).cloned().unwrap_or_default(),
+                "tags": "",
+            }));
+            permissions.push(serde_json::json!({
+                "user": user, "vhost": vhost,
+                "configure": p.configure, "write": p.write, "read": p.read,
+            }));
+        }
+        serde_json::to_string_pretty(&serde_json::json!({
+            "users": users,
+            "vhosts": [{"name": vhost}],
+            "permissions": permissions,
+        }))
+        .unwrap_or_default()
+    }
+
+    /// Recovers the role users' passwords from the broker's definitions file.
+    pub fn from_definitions(text: &str) -> Option<Self> {
+        let v: serde_json::Value = serde_json::from_str(text).ok()?;
+        let mut s = Self::generate();
+        for u in v["users"].as_array()? {
+            s.passwords.insert(
+                u["name"].as_str()?.to_owned(),
+                u["password"].as_str()?.to_owned(),
+            );
+        }
+        Some(s)
     }
 
     /// Reads the secrets file, if there is one.
@@ -80,33 +186,73 @@ impl Secrets {
             .map_err(fail)?;
         f.write_all(text.as_bytes()).map_err(fail)
     }
+}
 
-    /// Recovers the credentials from the broker's `rabbitmq.conf` text.
-    pub fn from_broker_conf(text: &str) -> Option<Self> {
-        let value = |key: &str| {
-            text.lines().find_map(|l| {
-                let (k, v) = l.split_once('=')?;
-                (k.trim() == key).then(|| v.trim().to_owned())
-            })
-        };
-        Some(Self {
-            broker_user: value("default_user")?,
-            broker_password: value("default_pass")?,
-        })
+/// Every role user of the cluster and its permissions.
+fn role_users(cluster: &Cluster) -> BTreeMap<String, topology::Permissions> {
+    let mut users = BTreeMap::new();
+    users.insert(MASTER_USER.to_owned(), topology::master_permissions());
+    for w in &cluster.file.workers {
+        let user = worker_user(w.host);
+        let p = topology::worker_permissions(&user);
+        users.insert(user, p);
     }
+    users
+}
 
-    /// The AMQP URL for `host:port` (it holds the password: never print it unredacted).
-    pub fn broker_url(&self, host: &str, port: u16) -> String {
-        let host = if host.contains(':') {
-            format!("[{host}]")
-        } else {
-            host.to_owned()
-        };
-        format!(
-            "amqp://{}:{}@{host}:{port}/%2f",
-            self.broker_user, self.broker_password
-        )
+/// The cluster CA's certificate, and the broker's certificate and key from it (PEM).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub ca_cert: String,
+    pub server_cert: String,
+    pub server_key: String,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").finish_non_exhaustive()
     }
+}
+
+/// What the containers are made with that is not in the cluster file.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub secrets: Secrets,
+    pub tls: Tls,
+}
+
+/// The addresses the broker's certificate names: where the master (its own host's loopback)
+/// and the workers (the master's address) reach it.
+pub fn broker_addresses(cluster: &Cluster) -> Vec<String> {
+    let mut addrs = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
+    for a in [cluster.master_addr.clone(), local_broker_addr(cluster)] {
+        if !addrs.contains(&a) {
+            addrs.push(a);
+        }
+    }
+    addrs
+}
+
+/// A container's credentials: its broker URL (0400, its service user's) and the CA (0444).
+fn credential_files(url: &str, ca: &str, uid: u64, gid: u64) -> Vec<File> {
+    vec![
+        File {
+            base: "/".to_owned(),
+            path: format!("{CREDENTIALS_DIR}/broker"),
+            mode: 0o400,
+            uid,
+            gid,
+            contents: format!("{url}\n"),
+        },
+        File {
+            base: "/".to_owned(),
+            path: format!("{CREDENTIALS_DIR}/ca.pem"),
+            mode: 0o444,
+            uid,
+            gid,
+            contents: ca.to_owned(),
+        },
+    ]
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -152,15 +298,37 @@ pub struct WorkerFacts {
     pub image_id: String,
 }
 
-/// The broker's container.
-pub fn broker_spec(cluster: &Cluster, secrets: &Secrets, image_id: &str) -> ContainerSpec {
+/// The broker's definitions file, next to its configuration.
+pub const BROKER_DEFINITIONS: &str = "definitions.json";
+
+/// The broker's container: TLS only, users from the definitions file.
+pub fn broker_spec(cluster: &Cluster, keys: &Keys, image_id: &str) -> ContainerSpec {
     let m = &cluster.file.master;
     let conf = format!(
-        "# Written by gridq deploy.\ndefault_user = {}\ndefault_pass = {}\ndefault_vhost = /\nconsumer_timeout = {}\nlisteners.tcp.default = 5672\nmanagement.tcp.port = 15672\n",
-        secrets.broker_user,
-        secrets.broker_password,
+        "# Written by gridq deploy.\n\
+         load_definitions = {BROKER_CONF_DIR}/{BROKER_DEFINITIONS}\n\
+         consumer_timeout = {}\n\
+         listeners.tcp = none\n\
+         listeners.ssl.default = {BROKER_TLS_PORT}\n\
+         ssl_options.cacertfile = {BROKER_CONF_DIR}/tls/ca.pem\n\
+         ssl_options.certfile = {BROKER_CONF_DIR}/tls/server.pem\n\
+         ssl_options.keyfile = {BROKER_CONF_DIR}/tls/server.key\n\
+         ssl_options.verify = verify_none\n\
+         ssl_options.fail_if_no_peer_cert = false\n\
+         ssl_options.versions.1 = tlsv1.3\n\
+         ssl_options.versions.2 = tlsv1.2\n\
+         management.tcp.port = 15672\n",
         m.consumer_timeout.as_millis()
     );
+    // uid 999 is rabbitmq in the official image; gridq-rabbitmq copies it as root.
+    let file = |path: &str, contents: &str| File {
+        base: BROKER_CONF_DIR.to_owned(),
+        path: path.to_owned(),
+        mode: 0o600,
+        uid: 999,
+        gid: 999,
+        contents: contents.to_owned(),
+    };
     ContainerSpec {
         name: broker_name(cluster.name()),
         cluster: cluster.name().to_owned(),
@@ -172,7 +340,7 @@ pub fn broker_spec(cluster: &Cluster, secrets: &Secrets, image_id: &str) -> Cont
         env: Vec::new(),
         user: None,
         network: Network::Published(vec![
-            (m.broker_bind.clone(), m.broker_port, 5672),
+            (m.broker_bind.clone(), m.broker_port, BROKER_TLS_PORT),
             ("127.0.0.1".to_owned(), m.management_port, 15672),
         ]),
         mounts: vec![Mounted::Volume {
@@ -180,15 +348,13 @@ pub fn broker_spec(cluster: &Cluster, secrets: &Secrets, image_id: &str) -> Cont
             target: "/var/lib/rabbitmq".to_owned(),
         }],
         gpus: Vec::new(),
-        // uid 999 is rabbitmq in the official image; gridq-rabbitmq copies it as root.
-        files: vec![File {
-            base: BROKER_CONF_DIR.to_owned(),
-            path: BROKER_CONF.to_owned(),
-            mode: 0o600,
-            uid: 999,
-            gid: 999,
-            contents: conf,
-        }],
+        files: vec![
+            file(BROKER_CONF, &conf),
+            file(BROKER_DEFINITIONS, &keys.secrets.definitions(cluster)),
+            file("tls/ca.pem", &keys.tls.ca_cert),
+            file("tls/server.pem", &keys.tls.server_cert),
+            file("tls/server.key", &keys.tls.server_key),
+        ],
         stop_timeout: 60,
     }
 }
@@ -203,8 +369,14 @@ fn local_broker_addr(cluster: &Cluster) -> String {
 }
 
 /// The master's container.
-pub fn master_spec(cluster: &Cluster, secrets: &Secrets, image_id: &str) -> ContainerSpec {
+pub fn master_spec(cluster: &Cluster, keys: &Keys, image_id: &str) -> ContainerSpec {
     let m = &cluster.file.master;
+    let url = keys.secrets.url_for(
+        MASTER_USER,
+        &local_broker_addr(cluster),
+        m.broker_port,
+        cluster.name(),
+    );
     ContainerSpec {
         name: master_name(cluster.name()),
         cluster: cluster.name().to_owned(),
@@ -222,11 +394,10 @@ pub fn master_spec(cluster: &Cluster, secrets: &Secrets, image_id: &str) -> Cont
             humantime::format_duration(m.heartbeat_timeout).to_string(),
             "--management-url".into(),
             format!("http://127.0.0.1:{}", m.management_port),
+            "--broker-file".into(),
+            BROKER_FILE.into(),
         ],
-        env: vec![format!(
-            "GRIDQ_BROKER={}",
-            secrets.broker_url(&local_broker_addr(cluster), m.broker_port)
-        )],
+        env: Vec::new(),
         user: None,
         network: Network::Host,
         mounts: vec![Mounted::Volume {
@@ -234,7 +405,7 @@ pub fn master_spec(cluster: &Cluster, secrets: &Secrets, image_id: &str) -> Cont
             target: MASTER_STATE.to_owned(),
         }],
         gpus: Vec::new(),
-        files: Vec::new(),
+        files: credential_files(&url, &keys.tls.ca_cert, GRIDQ_IMAGE_UID, GRIDQ_IMAGE_UID),
         stop_timeout: 30,
     }
 }
@@ -242,7 +413,7 @@ pub fn master_spec(cluster: &Cluster, secrets: &Secrets, image_id: &str) -> Cont
 /// The worker containers of one place: one, or one per GPU.
 pub fn worker_specs(
     cluster: &Cluster,
-    secrets: &Secrets,
+    keys: &Keys,
     index: usize,
     facts: &WorkerFacts,
 ) -> Vec<ContainerSpec> {
@@ -251,8 +422,27 @@ pub fn worker_specs(
     let host_name = cluster
         .host(w.host)
         .map_or_else(|| "local".to_owned(), |h| h.addr.clone());
+    let url = keys.secrets.url_for(
+        &worker_user(w.host),
+        &cluster.master_addr,
+        m.broker_port,
+        cluster.name(),
+    );
     let spec = |gpus: Vec<u32>, name: String| {
-        let mut cmd = vec!["--on-stop".to_owned(), "requeue".to_owned()];
+        // The worker runs as root, to read its credentials file; jobs run as the SSH user,
+        // so the files they write are theirs and the credentials are out of their reach.
+        let mut cmd = vec![
+            "--on-stop".to_owned(),
+            "requeue".to_owned(),
+            "--broker-file".to_owned(),
+            BROKER_FILE.to_owned(),
+            "--master-user".to_owned(),
+            MASTER_USER.to_owned(),
+        ];
+        if let Some(user) = &facts.user {
+            cmd.push("--job-user".into());
+            cmd.push(user.clone());
+        }
         if !w.queues.is_empty() {
             cmd.push("--queue".into());
             cmd.push(w.queues.join(","));
@@ -280,21 +470,17 @@ pub fn worker_specs(
             image: cluster.file.images.worker.clone(),
             image_id: facts.image_id.clone(),
             cmd,
-            env: vec![
-                format!(
-                    "GRIDQ_BROKER={}",
-                    secrets.broker_url(&cluster.master_addr, m.broker_port)
-                ),
-                format!("GRIDQ_HOSTNAME={host_name}"),
-            ],
-            user: facts.user.clone(),
+            env: vec![format!("GRIDQ_HOSTNAME={host_name}")],
+            // Root whatever the image's default user: to read the credentials and to start
+            // jobs as the SSH user.
+            user: Some("0:0".to_owned()),
             network: Network::Host,
             mounts: vec![Mounted::Bind {
                 source: facts.project_dir.clone(),
                 target: "/project".to_owned(),
             }],
             gpus,
-            files: Vec::new(),
+            files: credential_files(&url, &keys.tls.ca_cert, 0, 0),
             stop_timeout: 30,
         }
     };
@@ -317,32 +503,57 @@ mod tests {
     use super::*;
     use crate::cluster::config::ClusterFile;
 
+    fn tls() -> Tls {
+        Tls {
+            ca_cert: "CA".into(),
+            server_cert: "CERT".into(),
+            server_key: "KEY".into(),
+        }
+    }
+
     #[test]
-    fn secrets_round_trip_through_the_broker_conf() {
-        let s = Secrets::generate();
-        assert!(s.broker_user.starts_with("gridq-"));
-        assert_eq!(s.broker_password.len(), 48);
+    fn each_role_has_its_user_and_the_containers_get_urls_in_files_only() {
         let c = ClusterFile::parse(
-            "name: t\nremote_path: p\nhosts: [u@10.0.0.1]\nmaster: {host: 1}\nworkers: [{host: 1, per_gpu: true}]\n",
+            "name: t\nremote_path: p\nhosts: [u@10.0.0.1, u@10.0.0.2]\nmaster: {host: 1}\nworkers: [{host: 1, per_gpu: true}, {host: 2}]\n",
             "t",
         )
         .unwrap()
         .resolve(Path::new("/p"), "t")
         .unwrap();
-        let b = broker_spec(&c, &s, "sha256:x");
+        let mut secrets = Secrets::generate();
+        assert!(secrets.ensure_users(&c));
+        assert!(!secrets.ensure_users(&c), "kept passwords stay");
         assert_eq!(
-            Secrets::from_broker_conf(&b.files[0].contents),
-            Some(s.clone())
+            secrets.passwords.keys().collect::<Vec<_>>(),
+            ["gridq-master", "gridq-worker-1", "gridq-worker-2"]
         );
-        assert!(b.files[0].contents.contains("consumer_timeout = 3600000\n"));
-        assert!(!format!("{s:?}").contains(&s.broker_password));
+        let keys = Keys {
+            secrets: secrets.clone(),
+            tls: tls(),
+        };
+        let b = broker_spec(&c, &keys, "sha256:x");
+        let conf = &b.files[0].contents;
+        assert!(conf.contains("consumer_timeout = 3600000\n"));
+        assert!(conf.contains("listeners.tcp = none\n"), "{conf}");
+        assert!(!conf.contains("default_user"), "{conf}");
+        let defs = &b.files[1].contents;
+        let recovered = Secrets::from_definitions(defs).unwrap();
+        assert_eq!(recovered.passwords, secrets.passwords);
+        let v: serde_json::Value = serde_json::from_str(defs).unwrap();
+        assert_eq!(v["vhosts"][0]["name"], "t");
+        let perms = v["permissions"].as_array().unwrap();
+        assert_eq!(perms[1]["user"], "gridq-worker-1");
+        assert_eq!(perms[1]["write"], r"^(gridq\.events|gridq\.dlx)$");
+        assert!(b.files.iter().all(|f| f.mode == 0o600 && f.uid == 999));
+        assert!(!format!("{secrets:?}").contains(&secrets.passwords["gridq-master"]));
+
         let facts = WorkerFacts {
             user: Some("1000:1000".into()),
             project_dir: "/home/u/p".into(),
             gpus: vec![2, 3],
             image_id: "sha256:w".into(),
         };
-        let w = worker_specs(&c, &s, 0, &facts);
+        let w = worker_specs(&c, &keys, 0, &facts);
         assert_eq!(
             w.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
             ["gridq-t-worker-1-gpu2", "gridq-t-worker-1-gpu3"]
@@ -350,14 +561,45 @@ mod tests {
         assert_eq!(w[1].gpus, vec![3]);
         assert_eq!(
             w[1].cmd,
-            ["--on-stop", "requeue", "--queue", "default", "--gpus", "0"]
+            [
+                "--on-stop",
+                "requeue",
+                "--broker-file",
+                BROKER_FILE,
+                "--master-user",
+                MASTER_USER,
+                "--job-user",
+                "1000:1000",
+                "--queue",
+                "default",
+                "--gpus",
+                "0"
+            ]
+        );
+        // No password in the environment or the command line: in a file only root reads.
+        let pw = &secrets.passwords["gridq-worker-1"];
+        assert!(
+            w[0].env
+                .iter()
+                .chain(&w[0].cmd)
+                .all(|e| !e.contains(pw.as_str()))
+        );
+        assert_eq!(w[0].user.as_deref(), Some("0:0"));
+        let creds = &w[0].files[0];
+        assert_eq!(
+            (creds.path.as_str(), creds.mode, creds.uid),
+            ("run/gridq/broker", 0o400, 0)
         );
         assert_eq!(
-            w[0].env[0],
+            creds.contents,
             format!(
-                "GRIDQ_BROKER=amqp://{}:{}@10.0.0.1:5672/%2f",
-                s.broker_user, s.broker_password
+                "amqps://gridq-worker-1:{pw}@10.0.0.1:5672/t?cacertfile=%2Frun%2Fgridq%2Fca.pem\n"
             )
         );
+        let m = master_spec(&c, &keys, "sha256:m");
+        assert!(m.env.is_empty());
+        assert!(m.files[0].contents.starts_with("amqps://gridq-master:"));
+        assert!(m.files[0].contents.contains("@127.0.0.1:5672/t?"));
+        assert_eq!(broker_addresses(&c), ["127.0.0.1", "localhost", "10.0.0.1"]);
     }
 }
