@@ -133,17 +133,7 @@ fn durable() -> QueueDeclareOptions {
 /// # Errors
 /// The broker's error, e.g. when a queue exists with other arguments.
 pub async fn declare_master(channel: &Channel) -> Result<(), lapin::Error> {
-    channel
-        .exchange_declare(
-            DEAD_LETTER_EXCHANGE.into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    declare_fanout(channel, DEAD_LETTER_EXCHANGE).await?;
     channel
         .queue_declare(DEAD_QUEUE.into(), durable(), quorum_args())
         .await?;
@@ -159,17 +149,7 @@ pub async fn declare_master(channel: &Channel) -> Result<(), lapin::Error> {
     channel
         .queue_declare(EVENTS_QUEUE.into(), durable(), FieldTable::default())
         .await?;
-    channel
-        .exchange_declare(
-            EVENTS_EXCHANGE.into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    declare_fanout(channel, EVENTS_EXCHANGE).await?;
     channel
         .queue_bind(
             EVENTS_QUEUE.into(),
@@ -271,6 +251,21 @@ async fn master_holder(connection: &lapin::Connection) -> Option<String> {
 /// ACCESS_REFUSED or 405 RESOURCE_LOCKED.
 pub fn is_soft_error(e: &lapin::Error, code: u16) -> bool {
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(err) if err.get_id() == code)
+}
+
+/// Declares a durable fanout exchange.
+async fn declare_fanout(channel: &Channel, name: &str) -> Result<(), lapin::Error> {
+    channel
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 /// Declares the job queue for the user-facing queue `name`.

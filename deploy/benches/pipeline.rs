@@ -244,9 +244,16 @@ fn e2e_and_latency(api: &Api, tag: &str, n: u64, k: usize) -> (f64, f64) {
         count(c, "succeeded") == n
     });
     let rate = n as f64 / t.elapsed().as_secs_f64();
+    let samples = latencies(api, &format!("lat-{tag}-"), k);
+    (rate, samples[k / 2])
+}
+
+/// Submit-to-stored times in ms of `k` one-job sweeps named `prefix0`, `prefix1`, ... run one
+/// after another, sorted.
+fn latencies(api: &Api, prefix: &str, k: usize) -> Vec<f64> {
     let mut samples = Vec::with_capacity(k);
     for i in 0..k {
-        let name = format!("lat-{tag}-{i}");
+        let name = format!("{prefix}{i}");
         let t = Instant::now();
         api.submit(&format!(
             "name: {name}\ncommand: [\"true\"]\nparameters:\n  i: {i}\n"
@@ -255,7 +262,7 @@ fn e2e_and_latency(api: &Api, tag: &str, n: u64, k: usize) -> (f64, f64) {
         samples.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     samples.sort_by(f64::total_cmp);
-    (rate, samples[k / 2])
+    samples
 }
 
 /// Plain AMQP against TLS, interleaved on one broker (see the module's documentation).
@@ -445,17 +452,7 @@ fn main() {
     );
 
     // 2. Latency: one job at a time, submit to stored.
-    let mut samples = Vec::with_capacity(200);
-    for i in 0..200 {
-        let name = format!("lat{i}");
-        let t = Instant::now();
-        api.submit(&format!(
-            "name: {name}\ncommand: [\"true\"]\nparameters:\n  i: {i}\n"
-        ));
-        api.wait(&name, Duration::ZERO, |c| count(c, "succeeded") == 1);
-        samples.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    samples.sort_by(f64::total_cmp);
+    let samples = latencies(&api, "lat", 200);
     println!(
         "latency: median {:.1} ms, p99 {:.1} ms (200 one-job sweeps in sequence, submit to stored)",
         samples[100], samples[197]

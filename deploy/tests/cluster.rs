@@ -379,6 +379,7 @@ fn check_security(c: &TestCluster, master_addr: &str) {
         users,
         [
             "gridq-master",
+            "gridq-monitor",
             "gridq-worker-1",
             "gridq-worker-2",
             "gridq-worker-3"
@@ -552,6 +553,9 @@ fn cluster_lifecycle() {
         .filter(|w| w["state"] == "online")
         .count();
     assert_eq!(online, 3, "{st}");
+    // Queue depths come from the management API, read by the monitoring-only user.
+    assert_eq!(st["master"]["queues"]["source"], "management", "{st}");
+    assert_eq!(st["master"]["broker"]["encryption"], "tls", "{st}");
     let echo = c.sweep("echo");
     assert_eq!(echo["counts"]["succeeded"], 6, "{echo}");
 

@@ -107,10 +107,6 @@ async fn connect_when_declared(url: &str) -> Connection {
 
 /// Publishes one message to `queue` and waits for the broker's confirm.
 async fn publish_raw(conn: &Connection, queue: &str, body: &[u8], headers: Option<FieldTable>) {
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm mode");
     // As the test's one broker user, which is also the master's: the user_id RabbitMQ checks.
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)
@@ -118,20 +114,35 @@ async fn publish_raw(conn: &Connection, queue: &str, body: &[u8], headers: Optio
     if let Some(h) = headers {
         props = props.with_headers(h);
     }
+    publish_confirmed(conn, "", queue, body, props)
+        .await
+        .expect("the broker took the message");
+}
+
+/// Publishes one message on a new confirmed channel; the broker's refusal (a closed channel, a
+/// nack) is the error.
+async fn publish_confirmed(
+    conn: &Connection,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<(), lapin::Error> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let confirm = ch
         .basic_publish(
-            "".into(),
-            queue.into(),
+            exchange.into(),
+            routing_key.into(),
             BasicPublishOptions::default(),
             body,
-            props,
+            properties,
         )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    assert!(confirm.is_ack(), "the broker refused the message");
+        .await?
+        .await?;
+    assert!(confirm.is_ack(), "the broker nacked the message");
     let _ = ch.close(200, "published".into()).await;
+    Ok(())
 }
 
 fn gridq_headers(schema: u32, kind: &str) -> FieldTable {
@@ -1303,43 +1314,12 @@ async fn worker_users_run_jobs_but_cannot_touch_the_broker_or_speak_for_another_
         )
         .await;
     refused("reading another worker's queue", consume.map(drop));
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let forged_job = async {
-        ch.basic_publish(
-            "".into(),
-            jobs_queue.as_str().into(),
-            BasicPublishOptions::default(),
-            b"{}",
-            BasicProperties::default().with_user_id(master_user.as_str().into()),
-        )
-        .await?
-        .await
-        .map(drop)
-    }
-    .await;
+    let as_master = BasicProperties::default().with_user_id(master_user.as_str().into());
+    let forged_job = publish_confirmed(&conn, "", &jobs_queue, b"{}", as_master.clone()).await;
     refused("publishing a job message", forged_job);
 
     // Claiming to be the master: RabbitMQ checks user_id against the connection (406).
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let spoofed = async {
-        ch.basic_publish(
-            topology::EVENTS_EXCHANGE.into(),
-            "".into(),
-            BasicPublishOptions::default(),
-            b"{}",
-            BasicProperties::default().with_user_id(master_user.as_str().into()),
-        )
-        .await?
-        .await
-        .map(drop)
-    }
-    .await;
+    let spoofed = publish_confirmed(&conn, topology::EVENTS_EXCHANGE, "", b"{}", as_master).await;
     assert!(
         matches!(&spoofed, Err(e) if topology::is_soft_error(e, 406)),
         "{spoofed:?}"
@@ -1369,25 +1349,12 @@ async fn worker_users_run_jobs_but_cannot_touch_the_broker_or_speak_for_another_
     }));
     let other_url = if own_url == &w1_url { &w2_url } else { &w1_url };
     let conn = amqp::connect(other_url, "gridq-test-forger").await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
+    let as_other = forged
+        .properties
+        .with_user_id(amqp::user(other_url).as_str().into());
+    publish_confirmed(&conn, topology::EVENTS_EXCHANGE, "", &forged.body, as_other)
         .await
-        .unwrap();
-    let confirm = ch
-        .basic_publish(
-            topology::EVENTS_EXCHANGE.into(),
-            "".into(),
-            BasicPublishOptions::default(),
-            &forged.body,
-            forged
-                .properties
-                .with_user_id(amqp::user(other_url).as_str().into()),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(confirm.is_ack(), "a worker user may publish events");
+        .expect("a worker user may publish events");
     let _ = conn.close(200, "done".into()).await;
     let reader = c.reader();
     let dead = wait_until("the forged result to be refused", MINUTE, || {

@@ -207,8 +207,10 @@ impl ManagementApi {
     /// with user, password and vhost from the AMQP URL.
     ///
     /// # Errors
-    /// [`BrokerStatsError::InvalidManagementUrl`] for a URL that is not `http(s)://` or that
-    /// carries credentials of its own (they belong in the AMQP URL), and
+    /// Credentials in `base_url` (`http://user:pass@host:15672`) are used instead of the AMQP
+    /// URL's: a user tagged `monitoring` that may read nothing over AMQP, say.
+    ///
+    /// [`BrokerStatsError::InvalidManagementUrl`] for a URL that is not `http(s)://`, and
     /// [`BrokerStatsError::InvalidBrokerUrl`].
     pub fn new(base_url: &str, amqp_url: &str) -> Result<Self> {
         let invalid = |reason: &str| BrokerStatsError::InvalidManagementUrl {
@@ -219,20 +221,25 @@ impl ManagementApi {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(invalid("expected http:// or https://"));
         }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(invalid(
-                "credentials belong in the AMQP URL, not in the management URL",
-            ));
-        }
         if url.query().is_some() || url.fragment().is_some() {
             return Err(invalid("expected no query or fragment"));
         }
         let parts = parse_amqp_url(amqp_url)?;
+        let decode =
+            |s: &str| gridq_common::amqp::percent_decode(s).unwrap_or_else(|| s.to_owned());
+        let (user, password) = if url.username().is_empty() {
+            (parts.user, parts.password)
+        } else {
+            (decode(url.username()), decode(url.password().unwrap_or("")))
+        };
+        let mut base = url;
+        let _ = base.set_username("");
+        let _ = base.set_password(None);
         Ok(Self {
-            base_url: url.as_str().trim_end_matches('/').to_owned(),
+            base_url: base.as_str().trim_end_matches('/').to_owned(),
             vhost: parts.vhost,
-            user: parts.user,
-            password: Password(parts.password),
+            user,
+            password: Password(password),
         })
     }
 
@@ -525,17 +532,19 @@ mod tests {
     }
 
     #[test]
-    fn explicit_base_url_keeps_its_prefix_and_refuses_credentials() {
+    fn explicit_base_url_keeps_its_prefix_and_may_carry_its_own_credentials() {
         let api = ManagementApi::new("https://rabbit.example:443/rabbitmq/", URL).unwrap();
         assert_eq!(api.base_url(), "https://rabbit.example/rabbitmq");
         assert_eq!(api.vhost(), "team/a");
 
-        let err = ManagementApi::new("http://admin:hunter2@rabbit:15672", URL).unwrap_err();
-        assert!(
-            matches!(err, BrokerStatsError::InvalidManagementUrl { .. }),
-            "{err}"
+        let api = ManagementApi::new("http://mon:hunter%402@rabbit:15672", URL).unwrap();
+        assert_eq!(api.base_url(), "http://rabbit:15672");
+        assert_eq!(
+            (api.user.as_str(), api.password.0.as_str()),
+            ("mon", "hunter@2")
         );
-        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert_eq!(api.vhost(), "team/a");
+        assert!(!format!("{api:?}").contains("hunter"));
         assert!(ManagementApi::new("ftp://rabbit", URL).is_err());
     }
 

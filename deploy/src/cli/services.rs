@@ -35,14 +35,31 @@ impl BrokerArgs {
     /// The broker URL, read from `--broker-file` when given, with `--ca-file` in it; warns
     /// when the credentials would cross a network in the clear.
     pub(crate) fn url(&self) -> Result<String, Failure> {
-        let url = match &self.broker_file {
-            Some(path) => read_broker_file(path).map_err(Failure::Usage)?,
-            None => self.broker.clone(),
-        };
-        let url = with_ca_file(url, self.ca_file.as_deref())?;
-        warn_if_plain(&url);
-        Ok(url)
+        Ok(self.settings()?.url)
     }
+
+    /// The URL and what else the broker file says.
+    pub(crate) fn settings(&self) -> Result<BrokerFile, Failure> {
+        let mut settings = match &self.broker_file {
+            Some(path) => read_broker_file(path).map_err(Failure::Usage)?,
+            None => BrokerFile {
+                url: self.broker.clone(),
+                management_url: None,
+            },
+        };
+        settings.url = with_ca_file(settings.url, self.ca_file.as_deref())?;
+        warn_if_plain(&settings.url);
+        Ok(settings)
+    }
+}
+
+/// A broker credentials file: the URL on its first line, then optional `key=value` lines.
+#[derive(Debug)]
+pub(crate) struct BrokerFile {
+    pub(crate) url: String,
+    /// `management_url=`: the management API with credentials of its own (a user tagged
+    /// `monitoring`), for the master's queue statistics.
+    pub(crate) management_url: Option<String>,
 }
 
 /// The URL with `--ca-file` (made absolute) as its `cacertfile`.
@@ -76,8 +93,9 @@ pub(crate) fn warn_if_plain(url: &str) {
     }
 }
 
-/// The first line of a credentials file that only its owner (or root) can read.
-fn read_broker_file(path: &std::path::Path) -> Result<String, String> {
+/// A credentials file that only its owner (or root) can read: the URL on its first line, then
+/// `key=value` lines.
+fn read_broker_file(path: &std::path::Path) -> Result<BrokerFile, String> {
     use std::os::unix::fs::MetadataExt as _;
     let shown = path.display();
     let meta = std::fs::metadata(path).map_err(|e| format!("--broker-file {shown}: {e}"))?;
@@ -88,13 +106,30 @@ fn read_broker_file(path: &std::path::Path) -> Result<String, String> {
         ));
     }
     let text = std::fs::read_to_string(path).map_err(|e| format!("--broker-file {shown}: {e}"))?;
-    let url = text.lines().next().unwrap_or("").trim();
+    let mut lines = text.lines();
+    let url = lines.next().unwrap_or("").trim();
     if url.is_empty() {
         return Err(format!(
             "--broker-file {shown}: empty; its first line must be the broker URL"
         ));
     }
-    Ok(url.to_owned())
+    let mut file = BrokerFile {
+        url: url.to_owned(),
+        management_url: None,
+    };
+    for (n, line) in lines.enumerate() {
+        match line.trim().split_once('=') {
+            Some(("management_url", v)) => file.management_url = Some(v.to_owned()),
+            None if line.trim().is_empty() => {}
+            _ => {
+                return Err(format!(
+                    "--broker-file {shown}:{}: expected management_url=URL",
+                    n + 2
+                ));
+            }
+        }
+    }
+    Ok(file)
 }
 
 /// Keeps other processes of the same user (a job, above all) out of this one's memory and
@@ -221,7 +256,8 @@ pub(crate) fn stop_signals() -> anyhow::Result<watch::Receiver<u32>> {
 
 pub(crate) fn master(args: &MasterArgs) -> Result<(), Failure> {
     protect_secrets();
-    let broker = args.broker.url()?;
+    let settings = args.broker.settings()?;
+    let broker = settings.url;
     if gridq_common::amqp::uses_guest(&broker) && !is_loopback_url(&broker) {
         return Err(Failure::Usage(
             "--broker: the `guest` user only works over loopback; give the broker a user of its own".into(),
@@ -235,7 +271,7 @@ pub(crate) fn master(args: &MasterArgs) -> Result<(), Failure> {
         config.heartbeat_timeout = args.heartbeat_timeout;
         config.max_lost = args.max_lost;
         config.delivery_limit = args.delivery_limit;
-        config.management_url.clone_from(&args.management_url);
+        config.management_url = args.management_url.clone().or(settings.management_url);
         config.retention = args.retention;
         let shutdown = async move {
             let _ = stop.wait_for(|n| *n >= 1).await.map(|_| ());

@@ -24,6 +24,9 @@ use super::containers::{ContainerSpec, File, Mounted, Network, Role};
 
 /// The master's broker user.
 pub const MASTER_USER: &str = "gridq-master";
+/// The management API's user for the monitor's queue statistics: tag `monitoring`, no AMQP
+/// rights.
+pub const MONITOR_USER: &str = "gridq-monitor";
 
 /// The broker user of the workers at `place` (no dot in it: see
 /// [`topology::may_speak_for`]).
@@ -116,10 +119,15 @@ impl Secrets {
         let mut users = Vec::new();
         let mut permissions = Vec::new();
         for (user, p) in role_users(cluster) {
+            let tags = if user == MONITOR_USER {
+                "monitoring"
+            } else {
+                ""
+            };
             users.push(serde_json::json!({
                 "name": user,
                 "password": self.passwords.get(&user).cloned().unwrap_or_default(),
-                "tags": "",
+                "tags": tags,
             }));
             permissions.push(serde_json::json!({
                 "user": user, "vhost": vhost,
@@ -192,6 +200,16 @@ impl Secrets {
 fn role_users(cluster: &Cluster) -> BTreeMap<String, topology::Permissions> {
     let mut users = BTreeMap::new();
     users.insert(MASTER_USER.to_owned(), topology::master_permissions());
+    // Access to the vhost (to see its queues in the management API), but to no resource in it:
+    // RabbitMQ reads an empty pattern as matching nothing.
+    users.insert(
+        MONITOR_USER.to_owned(),
+        topology::Permissions {
+            configure: String::new(),
+            write: String::new(),
+            read: String::new(),
+        },
+    );
     for w in &cluster.file.workers {
         let user = worker_user(w.host);
         let p = topology::worker_permissions(&user);
@@ -392,8 +410,6 @@ pub fn master_spec(cluster: &Cluster, keys: &Keys, image_id: &str) -> ContainerS
             format!("127.0.0.1:{}", m.monitor_port),
             "--heartbeat-timeout".into(),
             humantime::format_duration(m.heartbeat_timeout).to_string(),
-            "--management-url".into(),
-            format!("http://127.0.0.1:{}", m.management_port),
             "--broker-file".into(),
             BROKER_FILE.into(),
         ],
@@ -405,7 +421,19 @@ pub fn master_spec(cluster: &Cluster, keys: &Keys, image_id: &str) -> ContainerS
             target: MASTER_STATE.to_owned(),
         }],
         gpus: Vec::new(),
-        files: credential_files(&url, &keys.tls.ca_cert, GRIDQ_IMAGE_UID, GRIDQ_IMAGE_UID),
+        files: credential_files(
+            &format!(
+                "{url}\nmanagement_url=http://{MONITOR_USER}:{}@127.0.0.1:{}",
+                keys.secrets
+                    .passwords
+                    .get(MONITOR_USER)
+                    .map_or("", String::as_str),
+                m.management_port
+            ),
+            &keys.tls.ca_cert,
+            GRIDQ_IMAGE_UID,
+            GRIDQ_IMAGE_UID,
+        ),
         stop_timeout: 30,
     }
 }
@@ -525,7 +553,12 @@ mod tests {
         assert!(!secrets.ensure_users(&c), "kept passwords stay");
         assert_eq!(
             secrets.passwords.keys().collect::<Vec<_>>(),
-            ["gridq-master", "gridq-worker-1", "gridq-worker-2"]
+            [
+                "gridq-master",
+                "gridq-monitor",
+                "gridq-worker-1",
+                "gridq-worker-2"
+            ]
         );
         let keys = Keys {
             secrets: secrets.clone(),
@@ -542,8 +575,11 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(defs).unwrap();
         assert_eq!(v["vhosts"][0]["name"], "t");
         let perms = v["permissions"].as_array().unwrap();
-        assert_eq!(perms[1]["user"], "gridq-worker-1");
-        assert_eq!(perms[1]["write"], r"^(gridq\.events|gridq\.dlx)$");
+        assert_eq!(v["users"][1]["tags"], "monitoring");
+        assert_eq!(perms[1]["user"], "gridq-monitor");
+        assert_eq!(perms[1]["read"], "");
+        assert_eq!(perms[2]["user"], "gridq-worker-1");
+        assert_eq!(perms[2]["write"], r"^(gridq\.events|gridq\.dlx)$");
         assert!(b.files.iter().all(|f| f.mode == 0o600 && f.uid == 999));
         assert!(!format!("{secrets:?}").contains(&secrets.passwords["gridq-master"]));
 
@@ -600,6 +636,14 @@ mod tests {
         assert!(m.env.is_empty());
         assert!(m.files[0].contents.starts_with("amqps://gridq-master:"));
         assert!(m.files[0].contents.contains("@127.0.0.1:5672/t?"));
+        assert!(
+            m.files[0]
+                .contents
+                .contains("\nmanagement_url=http://gridq-monitor:"),
+            "{}",
+            m.files[0].contents
+        );
+        assert!(!m.cmd.iter().any(|a| a.contains("management")));
         assert_eq!(broker_addresses(&c), ["127.0.0.1", "localhost", "10.0.0.1"]);
     }
 }
