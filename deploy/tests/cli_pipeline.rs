@@ -592,3 +592,58 @@ async fn a_root_worker_runs_jobs_as_the_job_user_who_cannot_read_its_secrets() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_run_whose_user_cannot_make_its_vhost_says_how_and_changes_nothing() {
+    let b = support::broker();
+    let granted = support::vhost("novhost").await;
+    // A user with AMQP rights on one vhost and no management tag: it may not create vhosts.
+    let user_url = support::role_user(&granted, "novh", |_| {
+        gridq_common::topology::master_permissions()
+    })
+    .await;
+    let shared = gridq_common::amqp::with_vhost(&user_url, "/");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        "name: novh\ncommand: [true]\nparameters:\n  x: [1]\n",
+    )
+    .unwrap();
+    let out = gridq(
+        &["run", "s.yaml", "--local", "--workers", "1"],
+        &[
+            ("GRIDQ_BROKER", shared.as_str()),
+            ("GRIDQ_MANAGEMENT_URL", b.management.as_str()),
+            ("GRIDQ_CONTEXT", "/dev/null"),
+            ("GRIDQ_STATE_DIR", "st"),
+        ],
+        dir.path(),
+    )
+    .await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let user = gridq_common::amqp::user(&user_url);
+    assert!(
+        stderr.contains("this run needs a vhost of its own, `gridq-local-"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("rabbitmqctl add_vhost gridq-local-"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("rabbitmqctl set_permissions -p gridq-local-"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(" {user} '.*' '.*' '.*'")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(&b.password) && !stderr.contains("pw-novh"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("st/results").exists(), "no run happened");
+    support::drop_user(&user_url).await;
+    support::drop_vhost(&granted).await;
+}

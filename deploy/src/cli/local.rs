@@ -191,7 +191,12 @@ async fn own_vhost(
         }
         Ok::<_, gridq_common::management::ManagementError>(())
     };
+    let own = amqp::with_vhost(url, &vhost);
     if let Err(e) = created.await {
+        // Made by hand as the message below says, by a user who may: it answers over AMQP.
+        if probe(&own).await {
+            return Ok(own);
+        }
         bail!(
             "the broker at {} is shared (its URL names vhost `/`), and this run needs a vhost of its own, `{vhost}`, which gridq cannot create: {e}.\n\
              Create it once on the broker host:\n  \
@@ -202,7 +207,7 @@ async fn own_vhost(
             api.user()
         );
     }
-    Ok(amqp::with_vhost(url, &vhost))
+    Ok(own)
 }
 
 async fn start_private_broker(state_dir: &Path) -> anyhow::Result<RabbitNode> {
