@@ -183,6 +183,27 @@ fn count(counts: &Value, state: &str) -> u64 {
     counts[state].as_u64().unwrap_or(0)
 }
 
+/// A private broker node under `dir/broker` (`gridq broker` with `extra` flags), and its env
+/// file once it is up.
+fn start_broker(exe: &Path, dir: &Path, extra: &[&str]) -> (Proc, String) {
+    let env_file = dir.join("broker.env");
+    let node = Proc(
+        Command::new(exe)
+            .arg("broker")
+            .args(extra)
+            .arg("--dir")
+            .arg(dir.join("broker"))
+            .arg("--env-file")
+            .arg(&env_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gridq broker"),
+    );
+    let env = wait_file(&env_file);
+    (node, env)
+}
+
 /// A master and two workers on one broker URL.
 struct Stack {
     api: Api,
@@ -267,19 +288,7 @@ fn latencies(api: &Api, prefix: &str, k: usize) -> Vec<f64> {
 
 /// Plain AMQP against TLS, interleaved on one broker (see the module's documentation).
 fn tls_pairs(exe: &Path, dir: &Path) {
-    let env_file = dir.join("broker.env");
-    let _broker = Proc(
-        Command::new(exe)
-            .args(["broker", "--management", "--tls", "--dir"])
-            .arg(dir.join("broker"))
-            .arg("--env-file")
-            .arg(&env_file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("gridq broker"),
-    );
-    let env = wait_file(&env_file);
+    let (_broker, env) = start_broker(exe, dir, &["--management", "--tls"]);
     let get = |k: &str| {
         env.lines()
             .find_map(|l| l.strip_prefix(&format!("{k}=")))
@@ -345,19 +354,7 @@ fn main() {
     }
 
     // Broker.
-    let env_file = dir.path().join("broker.env");
-    let broker_node = Proc(
-        Command::new(&exe)
-            .args(["broker", "--dir"])
-            .arg(dir.path().join("broker"))
-            .arg("--env-file")
-            .arg(&env_file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("gridq broker"),
-    );
-    let env = wait_file(&env_file);
+    let (broker_node, env) = start_broker(&exe, dir.path(), &[]);
     let broker = env
         .lines()
         .find_map(|l| l.strip_prefix("GRIDQ_BROKER="))
