@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openssh::{ControlPersist, KnownHosts, SessionBuilder, Stdio};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -501,6 +501,36 @@ impl HostSession {
         })
     }
 
+    /// Runs `argv` on the host with `input` on its standard input (a secret that must not be
+    /// on a command line, say) and collects its output.
+    ///
+    /// # Errors
+    /// As for [`HostSession::run`].
+    pub async fn run_with_input<S: AsRef<str>>(
+        &self,
+        argv: &[S],
+        input: &[u8],
+        deadline: Option<Duration>,
+    ) -> Result<Output> {
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        let code = self
+            .run_lines_input(argv, Some(input), deadline, |stream, line| {
+                let buf = match stream {
+                    Stream::Stdout => &mut stdout,
+                    Stream::Stderr => &mut stderr,
+                };
+                buf.extend_from_slice(line);
+                buf.push(b'\n');
+            })
+            .await?;
+        Ok(Output {
+            code,
+            stdout,
+            stderr,
+        })
+    }
+
     /// Runs `argv` on the host with no input, calling `on_line` with every line of its output
     /// as it arrives (without the newline), and returns its exit status.
     ///
@@ -509,6 +539,16 @@ impl HostSession {
     pub async fn run_lines<S: AsRef<str>>(
         &self,
         argv: &[S],
+        deadline: Option<Duration>,
+        on_line: impl FnMut(Stream, &[u8]),
+    ) -> Result<i32> {
+        self.run_lines_input(argv, None, deadline, on_line).await
+    }
+
+    async fn run_lines_input<S: AsRef<str>>(
+        &self,
+        argv: &[S],
+        input: Option<&[u8]>,
         deadline: Option<Duration>,
         mut on_line: impl FnMut(Stream, &[u8]),
     ) -> Result<i32> {
@@ -521,13 +561,22 @@ impl HostSession {
         let work = async {
             let mut cmd = self.session.command(program.as_str());
             cmd.args(argv.iter().skip(1).map(AsRef::as_ref))
-                .stdin(Stdio::null())
+                .stdin(if input.is_some() {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             let mut child = cmd
                 .spawn()
                 .await
                 .map_err(|e| command_error(&self.host, &program, e))?;
+            if let (Some(bytes), Some(mut stdin)) = (input, child.stdin().take()) {
+                // Small: written whole before the output is read; closed for EOF.
+                let _ = stdin.write_all(bytes).await;
+                let _ = stdin.shutdown().await;
+            }
             let mut out = child.stdout().take();
             let mut err = child.stderr().take();
             let (mut out_lines, mut err_lines) = (LineBuffer::default(), LineBuffer::default());

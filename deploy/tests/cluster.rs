@@ -431,12 +431,15 @@ fn check_security(c: &TestCluster, master_addr: &str) {
                 .await
                 .expect("a connection attempt ends in time")
         };
-        assert!(connect(plain).await.is_err(), "plain AMQP is refused");
-        assert!(
-            connect(wrong_ca).await.is_err(),
-            "a certificate from another CA is refused"
-        );
         let conn = connect(tls).await.expect("TLS with the cluster's CA");
+        assert!(connect(plain).await.is_err(), "plain AMQP is refused");
+        let Err(wrong) = connect(wrong_ca).await else {
+            panic!("a certificate from another CA was accepted");
+        };
+        assert!(
+            wrong.to_string().to_lowercase().contains("certificate"),
+            "{wrong}"
+        );
         let ch = conn.create_channel().await.unwrap();
         let declared = ch
             .queue_declare(
@@ -695,6 +698,101 @@ fn cluster_lifecycle() {
         attempts.values().all(|a| *a == 1),
         "drained workers let their jobs finish: {attempts:?}"
     );
+
+    // 5b. rotate every secret mid-sweep: new passwords and broker certificate, every
+    // container restarted, no job lost, and the old passwords no longer open the broker.
+    let secrets_path = c
+        .project()
+        .join(format!(".gridq/cluster-{}.secrets.json", c.name));
+    let read_secrets = || -> Value {
+        serde_json::from_str(&std::fs::read_to_string(&secrets_path).unwrap()).unwrap()
+    };
+    let old = read_secrets();
+    let cert = c
+        .project()
+        .join(format!(".gridq/cluster-{}.tls/server.pem", c.name));
+    let old_cert = std::fs::read_to_string(&cert).unwrap();
+    std::fs::write(
+        c.project().join("long4.yaml"),
+        std::fs::read_to_string(c.project().join("long.yaml"))
+            .unwrap()
+            .replace("name: long", "name: long4"),
+    )
+    .unwrap();
+    c.ok(&["submit", "long4.yaml"]);
+    c.wait_sweep("long4", "jobs running", Duration::from_secs(60), |s| {
+        s["counts"]["running"].as_u64().unwrap_or(0) >= 2
+    });
+    let before = c.starts();
+    let out = c.ok(&[
+        "deploy",
+        "-f",
+        "-d",
+        c.project().to_str().unwrap(),
+        "--rotate-secrets",
+    ]);
+    assert!(
+        out.contains("secrets rotated: 3 worker containers restarted"),
+        "{out}"
+    );
+    let after = c.starts();
+    for name in before.keys() {
+        assert_ne!(after.get(name), before.get(name), "{name} was restarted");
+    }
+    let new = read_secrets();
+    for (user, pw) in old["passwords"].as_object().unwrap() {
+        assert_ne!(&new["passwords"][user], pw, "{user}'s password changed");
+    }
+    assert_ne!(std::fs::read_to_string(&cert).unwrap(), old_cert);
+    c.wait_sweep("long4", "24 succeeded", Duration::from_secs(180), |s| {
+        s["counts"]["succeeded"] == 24
+    });
+    check_complete(&c.results("long4"), 24);
+    let ca = c
+        .project()
+        .join(format!(".gridq/cluster-{}.tls/ca.pem", c.name));
+    let url = |pw: &Value| {
+        format!(
+            "amqps://gridq-worker-1:{}@{}:{}/{}?cacertfile={}",
+            pw.as_str().unwrap(),
+            h.docker[0].addr,
+            c.ports[0],
+            c.name,
+            gridq_common::amqp::percent_encode(&ca.to_string_lossy())
+        )
+    };
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let connect = |u: String| async move {
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                gridq_common::amqp::connect(&u, "gridq-test"),
+            )
+            .await
+            .expect("a connection attempt ends in time")
+        };
+        // The broker was replaced last: it may still be starting.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let conn = loop {
+            match connect(url(&new["passwords"]["gridq-worker-1"])).await {
+                Ok(conn) => break conn,
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the new password never opened the broker: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        let Err(refused) = connect(url(&old["passwords"]["gridq-worker-1"])).await else {
+            panic!("the old password still opens the broker");
+        };
+        assert!(
+            gridq_common::topology::is_soft_error(&refused, 403),
+            "the old password is refused at login (ACCESS_REFUSED): {refused}"
+        );
+        let _ = conn.close(200, "done".into()).await;
+    });
 
     // 6. clean: nothing labelled with the cluster is left; clean again is fine; purge.
     let out = c.ok(&["clean"]);

@@ -102,6 +102,11 @@ pub(crate) struct DeployArgs {
     /// Reuse the saved configuration (the project's gridq-cluster.yaml).
     #[arg(short = 'f')]
     reuse: bool,
+    /// New passwords for every broker user and a new broker certificate, applied without
+    /// losing a job: the running broker takes the passwords, the workers restart one at a time
+    /// (handing their running jobs back), then the master and the broker.
+    #[arg(long)]
+    rotate_secrets: bool,
     #[command(flatten)]
     sel: ClusterSel,
     /// The cluster's name (labels, container names); default: the project directory's name.
@@ -368,6 +373,27 @@ pub(crate) fn deploy(args: &DeployArgs) -> Result<(), Failure> {
     let progress = printer();
     let report = runtime()?.block_on(async {
         let fleet = Fleet::connect(&cluster, &ssh, &progress).await?;
+        if args.rotate_secrets {
+            let rolled = lib::rotate_secrets(&fleet, &options, &progress).await;
+            match rolled {
+                Ok(r) if r.errors.is_empty() => println!(
+                    "secrets rotated: {} worker container{} restarted",
+                    r.restarted.len(),
+                    if r.restarted.len() == 1 { "" } else { "s" }
+                ),
+                Ok(r) => {
+                    fleet.close().await;
+                    anyhow::bail!(
+                        "rotating the secrets: {}; re-run `gridq deploy -f --rotate-secrets`",
+                        r.errors.join("; ")
+                    );
+                }
+                Err(e) => {
+                    fleet.close().await;
+                    return Err(e);
+                }
+            }
+        }
         let report = lib::deploy(&fleet, &options, &progress).await;
         fleet.close().await;
         report

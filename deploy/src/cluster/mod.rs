@@ -393,6 +393,51 @@ async fn detect_gpus(conn: &PlaceConn) -> Result<Vec<u32>, String> {
 }
 
 /// Runs a fixed argv at a place and returns its standard output; a nonzero exit is an error.
+/// [`run_at`] with `input` on the program's standard input.
+async fn run_at_with_input(
+    conn: &PlaceConn,
+    argv: &[&str],
+    input: &[u8],
+) -> Result<String, String> {
+    let (code, stdout, stderr) = match &conn.session {
+        Some(session) => {
+            let out = session
+                .run_with_input(argv, input, Some(Duration::from_secs(60)))
+                .await
+                .map_err(|e| e.to_string())?;
+            (out.code, out.stdout, out.stderr)
+        }
+        None => {
+            use tokio::io::AsyncWriteExt as _;
+            let mut child = tokio::process::Command::new(argv[0])
+                .args(&argv[1..])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| format!("{}: {e}", argv[0]))?;
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = stdin.write_all(input).await;
+            }
+            let out = child
+                .wait_with_output()
+                .await
+                .map_err(|e| format!("{}: {e}", argv[0]))?;
+            (out.status.code().unwrap_or(-1), out.stdout, out.stderr)
+        }
+    };
+    if code == 0 {
+        Ok(String::from_utf8_lossy(&stdout).into_owned())
+    } else {
+        Err(format!(
+            "{} exited with {code}: {}",
+            argv[0],
+            String::from_utf8_lossy(&stderr).trim()
+        ))
+    }
+}
+
 async fn run_at(conn: &PlaceConn, argv: &[&str]) -> Result<String, String> {
     match &conn.session {
         Some(session) => {
@@ -491,6 +536,81 @@ async fn keys(fleet: &Fleet) -> anyhow::Result<(Keys, String)> {
         dir.display()
     );
     Ok((Keys { secrets, tls }, note))
+}
+
+/// `gridq deploy --rotate-secrets`, before the deploy that finishes it: new passwords for
+/// every broker user and a new broker certificate, with no job lost.
+///
+/// 1. The running broker takes the new passwords at once (`rabbitmqctl change_password`, the
+///    password on its standard input); connections opened with the old ones stay up.
+/// 2. The workers restart one at a time with their new credentials ([`update`]): each hands
+///    its running jobs back over its still-open connection before it stops.
+/// 3. The deploy that follows replaces the master and then the broker (new definitions, new
+///    certificate); everyone reconnects with the new passwords.
+///
+/// # Errors
+/// When the broker cannot take a password (nothing changed then: the secrets file is written
+/// only after every user's password was changed), and [`update`]'s.
+pub async fn rotate_secrets(
+    fleet: &Fleet,
+    options: &DeployOptions,
+    progress: &Progress,
+) -> anyhow::Result<UpdateReport> {
+    let cluster = &fleet.cluster;
+    let (keys, _) = keys(fleet).await?;
+    let mut secrets = keys.secrets.clone();
+    secrets.rotate();
+    let master = cluster.file.master.host;
+    let conn = fleet
+        .conn(master)
+        .ok_or_else(|| anyhow::anyhow!("{}: unreachable", cluster.place_label(master)))?;
+    let broker = plan::broker_name(cluster.name());
+    let running = containers::list(conn.docker.docker(), cluster.name(), None)
+        .await?
+        .into_iter()
+        .any(|c| c.name == broker && c.state == "running");
+    if running {
+        for (user, password) in &secrets.passwords {
+            let argv = [
+                "docker",
+                "exec",
+                "-i",
+                "-u",
+                "rabbitmq",
+                "-e",
+                "HOME=/var/lib/rabbitmq",
+                broker.as_str(),
+                "rabbitmqctl",
+                "--quiet",
+                "change_password",
+                user.as_str(),
+            ];
+            run_at_with_input(conn, &argv, format!("{password}\n").as_bytes())
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: changing {user}'s password: {e}", conn.label))?;
+        }
+    }
+    secrets
+        .save(&cluster.secrets_path())
+        .map_err(anyhow::Error::msg)?;
+    // The next call of `keys` issues the broker a new certificate (and key).
+    let tls = cluster
+        .secrets_path()
+        .with_file_name(format!("cluster-{}.tls", cluster.name()));
+    let _ = std::fs::remove_file(crate::pki::TlsFiles::in_dir(&tls).server_cert);
+    progress(
+        &conn.label,
+        &format!(
+            "{} broker passwords rotated{}; restarting the workers one at a time",
+            secrets.passwords.len(),
+            if running {
+                " on the running broker"
+            } else {
+                ""
+            }
+        ),
+    );
+    update(fleet, options, progress).await
 }
 
 /// The role users' passwords from the running broker's definitions, else new ones.
@@ -757,9 +877,29 @@ async fn health(
         wanted.insert(worker_host_name(cluster, w.host), n);
     }
     let mut seen = BTreeMap::new();
+    // A worker counts once a heartbeat newer than the first answer reached the master: a row
+    // that says `online` may be older than a broker or master that was just replaced.
+    let mut first: Option<HashMap<String, u64>> = None;
     loop {
-        if let Ok(online) = api.online_workers().await {
-            seen = online;
+        if let Ok(workers) = api.workers().await {
+            let last_seen = |w: &Value| w["last_seen_ms"].as_u64().unwrap_or(0);
+            let before = first.get_or_insert_with(|| {
+                workers
+                    .iter()
+                    .map(|w| (w["id"].as_str().unwrap_or("").to_owned(), last_seen(w)))
+                    .collect()
+            });
+            seen = BTreeMap::new();
+            for w in &workers {
+                let fresh = before
+                    .get(w["id"].as_str().unwrap_or(""))
+                    .is_none_or(|t| last_seen(w) > *t);
+                if fresh && matches!(w["state"].as_str(), Some("online" | "draining")) {
+                    *seen
+                        .entry(w["host"].as_str().unwrap_or_default().to_owned())
+                        .or_insert(0) += 1;
+                }
+            }
             if wanted
                 .iter()
                 .all(|(h, n)| seen.get(h).copied().unwrap_or(0) >= *n)
