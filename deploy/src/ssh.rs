@@ -482,23 +482,7 @@ impl HostSession {
         argv: &[S],
         deadline: Option<Duration>,
     ) -> Result<Output> {
-        let mut stdout = Vec::new();
-        let mut stderr = Vec::new();
-        let code = self
-            .run_lines(argv, deadline, |stream, line| {
-                let buf = match stream {
-                    Stream::Stdout => &mut stdout,
-                    Stream::Stderr => &mut stderr,
-                };
-                buf.extend_from_slice(line);
-                buf.push(b'\n');
-            })
-            .await?;
-        Ok(Output {
-            code,
-            stdout,
-            stderr,
-        })
+        self.collect(argv, None, deadline).await
     }
 
     /// Runs `argv` on the host with `input` on its standard input (a secret that must not be
@@ -512,10 +496,19 @@ impl HostSession {
         input: &[u8],
         deadline: Option<Duration>,
     ) -> Result<Output> {
+        self.collect(argv, Some(input), deadline).await
+    }
+
+    async fn collect<S: AsRef<str>>(
+        &self,
+        argv: &[S],
+        input: Option<&[u8]>,
+        deadline: Option<Duration>,
+    ) -> Result<Output> {
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
         let code = self
-            .run_lines_input(argv, Some(input), deadline, |stream, line| {
+            .run_lines_input(argv, input, deadline, |stream, line| {
                 let buf = match stream {
                     Stream::Stdout => &mut stdout,
                     Stream::Stderr => &mut stderr,

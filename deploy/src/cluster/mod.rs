@@ -549,8 +549,8 @@ async fn keys(fleet: &Fleet) -> anyhow::Result<(Keys, String)> {
 ///    certificate); everyone reconnects with the new passwords.
 ///
 /// # Errors
-/// When the broker cannot take a password (nothing changed then: the secrets file is written
-/// only after every user's password was changed), and [`update`]'s.
+/// When the broker cannot take a password (the secrets file is written only once every user's
+/// password was changed, so a re-run starts over with new ones for all), and [`update`]'s.
 pub async fn rotate_secrets(
     fleet: &Fleet,
     options: &DeployOptions,
