@@ -87,6 +87,37 @@ impl Redactor {
         }
     }
 
+    /// Masks the secrets in what a worker message carries of a job's own making: output lines,
+    /// results and failure reasons. Every process that forwards or stores such a message calls
+    /// this one function, so they agree on which fields a job can fill.
+    pub fn redact_event(&self, event: &mut crate::wire::FromWorker) {
+        use crate::wire::FromWorker;
+        if self.is_empty() {
+            return;
+        }
+        match event {
+            FromWorker::Output(batch) => {
+                for l in &mut batch.lines {
+                    self.redact_in_place(&mut l.line);
+                }
+            }
+            FromWorker::Finished(results) => {
+                for f in &mut results.results {
+                    if let Some(r) = &mut f.result {
+                        self.redact_object(r);
+                    }
+                    if let Some(reason) = &mut f.reason {
+                        self.redact_in_place(reason);
+                    }
+                }
+            }
+            FromWorker::Claim(_)
+            | FromWorker::Release(_)
+            | FromWorker::Heartbeat(_)
+            | FromWorker::Stopped(_) => {}
+        }
+    }
+
     /// Redacts every string inside a JSON value (keys and values).
     pub fn redact_json(&self, value: &mut serde_json::Value) {
         use serde_json::Value;

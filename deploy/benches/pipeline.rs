@@ -211,7 +211,8 @@ struct Stack {
     _workers: [Proc; 2],
 }
 
-fn stack(exe: &Path, dir: &Path, name: &str, broker: &str) -> Stack {
+/// `gridq master` on `broker` with its state in `dir/state-NAME`, and its API once it listens.
+fn start_master(exe: &Path, dir: &Path, name: &str, broker: &str) -> (Proc, Api) {
     let ctx = dir.join(format!("context-{name}.json"));
     let master = Proc(
         Command::new(exe)
@@ -225,6 +226,19 @@ fn stack(exe: &Path, dir: &Path, name: &str, broker: &str) -> Stack {
             .expect("gridq master"),
     );
     let ctx: Value = serde_json::from_str(&wait_file(&ctx)).expect("context");
+    let api = Api {
+        base: ctx["url"].as_str().expect("url").to_owned(),
+        token: ctx["token"].as_str().expect("token").to_owned(),
+        http: reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .expect("http"),
+    };
+    (master, api)
+}
+
+fn stack(exe: &Path, dir: &Path, name: &str, broker: &str) -> Stack {
+    let (master, api) = start_master(exe, dir, name, broker);
     let project = dir.join("project");
     std::fs::create_dir_all(&project).expect("project");
     let worker = |n: usize| {
@@ -242,14 +256,7 @@ fn stack(exe: &Path, dir: &Path, name: &str, broker: &str) -> Stack {
         )
     };
     Stack {
-        api: Api {
-            base: ctx["url"].as_str().expect("url").to_owned(),
-            token: ctx["token"].as_str().expect("token").to_owned(),
-            http: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()
-                .expect("http"),
-        },
+        api,
         _master: master,
         _workers: [worker(1), worker(2)],
     }
@@ -362,28 +369,7 @@ fn main() {
         .to_owned();
 
     // Master.
-    let state = dir.path().join("state");
-    let master = Proc(
-        Command::new(&exe)
-            .args(["master", "--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(&state)
-            .env("GRIDQ_BROKER", &broker)
-            .env("GRIDQ_CONTEXT", dir.path().join("context.json"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("gridq master"),
-    );
-    let ctx: Value =
-        serde_json::from_str(&wait_file(&dir.path().join("context.json"))).expect("context");
-    let api = Api {
-        base: ctx["url"].as_str().expect("url").to_owned(),
-        token: ctx["token"].as_str().expect("token").to_owned(),
-        http: reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()
-            .expect("http"),
-    };
+    let (master, api) = start_master(&exe, dir.path(), "main", &broker);
 
     // 1. Submit rate: 20,000 jobs, no workers: from the POST to every job confirmed (queued).
     let t = Instant::now();

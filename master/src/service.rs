@@ -578,7 +578,7 @@ impl Core {
             for m in inbound {
                 match m {
                     Inbound::Event(mut event, _) => {
-                        redact_event(&secrets, &mut event);
+                        secrets.redact_event(&mut event);
                         handle_event(tx, event, &config, &mut workers, &activity, &mut effects, now)?;
                     }
                     Inbound::Dead { properties, body, .. } => {
@@ -712,28 +712,6 @@ impl Core {
             }
         }
         Ok(())
-    }
-}
-
-/// Masks the master's secrets in a job's output lines, result and failure reason.
-fn redact_event(secrets: &Redactor, event: &mut FromWorker) {
-    match event {
-        FromWorker::Output(batch) => {
-            for l in &mut batch.lines {
-                secrets.redact_in_place(&mut l.line);
-            }
-        }
-        FromWorker::Finished(results) => {
-            for f in &mut results.results {
-                if let Some(r) = &mut f.result {
-                    secrets.redact_object(r);
-                }
-                if let Some(reason) = &mut f.reason {
-                    secrets.redact_in_place(reason);
-                }
-            }
-        }
-        _ => {}
     }
 }
 

@@ -203,6 +203,27 @@ pub(crate) struct Shared {
     pub(crate) master_user: String,
 }
 
+impl Shared {
+    /// Whether a message comes from the master's broker user (RabbitMQ checks the `user_id`
+    /// against the publishing connection's user, so it cannot be forged); else why not.
+    pub(crate) fn check_from_master(
+        &self,
+        properties: &lapin::BasicProperties,
+    ) -> Result<(), String> {
+        match properties.user_id().as_ref().map(|u| u.as_str()) {
+            Some(u) if u == self.master_user => Ok(()),
+            sender => Err(format!(
+                "not from the master's broker user `{}` but from {}",
+                self.master_user,
+                sender.map_or_else(
+                    || "an unnamed user (no user_id)".to_owned(),
+                    |u| format!("`{u}`")
+                )
+            )),
+        }
+    }
+}
+
 #[cfg(test)]
 impl Shared {
     /// A worker's shared state with nothing connected (its feed and outbox lead nowhere).
@@ -415,9 +436,8 @@ async fn sessions(shared: Arc<Shared>, session_tx: watch::Sender<Option<Arc<Sess
         })));
         while let Some(delivery) = consumer.next().await {
             let Ok(delivery) = delivery else { break };
-            let sender = delivery.properties.user_id().as_ref().map(|u| u.as_str());
-            if sender != Some(shared.master_user.as_str()) {
-                warn!(sender = ?sender, "ignoring a control message that is not from the master's broker user");
+            if let Err(why) = shared.check_from_master(&delivery.properties) {
+                warn!(cause = %why, "ignoring a control message");
                 continue;
             }
             match wire::decode::<ToWorker>(&delivery.properties, &delivery.data) {
@@ -844,12 +864,14 @@ pub(crate) async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u
         let _ = std::fs::remove_file(&result_path);
     }
     info!(sweep = %job.sweep, job = %job.job, attempt = job.attempt, outcome = ?finished.outcome, "job finished");
+    let mut message = FromWorker::Finished(Results {
+        results: vec![finished],
+    });
+    shared.secrets.redact_event(&mut message);
     let _ = shared
         .outbox
         .send(Out {
-            message: FromWorker::Finished(Results {
-                results: vec![finished],
-            }),
+            message,
             confirmed: true,
             done: Vec::new(),
         })
@@ -921,11 +943,8 @@ fn finished_report(
         signal,
         started_ms,
         finished_ms,
-        result: outcome.result.map(|mut r| {
-            shared.secrets.redact_object(&mut r);
-            r
-        }),
-        reason: reason.map(|r| shared.secrets.redact(&r).into_owned()),
+        result: outcome.result,
+        reason,
         gpus: gpu.into_iter().collect(),
         lines,
     }
@@ -953,8 +972,7 @@ async fn forward_output(
             }
         };
         match line {
-            Some(mut l) => {
-                shared.secrets.redact_in_place(&mut l.line);
+            Some(l) => {
                 batch.push(LogLine {
                     stream: l.stream,
                     line: l.line,
@@ -984,12 +1002,13 @@ async fn send_batch(
     let lines = std::mem::take(batch);
     let first_seq = *seq;
     *seq += lines.len() as u64;
-    let message = FromWorker::Output(OutputBatch {
+    let mut message = FromWorker::Output(OutputBatch {
         worker: shared.id.clone(),
         attempt: attempt.clone(),
         first_seq,
         lines,
     });
+    shared.secrets.redact_event(&mut message);
     let _ = shared
         .outbox
         .send(Out {

@@ -634,21 +634,15 @@ impl Intake<'_> {
         debug!(deliveries = batch.len(), "jobs delivered");
         for delivery in batch {
             self.saw(delivery.delivery_tag);
-            // Only the master's broker user may publish jobs (RabbitMQ checks the user_id
-            // against the publishing connection's user, so it cannot be forged).
-            let sender = delivery.properties.user_id().as_ref().map(|u| u.as_str());
-            let jobs = if sender != Some(self.shared.master_user.as_str()) {
-                Err(format!(
-                    "a job message must come from the master's broker user `{}`, this one came from {}",
-                    self.shared.master_user,
-                    sender.map_or_else(
-                        || "an unnamed user (no user_id)".to_owned(),
-                        |u| format!("`{u}`")
-                    )
-                ))
-            } else {
-                wire::decode_jobs(&delivery.properties, &delivery.data).map_err(|e| e.to_string())
-            };
+            // Only the master's broker user may publish jobs.
+            let jobs = self
+                .shared
+                .check_from_master(&delivery.properties)
+                .map_err(|why| format!("a job message is {why}"))
+                .and_then(|()| {
+                    wire::decode_jobs(&delivery.properties, &delivery.data)
+                        .map_err(|e| e.to_string())
+                });
             let jobs = match jobs {
                 Ok(jobs) => jobs,
                 Err(e) => {

@@ -34,11 +34,7 @@ pub fn filter(
 ) -> Vec<(OsString, OsString)> {
     vars.into_iter()
         .filter(|(name, value)| {
-            !is_secret_name(name)
-                && !value.to_str().map_or_else(
-                    || secrets.finds_in(&value.to_string_lossy()),
-                    |v| secrets.finds_in(v),
-                )
+            !is_secret_name(name) && !secrets.finds_in(&value.to_string_lossy())
         })
         .collect()
 }

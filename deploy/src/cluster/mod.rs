@@ -393,58 +393,25 @@ async fn detect_gpus(conn: &PlaceConn) -> Result<Vec<u32>, String> {
 }
 
 /// Runs a fixed argv at a place and returns its standard output; a nonzero exit is an error.
-/// [`run_at`] with `input` on the program's standard input.
+async fn run_at(conn: &PlaceConn, argv: &[&str]) -> Result<String, String> {
+    run_at_with_input(conn, argv, None).await
+}
+
+/// [`run_at`] with `input`, when given, on the program's standard input (a secret that must
+/// not be on a command line).
 async fn run_at_with_input(
     conn: &PlaceConn,
     argv: &[&str],
-    input: &[u8],
+    input: Option<&[u8]>,
 ) -> Result<String, String> {
-    let (code, stdout, stderr) = match &conn.session {
-        Some(session) => {
-            let out = session
-                .run_with_input(argv, input, Some(Duration::from_secs(60)))
-                .await
-                .map_err(|e| e.to_string())?;
-            (out.code, out.stdout, out.stderr)
-        }
-        None => {
-            use tokio::io::AsyncWriteExt as _;
-            let mut child = tokio::process::Command::new(argv[0])
-                .args(&argv[1..])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| format!("{}: {e}", argv[0]))?;
-            if let Some(mut stdin) = child.stdin.take() {
-                let _ = stdin.write_all(input).await;
-            }
-            let out = child
-                .wait_with_output()
-                .await
-                .map_err(|e| format!("{}: {e}", argv[0]))?;
-            (out.status.code().unwrap_or(-1), out.stdout, out.stderr)
-        }
-    };
-    if code == 0 {
-        Ok(String::from_utf8_lossy(&stdout).into_owned())
-    } else {
-        Err(format!(
-            "{} exited with {code}: {}",
-            argv[0],
-            String::from_utf8_lossy(&stderr).trim()
-        ))
-    }
-}
-
-async fn run_at(conn: &PlaceConn, argv: &[&str]) -> Result<String, String> {
     match &conn.session {
         Some(session) => {
-            let out = session
-                .run(argv, Some(Duration::from_secs(60)))
-                .await
-                .map_err(|e| e.to_string())?;
+            let deadline = Some(Duration::from_secs(60));
+            let out = match input {
+                Some(bytes) => session.run_with_input(argv, bytes, deadline).await,
+                None => session.run(argv, deadline).await,
+            }
+            .map_err(|e| e.to_string())?;
             if out.success() {
                 Ok(String::from_utf8_lossy(&out.stdout).into_owned())
             } else {
@@ -457,9 +424,24 @@ async fn run_at(conn: &PlaceConn, argv: &[&str]) -> Result<String, String> {
             }
         }
         None => {
-            let out = tokio::process::Command::new(argv[0])
+            use tokio::io::AsyncWriteExt as _;
+            let mut child = tokio::process::Command::new(argv[0])
                 .args(&argv[1..])
-                .output()
+                .stdin(if input.is_some() {
+                    std::process::Stdio::piped()
+                } else {
+                    std::process::Stdio::null()
+                })
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| format!("{}: {e}", argv[0]))?;
+            if let (Some(bytes), Some(mut stdin)) = (input, child.stdin.take()) {
+                let _ = stdin.write_all(bytes).await;
+            }
+            let out = child
+                .wait_with_output()
                 .await
                 .map_err(|e| format!("{}: {e}", argv[0]))?;
             if out.status.success() {
@@ -585,7 +567,7 @@ pub async fn rotate_secrets(
                 "change_password",
                 user.as_str(),
             ];
-            run_at_with_input(conn, &argv, format!("{password}\n").as_bytes())
+            run_at_with_input(conn, &argv, Some(format!("{password}\n").as_bytes()))
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: changing {user}'s password: {e}", conn.label))?;
         }
