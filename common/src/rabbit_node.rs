@@ -27,7 +27,8 @@
 //! Processes: the server runs in its own process group, so stopping or dropping the node can
 //! signal the shell wrapper and the Erlang VM together. The VM's helpers (`erl_child_setup`,
 //! `inet_gethost`) sit in their own sessions and exit when the VM does; `epmd` is shared by all
-//! Erlang nodes of the user and is left running.
+//! Erlang nodes of the user and is left running. A node started with
+//! [`NodeOptions::stop_with_parent`] also stops when the process that started it dies.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -282,6 +283,12 @@ pub struct NodeOptions {
     pub startup_timeout: Duration,
     /// Also listen for AMQP over TLS (on 127.0.0.1, another free port) with these files.
     pub tls: Option<NodeTls>,
+    /// Stop the node when the process that started it dies, however it dies (SIGKILL
+    /// included): the server gets `PR_SET_PDEATHSIG(SIGTERM)`, on which its wrapper stops the
+    /// VM cleanly. The kernel sends that signal when the *thread* that started the node exits,
+    /// so start (and restart) such a node from a thread that lives as long as the process:
+    /// the main thread, as `gridq run --local` does.
+    pub stop_with_parent: bool,
 }
 
 /// The PEM files of a node's TLS listener. Clients are not asked for certificates.
@@ -304,6 +311,7 @@ impl NodeOptions {
             consumer_timeout: None,
             startup_timeout: Duration::from_secs(90),
             tls: None,
+            stop_with_parent: false,
         }
     }
 }
@@ -698,6 +706,9 @@ impl RabbitNode {
             .stdout(console)
             .stderr(stderr)
             .process_group(0);
+        if self.options.stop_with_parent {
+            stop_with_parent(&mut command);
+        }
         self.apply_env(&mut command);
         let child = command
             .spawn()
@@ -1166,6 +1177,24 @@ impl Drop for RabbitNode {
         }
         let mut claimed = lock_claims();
         claimed.retain(|port| !self.claimed.contains(port));
+    }
+}
+
+/// Gives the command's process `PR_SET_PDEATHSIG(SIGTERM)`, and makes it fail to start when
+/// this process died before the signal was set (it would never come).
+#[allow(unsafe_code)]
+fn stop_with_parent(command: &mut std::process::Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: prctl and getppid are async-signal-safe system calls; the closure allocates
+    // nothing and touches no memory of the parent's.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(io::Error::from)?;
+            if nix::unistd::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));
+            }
+            Ok(())
+        });
     }
 }
 

@@ -150,6 +150,7 @@ impl Api {
         self.http
             .post(format!("{}/api/v1/sweeps", self.base))
             .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(1800))
             .json(&json!({ "yaml": yaml }))
             .send()
             .and_then(|r| r.error_for_status())
@@ -348,6 +349,58 @@ fn tls_pairs(exe: &Path, dir: &Path) {
     }
 }
 
+/// One sweep of `n` jobs submitted to a master with no workers: the master's RSS before,
+/// during (the peak, sampled every 20 ms) and after, and the submit rate (to the POST's
+/// answer: every job stored and handed to the publisher; and to every job confirmed).
+fn big_submit(exe: &Path, dir: &Path, n: u64) {
+    let (_broker, env) = start_broker(exe, dir, &[]);
+    let broker = env
+        .lines()
+        .find_map(|l| l.strip_prefix("GRIDQ_BROKER="))
+        .expect("broker url")
+        .to_owned();
+    let (master, api) = start_master(exe, dir, "big", &broker);
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = master.0.id();
+    let before = rss_mb(pid);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0.0f64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_mb(pid));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let t = Instant::now();
+    api.submit(&format!(
+        "name: big\ncommand: [\"true\"]\nmax_jobs: {n}\nparameters:\n  i: {{range: [0, {n}]}}\n"
+    ));
+    let stored = t.elapsed();
+    api.wait("big", Duration::from_millis(500), |c| {
+        count(c, "queued") == n
+    });
+    let confirmed = t.elapsed();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peak = sampler.join().expect("sampler");
+    let after = rss_mb(pid);
+    std::thread::sleep(Duration::from_secs(5));
+    let later = rss_mb(pid);
+    println!(
+        "submit of {n} jobs: stored and handed to the publisher in {:.1} s ({:.0} jobs/s), all confirmed on the broker in {:.1} s ({:.0} jobs/s)",
+        stored.as_secs_f64(),
+        n as f64 / stored.as_secs_f64(),
+        confirmed.as_secs_f64(),
+        n as f64 / confirmed.as_secs_f64()
+    );
+    println!(
+        "master RSS: before {before:.1} MB, peak during {peak:.1} MB, after {after:.1} MB, 5 s later {later:.1} MB"
+    );
+}
+
 fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = gridq();
@@ -357,6 +410,13 @@ fn main() {
     );
     if std::env::var_os("GRIDQ_BENCH_TLS").is_some() {
         tls_pairs(&exe, dir.path());
+        return;
+    }
+    if let Some(n) = std::env::var("GRIDQ_BENCH_BIG_SUBMIT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        big_submit(&exe, dir.path(), n);
         return;
     }
 

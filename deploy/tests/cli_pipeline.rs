@@ -647,3 +647,397 @@ async fn a_local_run_whose_user_cannot_make_its_vhost_says_how_and_changes_nothi
     support::drop_user(&user_url).await;
     support::drop_vhost(&granted).await;
 }
+
+/// The permission bits of a path (not following a link).
+fn mode_of(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .mode()
+        & 0o7777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_directory_and_the_store_are_private_to_the_master() {
+    use std::os::unix::fs::PermissionsExt as _;
+    // A fresh state directory.
+    let c = Cluster::new("statedir").await;
+    c.submit("name: private\ncommand: [echo, '{x}']\nparameters:\n  x: [1]\n")
+        .await;
+    let state = c.config.state_dir.clone();
+    assert_eq!(mode_of(&state), 0o700, "{}", state.display());
+    let mut store_files = Vec::new();
+    for entry in std::fs::read_dir(&state).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("gridq.db") {
+            assert_eq!(mode_of(&entry.path()), 0o600, "{name}");
+            store_files.push(name);
+        }
+    }
+    assert!(
+        store_files.contains(&"gridq.db".to_owned()),
+        "{store_files:?}"
+    );
+    assert_eq!(mode_of(&state.join("token")), 0o600);
+    c.shutdown().await;
+
+    // One an earlier version left open to everyone: tightened, its store kept.
+    let url = vhost("statedir-old").await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut config = gridq_master::service::MasterConfig::new(state.clone(), url.clone());
+    config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (_, task) = gridq_master::service::start(config.clone(), async move {
+        let _ = stopped.await;
+    })
+    .await
+    .expect("the master starts");
+    let _ = stop.send(());
+    task.await.unwrap();
+    for name in ["gridq.db", "gridq.db-wal", "gridq.db-shm"] {
+        let path = state.join(name);
+        if path.exists() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (handle, task) = gridq_master::service::start(config, async move {
+        let _ = stopped.await;
+    })
+    .await
+    .expect("the master starts again");
+    assert_eq!(mode_of(&state), 0o700);
+    for name in ["gridq.db", "gridq.db-wal", "gridq.db-shm"] {
+        let path = state.join(name);
+        if path.exists() {
+            assert_eq!(mode_of(&path), 0o600, "{name}");
+        }
+    }
+    assert!(handle.db_path.exists());
+    let _ = stop.send(());
+    task.await.unwrap();
+    support::drop_vhost(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refuses_a_scratch_dir_another_user_could_plant_links_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("precious");
+    std::fs::write(&target, "root's data\n").unwrap();
+    // Another user's directory, with a link where a job's result would go.
+    let scratch = dir.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    std::os::unix::fs::symlink(&target, scratch.join("job-1.json")).unwrap();
+    std::os::unix::fs::chown(&scratch, Some(65534), Some(65534)).expect("chown (run as root)");
+    let out = gridq(
+        &[
+            "worker",
+            "--scratch-dir",
+            scratch.to_str().unwrap(),
+            "--project",
+            dir.path().to_str().unwrap(),
+        ],
+        // Refused before it connects: no broker needed.
+        &[("GRIDQ_BROKER", "amqp://127.0.0.1:1/%2f")],
+        dir.path(),
+    )
+    .await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "scratch directory {}: owned by uid 65534, not by this worker (uid {})",
+            scratch.display(),
+            nix::unistd::geteuid()
+        )),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "root's data\n");
+}
+
+/// Every process whose parent is `ppid`, with its command line.
+fn children(ppid: i32) -> Vec<(i32, Vec<String>)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if parent == Some(ppid) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args = cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            found.push((pid, args));
+        }
+    }
+    found
+}
+
+/// The children of `ppid` whose command line has the argument `arg`.
+fn children_with_arg(ppid: i32, arg: &str) -> Vec<i32> {
+    children(ppid)
+        .into_iter()
+        .filter(|(_, args)| args.iter().any(|a| a == arg))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Waits until none of `pids` is alive.
+async fn wait_all_dead(what: &str, pids: &[i32], limit: Duration) {
+    support::wait_until(what, limit, || {
+        let alive: Vec<i32> = pids
+            .iter()
+            .copied()
+            .filter(|p| support::alive(*p))
+            .collect();
+        if alive.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("still alive: {alive:?}"))
+        }
+    })
+    .await;
+}
+
+/// The pids the jobs `pid-1` ... `pid-n` wrote into `dir`, once all are written and alive.
+fn job_pids(dir: &std::path::Path, n: usize) -> Result<Vec<i32>, String> {
+    let pids: Vec<i32> = (1..=n)
+        .filter_map(|x| std::fs::read_to_string(dir.join(format!("pid-{x}"))).ok())
+        .filter_map(|p| p.trim().parse().ok())
+        .filter(|p| support::alive(*p))
+        .collect();
+    if pids.len() == n {
+        Ok(pids)
+    } else {
+        Err(format!("running jobs {pids:?}"))
+    }
+}
+
+/// `gridq run SWEEP --local` in `dir`, in the background, with its output in `dir/run.log`.
+fn spawn_run(dir: &std::path::Path, workers: &str, env: &[(&str, &str)]) -> std::process::Child {
+    let log = std::fs::File::create(dir.join("run.log")).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_gridq"));
+    cmd.args([
+        "run",
+        "s.yaml",
+        "--local",
+        "--workers",
+        workers,
+        "--state-dir",
+        "st",
+    ])
+    .current_dir(dir)
+    .env("GRIDQ_CONTEXT", "/dev/null")
+    .env_remove("GRIDQ_BROKER")
+    .env_remove("GRIDQ_MANAGEMENT_URL")
+    .env_remove("GRIDQ_MASTER")
+    .env_remove("GRIDQ_TOKEN")
+    .stdin(std::process::Stdio::null())
+    .stdout(log.try_clone().unwrap())
+    .stderr(log);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("gridq run starts")
+}
+
+/// SIGKILLs what a test started, should it fail before those processes are gone.
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            if support::alive(*pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// A sweep of `n` jobs that each write their pid, then sleep far longer than any test.
+fn write_sleepy_sweep(dir: &std::path::Path, name: &str, n: usize) {
+    let xs: Vec<String> = (1..=n).map(|x| x.to_string()).collect();
+    std::fs::write(
+        dir.join("s.yaml"),
+        format!(
+            "name: {name}\ncommand: [sh, -c, 'echo $$ > pid-{{x}}; exec sleep 600']\nparameters:\n  x: [{}]\n",
+            xs.join(", ")
+        ),
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_local_run_takes_its_workers_and_their_jobs_down() {
+    let url = vhost("orphans").await;
+    let dir = tempfile::tempdir().unwrap();
+    write_sleepy_sweep(dir.path(), "orphans", 2);
+    let mut run = spawn_run(dir.path(), "2", &[("GRIDQ_BROKER", &url)]);
+    let run_pid = i32::try_from(run.id()).unwrap();
+    let mut guard = KillOnDrop(vec![run_pid]);
+    let log_text = || std::fs::read_to_string(dir.path().join("run.log")).unwrap_or_default();
+    let workers = support::wait_until("two local workers", MINUTE, || {
+        let w = children_with_arg(run_pid, "worker");
+        if w.len() == 2 {
+            Ok(w)
+        } else {
+            Err(format!("workers {w:?}; log:\n{}", log_text()))
+        }
+    })
+    .await;
+    guard.0.extend(&workers);
+    let jobs = support::wait_until("both jobs running", MINUTE, || {
+        job_pids(dir.path(), 2).map_err(|e| format!("{e}; log:\n{}", log_text()))
+    })
+    .await;
+    guard.0.extend(&jobs);
+
+    run.kill().expect("SIGKILL the run");
+    run.wait().expect("reap the run");
+    let everything: Vec<i32> = workers.iter().chain(&jobs).copied().collect();
+    wait_all_dead(
+        "the workers and their jobs to die with the run",
+        &everything,
+        Duration::from_secs(10),
+    )
+    .await;
+    drop(guard);
+    support::drop_vhost(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_local_run_stops_its_private_broker_node() {
+    if tokio::net::TcpStream::connect("127.0.0.1:5672")
+        .await
+        .is_ok()
+    {
+        eprintln!(
+            "skipped: a broker answers on 127.0.0.1:5672, so `gridq run --local` would use it instead of a private node"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    write_sleepy_sweep(dir.path(), "privnode", 1);
+    let mut run = spawn_run(dir.path(), "1", &[]);
+    let run_pid = i32::try_from(run.id()).unwrap();
+    let mut guard = KillOnDrop(vec![run_pid]);
+    let log_text = || std::fs::read_to_string(dir.path().join("run.log")).unwrap_or_default();
+    // The node starts first; once the job runs, everything is up.
+    let jobs = support::wait_until("the job running on a private node", 3 * MINUTE, || {
+        job_pids(dir.path(), 1).map_err(|e| format!("{e}; log:\n{}", log_text()))
+    })
+    .await;
+    guard.0.extend(&jobs);
+    assert!(
+        log_text().contains("starting a private RabbitMQ node"),
+        "{}",
+        log_text()
+    );
+    let wrapper: Vec<i32> = children(run_pid)
+        .into_iter()
+        .filter(|(_, args)| args.iter().any(|a| a.ends_with("rabbitmq-server")))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(wrapper.len(), 1, "{:?}", children(run_pid));
+    // The wrapper script runs the Erlang VM as its child.
+    let node: Vec<i32> = wrapper
+        .iter()
+        .copied()
+        .chain(children(wrapper[0]).into_iter().map(|(pid, _)| pid))
+        .collect();
+    assert!(node.len() >= 2, "no VM under the wrapper {wrapper:?}");
+    guard.0.extend(&node);
+
+    run.kill().expect("SIGKILL the run");
+    run.wait().expect("reap the run");
+    // A clean stop of the node takes a few seconds.
+    wait_all_dead(
+        "the private node and the job to stop with the run",
+        &node.iter().chain(&jobs).copied().collect::<Vec<_>>(),
+        MINUTE,
+    )
+    .await;
+    drop(guard);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_scratch_dir_is_private_random_and_removed() {
+    let url = vhost("scratchdefault").await;
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    // The job reports the directory its result goes to, then writes a result there.
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        r#"name: scratch
+command: [sh, -c, 'd=$(dirname "$GRIDQ_RESULT"); stat -c "%a %u %n" "$d" > seen; printf "\173\"x\": %s\175" {x} > "$GRIDQ_RESULT"']
+parameters:
+  x: [7]
+"#,
+    )
+    .unwrap();
+    let out = gridq(
+        &[
+            "run",
+            "s.yaml",
+            "--local",
+            "--workers",
+            "1",
+            "--state-dir",
+            "st",
+        ],
+        &[
+            ("GRIDQ_BROKER", url.as_str()),
+            ("GRIDQ_CONTEXT", "/dev/null"),
+            ("TMPDIR", tmp.to_str().unwrap()),
+        ],
+        dir.path(),
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let seen = std::fs::read_to_string(dir.path().join("seen")).unwrap();
+    let fields: Vec<&str> = seen.split_whitespace().collect();
+    let me = nix::unistd::geteuid().as_raw().to_string();
+    assert_eq!(&fields[..2], ["700", me.as_str()], "{seen}");
+    let scratch = std::path::Path::new(fields[2]);
+    assert_eq!(scratch.parent(), Some(tmp.as_path()), "{seen}");
+    let name = scratch.file_name().unwrap().to_string_lossy().into_owned();
+    let suffix = name.strip_prefix("gridq-worker-").expect("the prefix");
+    assert!(
+        suffix.len() == 10
+            && suffix
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()),
+        "a random name, not the worker's pid: {name}"
+    );
+    let csv = std::fs::read_to_string(dir.path().join("st/results/scratch.csv")).unwrap();
+    assert!(
+        csv.lines().nth(1).is_some_and(|l| l.contains(",7,7")),
+        "{csv}"
+    );
+    // Removed when the worker stopped.
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind in $TMPDIR: {left:?}");
+    support::drop_vhost(&url).await;
+}

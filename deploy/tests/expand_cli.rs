@@ -579,6 +579,60 @@ fn bad_cases() -> Vec<Bad> {
                 "error: bare-text.yaml:1:1: no command: add `command:` to the file, or pass --command \"python train.py\"",
             ),
         ),
+        bad(
+            "overflow.yaml",
+            "command: x\nparameters:\n  lr: [0.1, 1e400]\n",
+            NO_ARGS,
+            Line(
+                "error: overflow.yaml:3:13: parameter `lr`: `1e400` is out of range for a number; quote it to pass the text as a string",
+            ),
+        ),
+        bad(
+            "nan.yaml",
+            "command: x\nparameters:\n  lr: .nan\n",
+            NO_ARGS,
+            Line(
+                "error: nan.yaml:3:7: parameter `lr`: `.nan` is not a finite number; quote it to pass the text as a string",
+            ),
+        ),
+        bad(
+            "collide.yaml",
+            "command: x\nparameters:\n  a.b: 1\n  A/B: 2\n",
+            NO_ARGS,
+            Line(
+                "error: collide.yaml:4:3: parameter `A/B`: its environment variable `GRIDQ_PARAM_A_B` is also that of parameter `a.b` (line 3); rename one of them",
+            ),
+        ),
+        bad(
+            "dotdot.yaml",
+            "command: x\nname: ..\nparameters:\n  a: 1\n",
+            NO_ARGS,
+            Line(
+                "error: dotdot.yaml:2:7: `name` must be 1 to 128 letters, digits, `-`, `_` or `.`, starting with a letter or digit, found `..`",
+            ),
+        ),
+        bad(
+            "..yaml",
+            "a: 1\n",
+            &["--command", "x"],
+            Line(
+                "error: ..yaml: the sweep is named after its file, and `.` is not a valid name: a name must be 1 to 128 letters, digits, `-`, `_` or `.`, starting with a letter or digit; rename the file",
+            ),
+        ),
+        bad(
+            "bom.yaml",
+            "\u{feff}command: x\nparameters:\n  lr: [1, 2\n  b: 3\n",
+            NO_ARGS,
+            Starts("error: bom.yaml:4:4: YAML syntax error: "),
+        ),
+        bad(
+            "bom-null.yaml",
+            "\u{feff}lr: ~\n",
+            &["--command", "x"],
+            Line(
+                "error: bom-null.yaml:1:5: parameter `lr`: null value: expected a value (write \"\" for an empty string, or remove the parameter)",
+            ),
+        ),
     ]
 }
 
@@ -643,6 +697,65 @@ fn a_missing_file_exits_2_and_names_the_path() {
 }
 
 #[test]
+fn a_file_over_8_mib_exits_2_naming_its_size() {
+    let dir = Scratch::new();
+    // Sparse: the size is refused before anything is read.
+    let big = std::fs::File::create(dir.0.path().join("big.yaml")).expect("creating big.yaml");
+    big.set_len(52_428_800).expect("sizing big.yaml");
+    for args in [
+        vec!["expand", "big.yaml"],
+        vec!["expand", "big.yaml", "--format", "count"],
+    ] {
+        let run = dir.run(&args);
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert_eq!(run.stdout, "");
+        assert_eq!(
+            run.stderr,
+            "error: big.yaml: 52428800 bytes, more than the 8 MiB a sweep file may hold\n"
+        );
+    }
+    // A file of exactly 8 MiB is read and expands.
+    let head = "command: x\nparameters:\n  i: [1, 2]\n#";
+    let text = format!("{head}{}\n", "x".repeat(8 * 1024 * 1024 - head.len() - 1));
+    assert_eq!(text.len(), 8 * 1024 * 1024);
+    dir.write("at-cap.yaml", &text);
+    assert_eq!(
+        dir.expand_ok(&["at-cap.yaml", "--format", "count"]).stdout,
+        "2\n"
+    );
+    dir.write("over-cap.yaml", &format!("{text}#"));
+    let run = dir.run(&["expand", "over-cap.yaml"]);
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert_eq!(
+        run.stderr,
+        "error: over-cap.yaml: 8388609 bytes, more than the 8 MiB a sweep file may hold\n"
+    );
+}
+
+#[test]
+fn a_byte_order_mark_is_ignored() {
+    let dir = Scratch::new();
+    let text = "command: x\nparameters:\n  lr: [0.1, 1e-5]\n  b: [yes]\n";
+    dir.write("plain.yaml", text);
+    dir.write("bom.yaml", &format!("\u{feff}{text}"));
+    let plain = dir.expand_ok(&["plain.yaml", "--format", "json"]);
+    let marked = dir.expand_ok(&["bom.yaml", "--format", "json"]);
+    assert_eq!(marked.stdout, plain.stdout);
+    assert_eq!(
+        argvs(&json_lines(&marked.stdout)),
+        [["x", "--lr=0.1", "--b=yes"], ["x", "--lr=1e-5", "--b=yes"]]
+    );
+    assert_eq!(
+        marked.stderr,
+        plain.stderr.replace("plain.yaml", "bom.yaml")
+    );
+    assert_eq!(
+        marked.stderr,
+        "warning: bom.yaml:4:7: parameter `b`: `yes` is the string \"yes\" (YAML 1.2), not a boolean; write true or false, or quote it to silence this warning\n"
+    );
+}
+
+#[test]
 fn a_bad_flag_value_exits_2() {
     let run = run_in(
         &repo_root(),
@@ -676,6 +789,28 @@ fn values_rendering_the_same_are_one_job_with_a_warning() {
     assert_eq!(
         dir.expand_ok(&["seed.yaml", "--format", "count"]).stdout,
         "2\n"
+    );
+}
+
+#[test]
+fn warnings_stop_at_100_with_a_count_of_the_rest() {
+    let dir = Scratch::new();
+    let values = vec!["7"; 5000].join(", ");
+    dir.write(
+        "dups.yaml",
+        &format!("command: x\nparameters:\n  seed: [{values}]\n"),
+    );
+    let run = dir.expand_ok(&["dups.yaml", "--format", "count"]);
+    assert_eq!(run.stdout, "1\n");
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 101, "{}", run.stderr);
+    assert_eq!(
+        lines[99],
+        "warning: dups.yaml:3:310: parameter `seed`: value `7` renders the same as the value at line 3, column 10; it is expanded once"
+    );
+    assert_eq!(
+        lines[100],
+        "warning: dups.yaml: and 4899 more warnings like these (only the first 100 are listed)"
     );
 }
 

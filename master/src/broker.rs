@@ -8,6 +8,7 @@
 //! handlers are idempotent. Publishes not confirmed before a drop are reported as failed, and
 //! the core republishes them on the next session.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -50,15 +51,29 @@ pub enum Inbound {
 /// A request to the publisher.
 #[derive(Debug)]
 pub enum Outbound {
-    /// Job messages to put on their queues, confirmed in order, with at most this many jobs
-    /// of one queue per message (1: each job alone, kind `job`).
-    Jobs(Vec<(Publish, JobMessage)>, usize),
     /// Messages to workers, each to its worker's queue (no confirm: after a lost verdict the
     /// worker claims again).
     Control(Vec<(String, ToWorker)>),
     /// Declare a job queue (on submit of a sweep that names a new queue).
     DeclareQueue(String),
 }
+
+/// Job messages to put on their queues, confirmed in order, with at most this many jobs of
+/// one queue per message (1: each job alone, kind `job`). They have a channel of their own,
+/// read only while fewer than [`CONFIRM_WINDOW`] batches wait for their confirms, so that
+/// messages to workers never wait behind them.
+#[derive(Debug)]
+pub struct JobsOut(pub Vec<(Publish, JobMessage)>, pub usize);
+
+/// What the core sends to the broker session.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub control: mpsc::Receiver<Outbound>,
+    pub jobs: mpsc::Receiver<JobsOut>,
+}
+
+/// Batches of job messages (up to 1,000 jobs each) published and not yet confirmed.
+const CONFIRM_WINDOW: usize = 32;
 
 /// Settings of the session.
 #[derive(Debug, Clone)]
@@ -88,7 +103,7 @@ pub type FirstSession = tokio::sync::oneshot::Sender<Result<(), String>>;
 pub async fn run(
     config: BrokerConfig,
     inbound: mpsc::Sender<Inbound>,
-    mut outbound: mpsc::Receiver<Outbound>,
+    mut outbound: Outgoing,
     first: FirstSession,
 ) {
     let mut first = Some(first);
@@ -165,7 +180,7 @@ async fn session(
     config: &BrokerConfig,
     connection: &Connection,
     inbound: &mpsc::Sender<Inbound>,
-    outbound: &mut mpsc::Receiver<Outbound>,
+    outbound: &mut Outgoing,
     queues: &mut Vec<String>,
     backoff: &mut Backoff,
     first: &mut Option<FirstSession>,
@@ -236,6 +251,10 @@ async fn session(
     // Confirms are awaited off the main loop so that publishing never waits on the broker.
     let (confirm_tx, mut confirm_rx) =
         mpsc::channel::<Result<Vec<Publish>, (Vec<Publish>, String)>>(64);
+    // At most this many batches wait for their confirms: a broker slower than the core holds
+    // the core back instead of a growing pile of batches in this process. (Fewer than the
+    // confirm channel holds, so a confirmed batch can always be handed on.)
+    let window = Arc::new(tokio::sync::Semaphore::new(CONFIRM_WINDOW));
     loop {
         tokio::select! {
             delivery = events_consumer.next() => {
@@ -285,35 +304,52 @@ async fn session(
                     None => {}
                 }
             }
-            request = outbound.recv() => {
+            (batch, permit) = async {
+                let permit = window.clone().acquire_owned().await;
+                (outbound.jobs.recv().await, permit)
+            } => {
+                let Some(JobsOut(batch, per_message)) = batch else { return SessionEnd::Shutdown };
+                // A new queue's declaration travels on the other channel: never publish to a
+                // queue not yet declared (the default exchange would drop the message).
+                for (p, _) in &batch {
+                    if !queues.contains(&p.queue) {
+                        if let Err(e) = topology::declare_jobs_queue(&declare, &p.queue, config.delivery_limit).await {
+                            let publishes = batch.iter().map(|(p, _)| p.clone()).collect();
+                            let _ = inbound.send(Inbound::Unconfirmed(publishes)).await;
+                            return SessionEnd::Lost(format!("declaring queue {}: {e}", p.queue));
+                        }
+                        queues.push(p.queue.clone());
+                    }
+                }
+                let publishes: Vec<Publish> = batch.iter().map(|(p, _)| p.clone()).collect();
+                match publish_jobs(&publish, &config.user, batch, per_message).await {
+                    Ok(confirms) => {
+                        let tx = confirm_tx.clone();
+                        tokio::spawn(async move {
+                            let mut failed = None;
+                            for c in confirms {
+                                match c.await {
+                                    Ok(conf) if conf.is_ack() => {}
+                                    Ok(_) => failed = Some("the broker refused a job message (nack)".to_string()),
+                                    Err(e) => failed = Some(e.to_string()),
+                                }
+                            }
+                            let _ = tx.send(match failed {
+                                None => Ok(publishes),
+                                Some(why) => Err((publishes, why)),
+                            }).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => {
+                        let _ = inbound.send(Inbound::Unconfirmed(publishes)).await;
+                        return SessionEnd::Lost(format!("publishing jobs: {e}"));
+                    }
+                }
+            }
+            request = outbound.control.recv() => {
                 let Some(request) = request else { return SessionEnd::Shutdown };
                 match request {
-                    Outbound::Jobs(batch, per_message) => {
-                        let publishes: Vec<Publish> = batch.iter().map(|(p, _)| p.clone()).collect();
-                        match publish_jobs(&publish, &config.user, batch, per_message).await {
-                            Ok(confirms) => {
-                                let tx = confirm_tx.clone();
-                                tokio::spawn(async move {
-                                    let mut failed = None;
-                                    for c in confirms {
-                                        match c.await {
-                                            Ok(conf) if conf.is_ack() => {}
-                                            Ok(_) => failed = Some("the broker refused a job message (nack)".to_string()),
-                                            Err(e) => failed = Some(e.to_string()),
-                                        }
-                                    }
-                                    let _ = tx.send(match failed {
-                                        None => Ok(publishes),
-                                        Some(why) => Err((publishes, why)),
-                                    }).await;
-                                });
-                            }
-                            Err(e) => {
-                                let _ = inbound.send(Inbound::Unconfirmed(publishes)).await;
-                                return SessionEnd::Lost(format!("publishing jobs: {e}"));
-                            }
-                        }
-                    }
                     Outbound::Control(messages) => {
                         if let Err(e) = publish_control(&control, &config.user, messages).await {
                             return SessionEnd::Lost(e);

@@ -38,11 +38,11 @@ use gridq_common::{JobId, SweepId, WorkerId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info, warn};
 
-use crate::broker::{self, BrokerConfig, Inbound, Outbound};
+use crate::broker::{self, BrokerConfig, Inbound, JobsOut, Outbound};
 use crate::http::{self, activity::Activity, pages::Monitor};
 use crate::store::{
-    ClaimVerdict, FinishEffect, JobState, LostEffect, NewJob, Publish, SortValue, Store,
-    StoreError, SubmitSummary, SweepRecord,
+    ClaimVerdict, FinishEffect, JobState, LostEffect, NewJob, Publish, Store, StoreError,
+    SubmitSummary, SweepRecord,
 };
 
 /// How often the retention period is enforced.
@@ -73,6 +73,20 @@ pub struct MasterConfig {
     /// Finished sweeps untouched for this long are deleted with their jobs and logs; `None`
     /// keeps everything.
     pub retention: Option<Duration>,
+    /// The most jobs one sweep may have, whatever its file's `max_jobs` says.
+    pub max_jobs_per_sweep: u64,
+}
+
+/// The default of [`MasterConfig::max_jobs_per_sweep`].
+pub const DEFAULT_MAX_JOBS_PER_SWEEP: u64 = 10_000_000;
+
+/// Why the core refused a step of a submission.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitRefused {
+    #[error("sweep `{0}` is being submitted right now; wait for that submission to end")]
+    Busy(SweepId),
+    #[error("sweep `{0}` was canceled while it was being submitted")]
+    Canceled(SweepId),
 }
 
 impl MasterConfig {
@@ -89,6 +103,7 @@ impl MasterConfig {
             token: None,
             management_url: None,
             retention: None,
+            max_jobs_per_sweep: DEFAULT_MAX_JOBS_PER_SWEEP,
         }
     }
 }
@@ -118,11 +133,27 @@ pub enum MasterError {
 /// A command from the API (or an embedding program) to the core.
 #[derive(Debug)]
 pub enum Command {
-    Submit {
+    /// Starts a submission: stores the sweep's settings. The answer is the submission's
+    /// number, which its [`Command::SubmitJobs`] and [`Command::SubmitEnd`] carry.
+    SubmitBegin {
         record: SweepRecord,
+        reply: oneshot::Sender<Result<u64, SubmitRefused>>,
+    },
+    /// The next jobs of a submission, stored and published in one step.
+    SubmitJobs {
+        record: Arc<SweepRecord>,
+        submission: u64,
         jobs: Vec<NewJob>,
         rerun: bool,
-        reply: oneshot::Sender<Result<SubmitSummary, String>>,
+        reply: oneshot::Sender<Result<SubmitSummary, SubmitRefused>>,
+    },
+    /// Ends a submission: `Some(reason)` when it stopped short (the client went away, the
+    /// expansion failed), which cancels the sweep with that reason.
+    SubmitEnd {
+        sweep: SweepId,
+        submission: u64,
+        interrupted: Option<String>,
+        jobs: u64,
     },
     CancelSweep {
         sweep: SweepId,
@@ -159,6 +190,8 @@ pub struct Handle {
     pub addr: SocketAddr,
     pub token: Arc<str>,
     pub db_path: PathBuf,
+    /// See [`MasterConfig::max_jobs_per_sweep`].
+    pub max_jobs_per_sweep: u64,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -210,7 +243,8 @@ pub async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(Handle, tokio::task::JoinHandle<()>), MasterError> {
     let dir = &config.state_dir;
-    std::fs::create_dir_all(dir).map_err(|source| MasterError::StateDir {
+    // 0700, and the store 0600: it holds every output line.
+    crate::state_dir::prepare(dir).map_err(|source| MasterError::StateDir {
         path: dir.display().to_string(),
         source,
     })?;
@@ -254,9 +288,13 @@ pub async fn start(
         addr,
         token: token.clone(),
         db_path: db_path.clone(),
+        max_jobs_per_sweep: config.max_jobs_per_sweep,
     };
     let (inbound_tx, inbound_rx) = mpsc::channel(4096);
     let (outbound_tx, outbound_rx) = mpsc::channel(1024);
+    // Job batches: few wait here (the session reads them as confirms come back), so a large
+    // submission holds the core back instead of piling up in memory.
+    let (jobs_tx, jobs_rx) = mpsc::channel(4);
     let broker_config = BrokerConfig {
         url: config.broker_url.clone(),
         delivery_limit: config.delivery_limit,
@@ -277,7 +315,10 @@ pub async fn start(
     let broker_task = tokio::spawn(broker::run(
         broker_config,
         inbound_tx,
-        outbound_rx,
+        broker::Outgoing {
+            control: outbound_rx,
+            jobs: jobs_rx,
+        },
         first_tx,
     ));
     // A second master on a vhost that has one must not start (both would consume the same
@@ -297,7 +338,14 @@ pub async fn start(
     info!(listen = %addr, broker = %gridq_common::amqp::redact(&config.broker_url), "master started");
     let mut secrets = Redactor::for_broker_url(&config.broker_url);
     secrets.add(token.to_string());
-    let core = Core::new(store, config, outbound_tx, changes_tx, activity, secrets)?;
+    let core = Core::new(
+        store,
+        config,
+        (outbound_tx, jobs_tx),
+        changes_tx,
+        activity,
+        secrets,
+    )?;
     let task = tokio::spawn(async move {
         let mut stop = stop_rx;
         tokio::select! {
@@ -344,6 +392,7 @@ struct Core {
     store: Store,
     config: MasterConfig,
     out: mpsc::Sender<Outbound>,
+    jobs_out: mpsc::Sender<JobsOut>,
     changes: watch::Sender<u64>,
     broker_up: bool,
     workers: HashMap<String, Live>,
@@ -353,12 +402,59 @@ struct Core {
     /// The master's secrets (its broker password and API token), masked in whatever a worker
     /// sends of a job's output or result before it is stored, whatever the worker did.
     secrets: Arc<Redactor>,
+    /// Submissions in progress, by sweep.
+    submitting: Submitting,
+    pump: Pump,
 }
+
+/// Submissions in progress: each sweep's submission number, and whether the sweep was
+/// canceled meanwhile (its next jobs are then refused).
+#[derive(Clone, Default)]
+struct Submitting {
+    next: u64,
+    by_sweep: HashMap<String, (u64, bool)>,
+}
+
+/// Jobs that submissions stored, sent to the broker from the store as the session takes them:
+/// the store, not memory, holds a large submission's backlog, and the core never waits for
+/// the broker on its behalf.
+#[derive(Default)]
+struct Pump {
+    /// Whether stored jobs may remain unsent.
+    active: bool,
+    /// The walk's place: the sweep and expansion index of the last job sent.
+    cursor: Option<(SweepId, u64)>,
+    /// Jobs were stored since the walk began: once at its end, walk again from the start.
+    rescan: bool,
+    /// Sent and not yet confirmed: skipped by a second walk.
+    in_flight: HashSet<(SweepId, JobId, u32)>,
+}
+
+impl Pump {
+    /// Everything pending is sent again (a new broker session).
+    fn restart(&mut self) {
+        *self = Self {
+            active: true,
+            ..Self::default()
+        };
+    }
+
+    fn settled(&mut self, batch: &[Publish]) {
+        for p in batch {
+            self.in_flight.remove(&(p.sweep.clone(), p.job, p.attempt));
+        }
+    }
+}
+
+/// Jobs per batch the pump reads from the store.
+const PUMP_BATCH: u64 = 1000;
 
 /// What to do once a transaction has committed.
 #[derive(Default)]
 struct Effects {
     publish: Vec<Publish>,
+    /// A submission stored jobs, which the pump sends.
+    backlog: bool,
     control: Vec<(String, ToWorker)>,
     /// Answers to claims, one message per worker queue.
     verdicts: HashMap<String, Vec<Verdict>>,
@@ -403,7 +499,7 @@ impl Core {
     fn new(
         store: Store,
         config: MasterConfig,
-        out: mpsc::Sender<Outbound>,
+        (out, jobs_out): (mpsc::Sender<Outbound>, mpsc::Sender<JobsOut>),
         changes: watch::Sender<u64>,
         activity: Arc<Activity>,
         secrets: Redactor,
@@ -423,6 +519,7 @@ impl Core {
             store,
             config,
             out,
+            jobs_out,
             changes,
             broker_up: false,
             workers,
@@ -430,6 +527,8 @@ impl Core {
             activity,
             last_purge: Instant::now(),
             secrets: Arc::new(secrets),
+            submitting: Submitting::default(),
+            pump: Pump::default(),
         })
     }
 
@@ -441,11 +540,22 @@ impl Core {
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let jobs_out = self.jobs_out.clone();
         loop {
             let mut batch_in = Vec::new();
             let mut batch_cmd = Vec::new();
             let mut ticked = false;
+            let pumping = self.pump.active && self.broker_up;
             tokio::select! {
+                permit = jobs_out.reserve(), if pumping => {
+                    let Ok(permit) = permit else { return };
+                    if let Err(e) = self.pump_once(permit) {
+                        self.activity.metrics.store_error();
+                        error!(cause = %e, "reading stored jobs to publish failed; trying again");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    continue;
+                }
                 msg = inbound.recv() => match msg {
                     Some(m) => batch_in.push(m),
                     None => return,
@@ -531,6 +641,9 @@ impl Core {
                     }
                 }
                 Inbound::Down(_) => self.broker_up = false,
+                Inbound::Confirmed(batch) | Inbound::Unconfirmed(batch) => {
+                    self.pump.settled(batch);
+                }
                 _ => {}
             }
         }
@@ -552,7 +665,7 @@ impl Core {
         // A large submission changes the shape of the tables: refresh the planner's statistics.
         let big_submit = commands
             .iter()
-            .any(|c| matches!(c, Command::Submit { jobs, .. } if jobs.len() >= 10_000));
+            .any(|c| matches!(c, Command::SubmitEnd { jobs, .. } if *jobs >= 10_000));
         let housekeeping = ticked && self.last_purge.elapsed() > RETENTION_CHECK;
         if housekeeping {
             self.last_purge = Instant::now();
@@ -572,6 +685,7 @@ impl Core {
         // (A worker taken for lost and dropped from it by a step that then rolled back would
         // never be taken for lost again, and its jobs would stay `running`.)
         let mut workers = self.workers.clone();
+        let mut submitting = self.submitting.clone();
         let queues = &mut self.queues;
         let out = &self.out;
         self.store.transaction(|tx| {
@@ -611,7 +725,7 @@ impl Core {
                 }
             }
             for cmd in commands {
-                handle_command(tx, cmd, queues, out, &mut effects, now)?;
+                handle_command(tx, cmd, queues, &mut submitting, out, &mut effects, now)?;
             }
             for a in due {
                 if let Some(p) = tx.retry_due(&a, now)? {
@@ -640,6 +754,7 @@ impl Core {
             Ok(())
         })?;
         self.workers = workers;
+        self.submitting = submitting;
         Ok(Committed {
             effects,
             session_up,
@@ -678,8 +793,14 @@ impl Core {
             for q in &self.queues {
                 let _ = self.out.send(Outbound::DeclareQueue(q.clone())).await;
             }
-            // Everything not yet confirmed goes out again (duplicates are denied at claim time).
-            effects.publish = self.store.pending()?;
+            // Everything not yet confirmed goes out again (duplicates are denied at claim
+            // time), through the pump.
+            effects.publish.clear();
+            self.pump.restart();
+        }
+        if effects.backlog {
+            self.pump.active = true;
+            self.pump.rescan = true;
         }
         if self.broker_up && !effects.publish.is_empty() {
             self.publish(effects.publish).await?;
@@ -692,19 +813,12 @@ impl Core {
     /// recent jobs were short, so it holds jobs ahead. A worker running long jobs would start
     /// only one job of a message and give the others back.
     async fn publish(&mut self, publish: Vec<Publish>) -> Result<(), StoreError> {
-        let per_message = if publish.len() >= BATCH_FROM
-            && !self.workers.is_empty()
-            && self.workers.values().all(|w| w.batches)
-        {
-            JOBS_PER_MESSAGE
-        } else {
-            1
-        };
+        let per_message = self.per_message(publish.len());
         for chunk in publish.chunks(1000) {
             let batch = self.store.read().job_messages(chunk)?;
             if self
-                .out
-                .send(Outbound::Jobs(batch, per_message))
+                .jobs_out
+                .send(JobsOut(batch, per_message))
                 .await
                 .is_err()
             {
@@ -712,6 +826,51 @@ impl Core {
             }
         }
         Ok(())
+    }
+}
+
+impl Core {
+    /// Jobs per message for a publication of `n` jobs (see [`Core::publish`]).
+    fn per_message(&self, n: usize) -> usize {
+        if n >= BATCH_FROM && !self.workers.is_empty() && self.workers.values().all(|w| w.batches) {
+            JOBS_PER_MESSAGE
+        } else {
+            1
+        }
+    }
+
+    /// Sends the next batch of stored, unsent jobs, or ends the walk when there is none.
+    fn pump_once(&mut self, permit: mpsc::Permit<'_, JobsOut>) -> Result<(), StoreError> {
+        loop {
+            let rows = self
+                .store
+                .pending_after(self.pump.cursor.as_ref().map(|(s, i)| (s, *i)), PUMP_BATCH)?;
+            let Some((idx, last)) = rows.last() else {
+                if std::mem::take(&mut self.pump.rescan) {
+                    self.pump.cursor = None;
+                    continue;
+                }
+                self.pump.active = false;
+                return Ok(());
+            };
+            self.pump.cursor = Some((last.sweep.clone(), *idx));
+            let publish: Vec<Publish> = rows
+                .into_iter()
+                .map(|(_, p)| p)
+                .filter(|p| {
+                    self.pump
+                        .in_flight
+                        .insert((p.sweep.clone(), p.job, p.attempt))
+                })
+                .collect();
+            if publish.is_empty() {
+                continue;
+            }
+            let per_message = self.per_message(publish.len());
+            let batch = self.store.read().job_messages(&publish)?;
+            permit.send(JobsOut(batch, per_message));
+            return Ok(());
+        }
     }
 }
 
@@ -886,27 +1045,89 @@ fn handle_command(
     tx: &crate::store::Tx<'_>,
     cmd: Command,
     queues: &mut HashSet<String>,
+    submitting: &mut Submitting,
     out: &mpsc::Sender<Outbound>,
     effects: &mut Effects,
     now: u64,
 ) -> Result<(), StoreError> {
     match cmd {
-        Command::Submit {
+        Command::SubmitBegin { record, reply } => {
+            if submitting.by_sweep.contains_key(record.name.as_str()) {
+                let busy = SubmitRefused::Busy(record.name.clone());
+                effects.replies.push(Box::new(move || {
+                    let _ = reply.send(Err(busy));
+                }));
+                return Ok(());
+            }
+            if queues.insert(record.queue.clone()) {
+                let _ = out.try_send(Outbound::DeclareQueue(record.queue.clone()));
+            }
+            tx.put_sweep(&record, now)?;
+            submitting.next += 1;
+            let number = submitting.next;
+            submitting
+                .by_sweep
+                .insert(record.name.as_str().to_owned(), (number, false));
+            effects.changed = true;
+            effects.replies.push(Box::new(move || {
+                let _ = reply.send(Ok(number));
+            }));
+        }
+        Command::SubmitJobs {
             record,
+            submission,
             jobs,
             rerun,
             reply,
         } => {
-            if queues.insert(record.queue.clone()) {
-                let _ = out.try_send(Outbound::DeclareQueue(record.queue.clone()));
+            let refused = match submitting.by_sweep.get(record.name.as_str()) {
+                Some(&(n, false)) if n == submission => None,
+                Some(&(n, true)) if n == submission => {
+                    Some(SubmitRefused::Canceled(record.name.clone()))
+                }
+                // Not this submission's: a bug of the caller, refused like a second submission.
+                _ => Some(SubmitRefused::Busy(record.name.clone())),
+            };
+            if let Some(refused) = refused {
+                effects.replies.push(Box::new(move || {
+                    let _ = reply.send(Err(refused));
+                }));
+                return Ok(());
             }
-            let (summary, publish) = tx.submit(&record, jobs, rerun, now)?;
-            info!(sweep = %record.name, added = summary.added, rerun = summary.rerun, skipped = summary.skipped, "sweep submitted");
-            effects.publish.extend(publish);
+            // Sent by the pump, from the store.
+            let (summary, _) = tx.add_jobs(&record, jobs, rerun, now)?;
+            effects.backlog = true;
             effects.changed = true;
             effects.replies.push(Box::new(move || {
                 let _ = reply.send(Ok(summary));
             }));
+        }
+        Command::SubmitEnd {
+            sweep,
+            submission,
+            interrupted,
+            jobs,
+        } => {
+            if submitting.by_sweep.get(sweep.as_str()).map(|s| s.0) != Some(submission) {
+                return Ok(());
+            }
+            let canceled = submitting
+                .by_sweep
+                .remove(sweep.as_str())
+                .is_some_and(|s| s.1);
+            match interrupted {
+                None => info!(sweep = %sweep, jobs, "sweep submitted"),
+                Some(why) if !canceled => {
+                    warn!(sweep = %sweep, jobs, reason = %why, "submission interrupted; the sweep is canceled");
+                    let reason = format!("submission interrupted: {why}");
+                    let (_, running) = tx.cancel_sweep_because(&sweep, &reason, now)?;
+                    cancel_on_workers(effects, running);
+                    effects.changed = true;
+                }
+                Some(_) => {
+                    info!(sweep = %sweep, jobs, "submission stopped: the sweep was canceled")
+                }
+            }
         }
         Command::CancelSweep { sweep, reply } => {
             if tx.view().sweep_record(&sweep)?.is_none() {
@@ -914,6 +1135,9 @@ fn handle_command(
                     let _ = reply.send(Err(format!("no sweep named `{sweep}`")));
                 }));
                 return Ok(());
+            }
+            if let Some(s) = submitting.by_sweep.get_mut(sweep.as_str()) {
+                s.1 = true;
             }
             let (n, running) = tx.cancel_sweep(&sweep, now)?;
             cancel_on_workers(effects, running);
@@ -961,64 +1185,6 @@ fn handle_command(
     Ok(())
 }
 
-/// Turns a loaded sweep into what the store keeps.
-///
-/// # Errors
-/// When the sweep exceeds `max_jobs` or has no command.
-pub fn plan_submission(
-    sweep: &crate::sweep::Sweep,
-    yaml: &str,
-) -> Result<(SweepRecord, Vec<NewJob>), crate::sweep::SweepError> {
-    let names: Vec<String> = sweep.param_names().map(str::to_owned).collect();
-    let mut jobs = Vec::new();
-    for job in sweep.expand()? {
-        let mut params_json = serde_json::Map::new();
-        let mut params = Vec::with_capacity(names.len());
-        let mut sort_values = Vec::with_capacity(names.len());
-        for (name, value) in names.iter().zip(&job.params) {
-            let v: serde_json::Value =
-                serde_json::from_str(value.json().get()).unwrap_or(serde_json::Value::Null);
-            sort_values.push(SortValue::of(&v).unwrap_or_else(|| SortValue::Text("null".into())));
-            params_json.insert(name.clone(), v);
-            params.push((name.clone(), value.text().to_owned()));
-        }
-        jobs.push(NewJob {
-            id: job.id,
-            index: job.index,
-            argv: job.argv_strings(),
-            params,
-            params_json: serde_json::Value::Object(params_json).to_string(),
-            env: job.env(sweep),
-            sort_values,
-        });
-    }
-    let options = sweep.options();
-    let record = SweepRecord {
-        name: SweepId::new(sweep.name()).map_err(|e| {
-            crate::sweep::SweepError::Invalid(Box::new(crate::sweep::Diagnostic {
-                source: sweep.source().to_owned(),
-                pos: None,
-                param: None,
-                message: e.to_string(),
-            }))
-        })?,
-        source: sweep.source().to_owned(),
-        yaml: yaml.to_owned(),
-        param_names: names,
-        retries: options.retries,
-        timeout_ms: options
-            .timeout
-            .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-        gpus: options.gpus,
-        queue: options
-            .queue
-            .clone()
-            .unwrap_or_else(|| topology::DEFAULT_QUEUE.to_owned()),
-        workdir: options.workdir.clone(),
-    };
-    Ok((record, jobs))
-}
-
 impl Handle {
     /// Sends a command built around its reply channel and waits for the answer.
     async fn request<T>(
@@ -1032,25 +1198,6 @@ impl Handle {
             .await
             .map_err(|_| stopping())?;
         rx.await.map_err(|_| stopping())?
-    }
-
-    /// Submits a sweep through the core.
-    ///
-    /// # Errors
-    /// When the core is gone or refuses.
-    pub async fn submit(
-        &self,
-        record: SweepRecord,
-        jobs: Vec<NewJob>,
-        rerun: bool,
-    ) -> Result<SubmitSummary, String> {
-        self.request(|reply| Command::Submit {
-            record,
-            jobs,
-            rerun,
-            reply,
-        })
-        .await
     }
 
     /// Cancels a sweep; returns how many jobs were canceled.

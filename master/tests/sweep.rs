@@ -1,7 +1,7 @@
 //! The sweep language, end to end through the public API: every value form, the mlframework
 //! semantics (golden), rendering, identity, and every error with its exact message.
 
-use gridq_master::sweep::{LoadOptions, Loaded, Sweep, load_str};
+use gridq_master::sweep::{LoadOptions, Loaded, MAX_SWEEP_BYTES, Sweep, load_str};
 
 fn load_with(yaml: &str, command: Option<&str>) -> Loaded {
     let options = LoadOptions {
@@ -710,7 +710,7 @@ fn errors_name_the_place_and_the_expectation() {
         ),
         (
             "command: run\nname: 'my sweep'\nparameters:\n  lr: 1\n".into(),
-            "sweep.yaml:2:7: `name` must be 1 to 128 letters, digits, `-`, `_` or `.`, found `my sweep`",
+            "sweep.yaml:2:7: `name` must be 1 to 128 letters, digits, `-`, `_` or `.`, starting with a letter or digit, found `my sweep`",
         ),
         (
             "command: run\nmax_jobs: 0\nparameters:\n  lr: 1\n".into(),
@@ -776,4 +776,224 @@ fn bare_file_counts_without_a_command() {
         loaded.sweep.expand().err().map(|e| e.to_string()),
         Some("sweep.yaml:1:1: no command: add `command:` to the file, or pass --command \"python train.py\"".into())
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounds and hostile input
+
+fn load_named(yaml: &str, default_name: &str) -> Result<Loaded, String> {
+    load_str(yaml, "sweep.yaml", default_name, &LoadOptions::default()).map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_text_larger_than_8_mib_is_refused_before_parsing() {
+    assert_eq!(MAX_SWEEP_BYTES, 8 * 1024 * 1024);
+    let head = "command: run\nparameters:\n  lr: [1, 2]\n";
+    // Exactly at the cap: a comment pads the file, and it loads.
+    let mut at_cap = String::from(head);
+    at_cap.push('#');
+    at_cap.push_str(&"x".repeat(MAX_SWEEP_BYTES - head.len() - 2));
+    at_cap.push('\n');
+    assert_eq!(at_cap.len(), MAX_SWEEP_BYTES);
+    assert_eq!(load(&at_cap).sweep.count().jobs, 2);
+    // One byte more is refused, before any parsing: even a syntax error is not reached.
+    let mut over = at_cap.clone();
+    over.insert(0, '[');
+    assert_eq!(
+        error(&over),
+        "sweep.yaml: 8388609 bytes, more than the 8 MiB a sweep file may hold"
+    );
+}
+
+#[test]
+fn warnings_are_capped_with_a_count_of_the_rest() {
+    // 1,000 values that all render as `--a=1`: 999 duplicate warnings, of which 100 are kept.
+    let yaml = format!(
+        "command: run\nparameters:\n  a: [{}]\n",
+        vec!["1"; 1000].join(", ")
+    );
+    let loaded = load(&yaml);
+    assert_eq!(loaded.sweep.count().jobs, 1);
+    let shown = warnings(&loaded);
+    assert_eq!(shown.len(), 101);
+    assert_eq!(
+        shown[0],
+        "sweep.yaml:3:10: parameter `a`: value `1` renders the same as the value at line 3, column 7; it is expanded once"
+    );
+    assert_eq!(
+        shown[100],
+        "sweep.yaml: and 899 more warnings like these (only the first 100 are listed)"
+    );
+    // At the cap exactly, nothing is summarised.
+    let yaml = format!(
+        "command: run\nparameters:\n  a: [{}]\n",
+        vec!["1"; 101].join(", ")
+    );
+    let shown = warnings(&load(&yaml));
+    assert_eq!(shown.len(), 100);
+    assert!(
+        shown.iter().all(|w| w.contains("renders the same")),
+        "{shown:?}"
+    );
+}
+
+#[test]
+fn numbers_without_a_finite_value_are_errors() {
+    let p = "command: run\nparameters:\n";
+    let cases = [
+        (
+            format!("{p}  a: 1e400\n"),
+            "sweep.yaml:3:6: parameter `a`: `1e400` is out of range for a number; quote it to pass the text as a string",
+        ),
+        (
+            format!("{p}  lr: [0.1, -1e400]\n"),
+            "sweep.yaml:3:13: parameter `lr`: `-1e400` is out of range for a number; quote it to pass the text as a string",
+        ),
+        (
+            format!("{p}  a: [1, {}]\n", "9".repeat(400)),
+            "sweep.yaml:3:10: parameter `a`: `9999999999999999999999999999999999999999999999999999999999999999…` is out of range for a number; quote it to pass the text as a string",
+        ),
+        (
+            format!("{p}  a: .inf\n"),
+            "sweep.yaml:3:6: parameter `a`: `.inf` is not a finite number; quote it to pass the text as a string",
+        ),
+        (
+            format!("{p}  a: [1, -.Inf]\n"),
+            "sweep.yaml:3:10: parameter `a`: `-.Inf` is not a finite number; quote it to pass the text as a string",
+        ),
+        (
+            format!("{p}  a: .nan\n"),
+            "sweep.yaml:3:6: parameter `a`: `.nan` is not a finite number; quote it to pass the text as a string",
+        ),
+        (
+            format!("{p}  a: [1, 2]\nexclude:\n  - {{a: 1e400}}\n"),
+            "sweep.yaml:5:9: parameter `a`: `1e400` is out of range for a number; quote it to pass the text as a string",
+        ),
+    ];
+    for (yaml, expected) in &cases {
+        assert_eq!(&error(yaml), expected, "for:\n{yaml}");
+    }
+    // Quoted, the same text is a string, rendered and stored as written.
+    let loaded = load(&format!("{p}  a: ['1e400', '.inf', 1e308, 1e-400]\n"));
+    let jobs: Vec<_> = loaded.sweep.expand().expect("expands").collect();
+    let params: Vec<String> = jobs
+        .iter()
+        .map(|j| j.params[0].json().get().to_owned())
+        .collect();
+    assert_eq!(params, ["\"1e400\"", "\".inf\"", "1e308", "1e-400"]);
+    for job in &jobs {
+        let v: serde_json::Value =
+            serde_json::from_str(job.params[0].json().get()).expect("valid JSON");
+        assert!(!v.is_null(), "{v}");
+    }
+}
+
+#[test]
+fn parameters_with_the_same_environment_variable_are_an_error() {
+    assert_eq!(
+        error("command: run\nparameters:\n  a.b: 1\n  c: 2\n  a_b: 3\n"),
+        "sweep.yaml:5:3: parameter `a_b`: its environment variable `GRIDQ_PARAM_A_B` is also that of parameter `a.b` (line 3); rename one of them"
+    );
+    assert_eq!(
+        error("command: run\nparameters:\n  a_b: 1\n  A/B: [2, 3]\n"),
+        "sweep.yaml:4:3: parameter `A/B`: its environment variable `GRIDQ_PARAM_A_B` is also that of parameter `a_b` (line 3); rename one of them"
+    );
+    assert_eq!(
+        error_with("lr: 1\nLR: 2\n", Some("run")),
+        "sweep.yaml:2:1: parameter `LR`: its environment variable `GRIDQ_PARAM_LR` is also that of parameter `lr` (line 1); rename one of them"
+    );
+    // Names that differ after the mapping load.
+    let loaded = load("command: run\nparameters:\n  a.b: 1\n  a.c: 2\n  ab: 3\n");
+    assert_eq!(
+        loaded.sweep.param_names().collect::<Vec<_>>(),
+        ["a.b", "a.c", "ab"]
+    );
+}
+
+#[test]
+fn sweep_names_that_are_not_plain_file_names_are_refused() {
+    let rule = "must be 1 to 128 letters, digits, `-`, `_` or `.`, starting with a letter or digit";
+    for (name, shown) in [
+        ("'.'", "."),
+        ("'..'", ".."),
+        ("'...'", "..."),
+        ("''", ""),
+        ("a/b", "a/b"),
+        ("'../x'", "../x"),
+        ("\"a\\0b\"", "a\0b"),
+        ("-rf", "-rf"),
+        (".hidden", ".hidden"),
+    ] {
+        assert_eq!(
+            error(&format!(
+                "command: run\nname: {name}\nparameters:\n  lr: 1\n"
+            )),
+            format!("sweep.yaml:2:7: `name` {rule}, found `{shown}`"),
+            "name: {name}"
+        );
+    }
+    let long = "a".repeat(129);
+    assert_eq!(
+        error(&format!(
+            "command: run\nname: {long}\nparameters:\n  lr: 1\n"
+        )),
+        format!("sweep.yaml:2:7: `name` {rule}, found `{}…`", "a".repeat(64)),
+    );
+    for name in ["a", "7", "train-1.a_b", "x..y", &"a".repeat(128)] {
+        let loaded = load(&format!(
+            "command: run\nname: {name}\nparameters:\n  lr: 1\n"
+        ));
+        assert_eq!(loaded.sweep.name(), name);
+    }
+}
+
+#[test]
+fn a_name_taken_from_the_file_must_be_valid_too() {
+    assert_eq!(
+        load_named("command: run\nparameters:\n  lr: 1\n", "..").err(),
+        Some("sweep.yaml: the sweep is named after its file, and `..` is not a valid name: a name must be 1 to 128 letters, digits, `-`, `_` or `.`, starting with a letter or digit; add `name:` to the file, or rename it".into())
+    );
+    assert_eq!(
+        load_named("lr: 1\n", "my params").err(),
+        Some("sweep.yaml: the sweep is named after its file, and `my params` is not a valid name: a name must be 1 to 128 letters, digits, `-`, `_` or `.`, starting with a letter or digit; rename the file".into())
+    );
+    // `name:` overrides the file's name, so the file may be called anything.
+    let loaded = load_named("command: run\nname: ok\nparameters:\n  lr: 1\n", "..").expect("loads");
+    assert_eq!(loaded.sweep.name(), "ok");
+}
+
+#[test]
+fn a_byte_order_mark_is_ignored() {
+    let sweep = "command: run\nname: bom\nparameters:\n  lr: [0.1, 1e-5]\n  b: 2\n";
+    let bare = "lr: [0.1, 1e-5]\nb: 2\n";
+    for text in [sweep, bare] {
+        let plain = load_with(text, Some("run"));
+        let marked = load_with(&format!("\u{feff}{text}"), Some("run"));
+        assert_eq!(argvs(&marked.sweep), argvs(&plain.sweep));
+        assert_eq!(marked.sweep.param_names().collect::<Vec<_>>(), ["lr", "b"]);
+        assert_eq!(marked.sweep.name(), plain.sweep.name());
+    }
+    // Positions in errors are those of the file without the mark, first line included.
+    for (text, expected) in [
+        (
+            "command: run\nparameters:\n  lr: []\n",
+            "sweep.yaml:3:7: parameter `lr`: empty list: expected at least one value",
+        ),
+        (
+            "parametrs: 1\ncommand: run\nparameters:\n  lr: 1\n",
+            "sweep.yaml:1:1: unknown field `parametrs`, expected one of `name`, `command`, `parameters`, `zip`, `exclude`, `max_jobs`, `repeat`, `arg_style`, `retries`, `timeout`, `gpus`, `queue`, `env`, `workdir`",
+        ),
+        (
+            "lr: ~\n",
+            "sweep.yaml:1:5: parameter `lr`: null value: expected a value (write \"\" for an empty string, or remove the parameter)",
+        ),
+        (
+            "name: x\ncommand: run {nope}\nparameters:\n  lr: 1\n",
+            "sweep.yaml:2:10: placeholder `{nope}` names no parameter; expected one of: lr (or `{args}`; write `{{` for a literal brace)",
+        ),
+    ] {
+        let got = error(&format!("\u{feff}{text}"));
+        assert_eq!(got, error(text), "with and without the mark");
+        assert_eq!(got, expected);
+    }
 }

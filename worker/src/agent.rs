@@ -44,6 +44,7 @@ use tracing::{info, warn};
 
 use crate::feeder::{self, Feed};
 use crate::runner::{self, JobSpec, KillReason, Killer, RunningJob, Termination};
+use crate::scratch::Scratch;
 
 /// What running jobs do when the worker is asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -66,8 +67,10 @@ pub struct WorkerConfig {
     pub queues: Vec<String>,
     /// Jobs run here (a sweep's `workdir` is relative to it).
     pub project_dir: PathBuf,
-    /// Scratch space for result files.
-    pub scratch_dir: PathBuf,
+    /// Scratch space for result files (see [`crate::scratch`]). `None`: a new private
+    /// directory under the system's temporary directory, removed when the worker stops; a
+    /// given one must be the worker's own and writable by no other user.
+    pub scratch_dir: Option<PathBuf>,
     pub heartbeat_interval: Duration,
     /// How long to wait for the master's answer to a claim before giving the delivery back.
     pub claim_timeout: Duration,
@@ -84,15 +87,15 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// Defaults: one slot per CPU, the default queue, the current directory.
-    pub fn new(broker_url: String, project_dir: PathBuf, scratch_dir: PathBuf) -> Self {
+    /// Defaults: one slot per CPU, the default queue, a private scratch directory.
+    pub fn new(broker_url: String, project_dir: PathBuf) -> Self {
         Self {
             broker_url,
             slots: std::thread::available_parallelism().map_or(1, usize::from),
             gpus: None,
             queues: vec![topology::DEFAULT_QUEUE.to_owned()],
             project_dir,
-            scratch_dir,
+            scratch_dir: None,
             heartbeat_interval: Duration::from_secs(2),
             claim_timeout: Duration::from_secs(10),
             grace: Duration::from_secs(10),
@@ -201,6 +204,8 @@ pub(crate) struct Shared {
     pub(crate) broker_user: String,
     /// The master's broker user (see [`WorkerConfig::master_user`]).
     pub(crate) master_user: String,
+    /// Where result files go, and the job user's home.
+    scratch: Arc<Scratch>,
 }
 
 impl Shared {
@@ -232,7 +237,7 @@ impl Shared {
         let (outbox, _) = mpsc::channel(16);
         let (_, session) = watch::channel(None);
         let (draining, _) = watch::channel(false);
-        let config = WorkerConfig::new(String::new(), PathBuf::new(), PathBuf::new());
+        let config = WorkerConfig::new(String::new(), PathBuf::new());
         Self {
             id: WorkerId::new("w-test").expect("worker id"),
             host: "localhost".into(),
@@ -248,6 +253,9 @@ impl Shared {
             inherit: Arc::from(Vec::new()),
             broker_user: "guest".into(),
             master_user: "guest".into(),
+            scratch: Arc::new(
+                Scratch::private_in(&std::env::temp_dir(), None).expect("a scratch directory"),
+            ),
         }
     }
 }
@@ -268,18 +276,18 @@ pub(crate) struct Out {
 /// Runs a worker until it is stopped.
 ///
 /// # Errors
-/// Only setup errors (the scratch directory); broker problems are retried forever.
+/// Only setup errors (the scratch directory: see [`crate::scratch`]); broker problems are
+/// retried forever.
 pub async fn run(config: WorkerConfig, mut stop: StopSignal) -> std::io::Result<()> {
-    std::fs::create_dir_all(&config.scratch_dir)?;
-    if let Some((uid, gid)) = config.job_user {
-        // Jobs of another user write their results here, and have a home of their own.
-        let home = config.scratch_dir.join("home");
-        std::fs::create_dir_all(&home)?;
-        for dir in [&config.scratch_dir, &home] {
-            std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
-            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    // A private one is removed once the last reference goes: when this function has returned
+    // and the tasks it spawned are dropped.
+    let scratch = Arc::new(
+        match &config.scratch_dir {
+            Some(dir) => Scratch::given(dir, config.job_user),
+            None => Scratch::private_in(&std::env::temp_dir(), config.job_user),
         }
-    }
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+    );
     let broker_user = amqp::user(&config.broker_url);
     let master_user = config
         .master_user
@@ -316,8 +324,9 @@ pub async fn run(config: WorkerConfig, mut stop: StopSignal) -> std::io::Result<
         inherit,
         broker_user,
         master_user,
+        scratch: scratch.clone(),
     });
-    info!(worker = %id, slots = slots.len(), queues = ?config.queues, broker = %amqp::redact(&config.broker_url), "worker starting");
+    info!(worker = %id, scratch = %scratch.path().display(), slots = slots.len(), queues = ?config.queues, broker = %amqp::redact(&config.broker_url), "worker starting");
 
     let sessions = tokio::spawn(sessions(shared.clone(), session_tx));
     let outbox = tokio::spawn(outbox_loop(shared.clone(), outbox_rx));
@@ -768,17 +777,9 @@ fn job_env(shared: &Shared, job: &JobMessage, gpu: Option<u32>) -> Vec<(String, 
     for (name, value) in &job.params {
         env.push((format!("GRIDQ_PARAM_{}", env_name(name)), value.clone()));
     }
-    if shared.config.job_user.is_some() {
+    if let Some(home) = shared.scratch.home() {
         // The worker's HOME is root's: a job of another user gets one it can write to.
-        env.push((
-            "HOME".to_owned(),
-            shared
-                .config
-                .scratch_dir
-                .join("home")
-                .to_string_lossy()
-                .into_owned(),
-        ));
+        env.push(("HOME".to_owned(), home.to_string_lossy().into_owned()));
     }
     env.extend(job.env.iter().cloned());
     if let Some(g) = gpu {
@@ -811,10 +812,7 @@ pub(crate) async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u
         Some(w) => shared.config.project_dir.join(w),
         None => shared.config.project_dir.clone(),
     };
-    let result_path = shared
-        .config
-        .scratch_dir
-        .join(format!("{}-{}.json", job.job, job.attempt));
+    let result_path = shared.scratch.result_path(job.job, job.attempt);
     let spec = JobSpec {
         argv: job.argv.clone(),
         inherit: shared.inherit.clone(),

@@ -6,10 +6,15 @@
 //! - [`feeder`]: deliveries, claims and grants, how many jobs a worker holds, starting jobs on
 //!   free slots.
 //! - [`job_env`]: what a job inherits from the worker's environment, and what it never sees.
+//! - [`parent`]: exits with the process that started the worker (`--exit-with-parent-fd`).
 //! - [`runner`]: runs one job as a subprocess (process group, timeout, kill, output lines, result).
+//! - [`scratch`]: the private directory where jobs leave their result files.
+//! - [`spawn`]: starts a job's process (`clone`, parent-death signal, another user).
 
 pub mod agent;
 pub mod feeder;
 pub mod job_env;
+pub mod parent;
 pub mod runner;
+pub mod scratch;
 pub mod spawn;

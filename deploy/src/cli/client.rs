@@ -275,8 +275,8 @@ fn print_json(v: &Value) {
 }
 
 pub(crate) fn submit(args: &SubmitArgs) -> Result<(), Failure> {
-    let yaml = std::fs::read_to_string(&args.sweep)
-        .map_err(|e| Failure::Usage(format!("{}: {e}", args.sweep.display())))?;
+    let yaml = gridq_master::sweep::read_sweep_file(&args.sweep)
+        .map_err(|e| Failure::Usage(e.to_string()))?;
     let client = Client::from_conn(&args.conn)?;
     block_on(async {
         let body = serde_json::json!({

@@ -10,6 +10,7 @@ use clap::Args;
 use gridq_common::amqp;
 use gridq_common::rabbit_node::{NodeOptions, RabbitNode};
 use gridq_master::service::{self, MasterConfig};
+use gridq_master::submit;
 use gridq_master::sweep::{self, LoadOptions};
 use tokio::process::{Child, Command};
 
@@ -54,8 +55,8 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), Failure> {
     super::services::protect_secrets();
     let _ = args.local;
     // Validate the sweep before starting anything: bad input exits 2 and changes nothing.
-    let yaml = std::fs::read_to_string(&args.sweep)
-        .map_err(|e| Failure::Usage(format!("{}: {e}", args.sweep.display())))?;
+    let yaml = gridq_master::sweep::read_sweep_file(&args.sweep)
+        .map_err(|e| Failure::Usage(e.to_string()))?;
     let source = args.sweep.display().to_string();
     let stem = args
         .sweep
@@ -69,8 +70,10 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), Failure> {
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
-    let (record, jobs) = service::plan_submission(&loaded.sweep, &yaml)
+    submit::plan_record(&loaded.sweep, String::new())
+        .and_then(|_| submit::check_count(&loaded.sweep, service::DEFAULT_MAX_JOBS_PER_SWEEP))
         .map_err(|e| Failure::Usage(e.to_string()))?;
+    let sweep = loaded.sweep;
     let project = args
         .sweep
         .parent()
@@ -128,7 +131,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), Failure> {
             }
         };
         let result = session(
-            &state_dir, &broker, management, &project, n_workers, record, jobs, args.rerun,
+            &state_dir, &broker, management, &project, n_workers, sweep, yaml, args.rerun,
             &mut stop,
         )
         .await;
@@ -145,7 +148,7 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), Failure> {
 }
 
 fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+    gridq_master::state_dir::prepare(p).with_context(|| format!("creating {}", p.display()))?;
     std::fs::canonicalize(p).with_context(|| format!("resolving {}", p.display()))
 }
 
@@ -219,7 +222,12 @@ async fn start_private_broker(state_dir: &Path) -> anyhow::Result<RabbitNode> {
         amqp::DEFAULT_BROKER,
         state_dir.join("broker").display()
     );
-    let options = NodeOptions::new(state_dir.join("broker"));
+    // Started from the main thread (this runs in `block_on`), which lives as long as the
+    // process: the node's parent-death signal is tied to the thread that started it.
+    let options = NodeOptions {
+        stop_with_parent: true,
+        ..NodeOptions::new(state_dir.join("broker"))
+    };
     RabbitNode::start(options)
         .await
         .context("starting the private RabbitMQ node")
@@ -232,8 +240,8 @@ async fn session(
     management: Option<&str>,
     project: &Path,
     n_workers: usize,
-    record: gridq_master::store::SweepRecord,
-    jobs: Vec<gridq_master::store::NewJob>,
+    sweep: gridq_master::sweep::Sweep,
+    yaml: String,
     rerun: bool,
     stop: &mut tokio::sync::watch::Receiver<u32>,
 ) -> anyhow::Result<bool> {
@@ -251,15 +259,17 @@ async fn session(
     super::context::save(&url, &handle.token).context("saving the CLI context")?;
     let logs = state_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
+    // Every worker reads the other end as its standard input: whatever ends this process,
+    // SIGKILL included, closes `_lifeline` and the workers stop (`--exit-with-parent-fd 0`).
+    let (lifeline_read, _lifeline) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .context("creating the workers' lifeline pipe")?;
     let mut workers = Vec::new();
     for i in 0..n_workers {
-        workers.push(spawn_worker(broker, project, &logs, i)?);
+        workers.push(spawn_worker(broker, project, &logs, i, &lifeline_read)?);
     }
-    let name = record.name.to_string();
-    let summary = handle
-        .submit(record, jobs, rerun)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    drop(lifeline_read);
+    let name = sweep.name().to_owned();
+    let summary = submit::submit_sweep(&handle, sweep, yaml, rerun).await?;
     eprintln!(
         "sweep {name}: {} jobs ({} new, {} to run again, {} already succeeded); {n_workers} local workers; monitor at {url}/ (token in {})",
         summary.total,
@@ -296,7 +306,13 @@ async fn session(
     Ok(all_ok)
 }
 
-fn spawn_worker(broker: &str, project: &Path, logs: &Path, i: usize) -> anyhow::Result<Child> {
+fn spawn_worker(
+    broker: &str,
+    project: &Path,
+    logs: &Path,
+    i: usize,
+    lifeline: &std::os::fd::OwnedFd,
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe().context("locating the gridq binary")?;
     let log = std::fs::File::create(logs.join(format!("worker-{i}.log")))?;
     let child = Command::new(exe)
@@ -307,9 +323,11 @@ fn spawn_worker(broker: &str, project: &Path, logs: &Path, i: usize) -> anyhow::
         .arg("1s")
         .arg("--project")
         .arg(project)
+        .arg("--exit-with-parent-fd")
+        .arg("0")
         // The URL carries the password: pass it in the environment, not on the command line.
         .env("GRIDQ_BROKER", broker)
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(lifeline.try_clone()?))
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))
         .kill_on_drop(true)

@@ -168,6 +168,10 @@ pub(crate) struct MasterArgs {
     /// keep everything.
     #[arg(long, value_parser = humantime::parse_duration)]
     retention: Option<Duration>,
+    /// The most jobs one sweep may have; no sweep file's `max_jobs` goes past it.
+    #[arg(long, default_value_t = gridq_master::service::DEFAULT_MAX_JOBS_PER_SWEEP,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_jobs_per_sweep: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -215,6 +219,16 @@ pub(crate) struct WorkerArgs {
     /// broker credentials file jobs must not read).
     #[arg(long, value_parser = parse_uid_gid)]
     job_user: Option<(u32, u32)>,
+    /// Where jobs leave their result files (default: a new private directory under $TMPDIR,
+    /// removed on exit). A given directory must be this user's and writable by no other user;
+    /// it is created if missing and kept.
+    #[arg(long, env = "GRIDQ_SCRATCH_DIR")]
+    scratch_dir: Option<PathBuf>,
+    /// Exit, killing running jobs, once this inherited descriptor reads end of file: the read
+    /// end of a pipe whose write end only the parent process holds, so that the worker never
+    /// outlives it (`gridq run --local` passes its workers 0, their standard input).
+    #[arg(long, value_name = "FD")]
+    exit_with_parent_fd: Option<i32>,
 }
 
 fn parse_uid_gid(text: &str) -> Result<(u32, u32), String> {
@@ -238,6 +252,14 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 
 /// Counts SIGINT/SIGTERM into a watch: 1 = stop gracefully, 2 = now.
 pub(crate) fn stop_signals() -> anyhow::Result<watch::Receiver<u32>> {
+    stop_signals_or_parent(None)
+}
+
+/// [`stop_signals`], and once `parent_gone` completes (the parent process died: see
+/// [`gridq_worker::parent`]), stop now.
+fn stop_signals_or_parent(
+    mut parent_gone: Option<tokio::sync::oneshot::Receiver<()>>,
+) -> anyhow::Result<watch::Receiver<u32>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
@@ -245,10 +267,14 @@ pub(crate) fn stop_signals() -> anyhow::Result<watch::Receiver<u32>> {
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+                _ = term.recv() => tx.send_modify(|n| *n += 1),
+                _ = int.recv() => tx.send_modify(|n| *n += 1),
+                _ = async { parent_gone.as_mut().expect("guarded").await }, if parent_gone.is_some() => {
+                    parent_gone = None;
+                    tracing::warn!("the parent process is gone: stopping now");
+                    tx.send_modify(|n| *n = (*n).max(2));
+                }
             }
-            tx.send_modify(|n| *n += 1);
         }
     });
     Ok(rx)
@@ -273,6 +299,7 @@ pub(crate) fn master(args: &MasterArgs) -> Result<(), Failure> {
         config.delivery_limit = args.delivery_limit;
         config.management_url = args.management_url.clone().or(settings.management_url);
         config.retention = args.retention;
+        config.max_jobs_per_sweep = args.max_jobs_per_sweep;
         let shutdown = async move {
             let _ = stop.wait_for(|n| *n >= 1).await.map(|_| ());
         };
@@ -299,6 +326,12 @@ pub(crate) fn is_loopback_url(url: &str) -> bool {
 
 pub(crate) fn worker(args: &WorkerArgs) -> Result<(), Failure> {
     protect_secrets();
+    // Taken before anything else can open a descriptor of that number.
+    let parent_gone = args
+        .exit_with_parent_fd
+        .map(gridq_worker::parent::watch)
+        .transpose()
+        .map_err(|e| Failure::Usage(format!("--exit-with-parent-fd: {e}")))?;
     let broker = args.broker.url()?;
     let id = args
         .id
@@ -311,8 +344,8 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), Failure> {
     }
     let project = std::fs::canonicalize(&args.project)
         .map_err(|e| Failure::Usage(format!("--project {}: {e}", args.project.display())))?;
-    let scratch = std::env::temp_dir().join(format!("gridq-worker-{}", std::process::id()));
-    let mut config = WorkerConfig::new(broker, project, scratch.clone());
+    let mut config = WorkerConfig::new(broker, project);
+    config.scratch_dir.clone_from(&args.scratch_dir);
     if let Some(s) = args.slots {
         config.slots = s;
     }
@@ -335,12 +368,11 @@ pub(crate) fn worker(args: &WorkerArgs) -> Result<(), Failure> {
         .context("cannot start the async runtime")
         .map_err(Failure::Other)?;
     let result = rt.block_on(async {
-        let stop = stop_signals()?;
+        let stop = stop_signals_or_parent(parent_gone)?;
         agent::run(config, stop)
             .await
             .context("worker setup failed")
     });
-    let _ = std::fs::remove_dir_all(&scratch);
     // Running jobs may still be winding down in the runtime; don't wait for them on exit.
     rt.shutdown_timeout(Duration::from_millis(100));
     result.map_err(Failure::Other)

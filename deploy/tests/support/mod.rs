@@ -449,6 +449,9 @@ impl Cluster {
             .arg(format!("w{}-{}", self.worker_seq, self.name))
             .args(extra)
             .env("GRIDQ_BROKER", url)
+            // Its private scratch directory goes into the cluster's, so that the scratch of a
+            // worker a test SIGKILLs (which cannot remove it) goes with the cluster.
+            .env("TMPDIR", self.dir.path())
             .env(
                 "RUST_LOG",
                 std::env::var("GRIDQ_TEST_WORKER_LOG").unwrap_or_else(|_| "info,lapin=off".into()),
@@ -500,9 +503,7 @@ impl Cluster {
     pub async fn submit_opts(&self, yaml: &str, rerun: bool) -> gridq_master::store::SubmitSummary {
         let loaded =
             load_str(yaml, "sweep.yaml", "sweep", &LoadOptions::default()).expect("valid sweep");
-        let (record, jobs) = service::plan_submission(&loaded.sweep, yaml).expect("plan");
-        self.handle
-            .submit(record, jobs, rerun)
+        gridq_master::submit::submit_sweep(&self.handle, loaded.sweep, yaml.to_owned(), rerun)
             .await
             .expect("submit")
     }

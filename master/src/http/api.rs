@@ -26,11 +26,17 @@ use serde::{Deserialize, Serialize};
 use super::{ApiResult, AppError, AppState, read, sweep_id};
 use crate::service;
 use crate::store::{JobQuery, JobRow, JobState, SortKey, SubmitSummary};
+use crate::submit::{self, SubmitError};
 use crate::sweep::{self, LoadOptions};
 
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
-        .route("/sweeps", get(list_sweeps).post(submit))
+        .route(
+            "/sweeps",
+            get(list_sweeps)
+                .post(submit)
+                .layer(axum::extract::DefaultBodyLimit::max(SUBMIT_BODY_LIMIT)),
+        )
         .route("/sweeps/{name}", get(get_sweep))
         .route("/sweeps/{name}/cancel", post(cancel_sweep))
         .route("/sweeps/{name}/retry", post(retry_sweep))
@@ -74,10 +80,19 @@ pub struct SubmitResponse {
     pub warnings: Vec<String>,
 }
 
+/// A submission's body: a sweep file of the largest size, escaped as JSON (at most twice as
+/// long), and the other fields.
+const SUBMIT_BODY_LIMIT: usize = 2 * sweep::MAX_SWEEP_BYTES + 64 * 1024;
+
+/// Sweep files parsed at once; further submissions wait their turn (parsing takes memory in
+/// proportion to the file, and CPU).
+static PARSING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 async fn submit(
     State(state): State<AppState>,
     Json(req): Json<SubmitRequest>,
 ) -> ApiResult<Json<SubmitResponse>> {
+    let parsing = PARSING.acquire().await.map_err(AppError::internal)?;
     let source = req.source.clone().unwrap_or_else(|| "sweep.yaml".into());
     let default_name = std::path::Path::new(&source)
         .file_stem()
@@ -86,28 +101,29 @@ async fn submit(
         command: req.command.clone(),
     };
     let yaml = req.yaml;
-    let (record, jobs, warnings) = tokio::task::spawn_blocking(move || {
+    let (sweep, yaml, warnings) = tokio::task::spawn_blocking(move || {
         let loaded = sweep::load_str(&yaml, &source, &default_name, &options)?;
-        let (record, jobs) = service::plan_submission(&loaded.sweep, &yaml)?;
-        Ok::<_, sweep::SweepError>((
-            record,
-            jobs,
-            loaded
-                .warnings
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>(),
-        ))
+        let warnings = loaded
+            .warnings
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>();
+        Ok::<_, sweep::SweepError>((loaded.sweep, yaml, warnings))
     })
     .await
     .map_err(AppError::internal)?
     .map_err(|e| AppError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))?;
-    let name = record.name.to_string();
-    let summary = state
-        .handle
-        .submit(record, jobs, req.rerun)
+    drop(parsing);
+    let name = sweep.name().to_owned();
+    // If the client goes away, this future is dropped and the submission stops there (see
+    // `submit::submit_sweep`).
+    let summary = submit::submit_sweep(&state.handle, sweep, yaml, req.rerun)
         .await
-        .map_err(AppError::internal)?;
+        .map_err(|e| match e {
+            SubmitError::Invalid(e) => AppError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+            SubmitError::Refused(e) => AppError(StatusCode::CONFLICT, e.to_string()),
+            SubmitError::Stopping => AppError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        })?;
     Ok(Json(SubmitResponse {
         sweep: name,
         summary,

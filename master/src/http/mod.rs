@@ -12,9 +12,11 @@
 //! - [`plots`]: SVG plots for the sweep page.
 //! - [`metrics`]: the Prometheus exposition.
 //! - [`auth`]: tokens, sessions, CSRF.
+//! - [`conn`]: connections: header timeout, connection limit.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware;
@@ -22,12 +24,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use gridq_common::SweepId;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tracing::error;
 
 pub mod activity;
 pub mod api;
 pub mod auth;
+pub mod conn;
 pub mod metrics;
 pub mod pages;
 pub mod plots;
@@ -40,7 +43,7 @@ use crate::store::{Reader, Store};
 #[derive(Clone)]
 pub(crate) struct AppState {
     handle: Handle,
-    reader: Arc<Mutex<Reader>>,
+    readers: Arc<ReaderPool>,
     sessions: Arc<auth::Sessions>,
     monitor: Arc<pages::Monitor>,
 }
@@ -79,7 +82,7 @@ pub(crate) async fn serve(
     handle: Handle,
     db: PathBuf,
     monitor: pages::Monitor,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let reader = match Store::reader(&db) {
         Ok(r) => r,
@@ -88,26 +91,39 @@ pub(crate) async fn serve(
             return;
         }
     };
-    let state = AppState {
-        handle,
-        reader: Arc::new(Mutex::new(reader)),
-        sessions: Arc::new(auth::Sessions::default()),
-        monitor: Arc::new(monitor),
-    };
-    let app = router(state);
-    let shutdown = async move {
-        while !*stop.borrow() {
-            if stop.changed().await.is_err() {
+    let mut readers = vec![reader];
+    for _ in 1..READERS {
+        match Store::reader(&db) {
+            Ok(r) => readers.push(r),
+            Err(e) => {
+                error!(cause = %e, "cannot open another reader on the store");
                 break;
             }
         }
-    };
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
-        error!(cause = %e, "the API server stopped");
     }
+    let state = AppState {
+        handle,
+        readers: Arc::new(ReaderPool {
+            free: Semaphore::new(readers.len()),
+            readers: Mutex::new(readers),
+        }),
+        sessions: Arc::new(auth::Sessions::default()),
+        monitor: Arc::new(monitor),
+    };
+    conn::serve(listener, router(state), stop).await;
+}
+
+/// Readers on the store, so that one slow request does not hold up every other page.
+const READERS: usize = 4;
+/// The longest a request's query may run; past it, it is stopped and answered 503.
+pub const QUERY_TIME_LIMIT: Duration = Duration::from_secs(1);
+/// The longest a request waits for a free reader before it is answered 503.
+const READER_WAIT: Duration = Duration::from_secs(2);
+
+/// A few read-only connections, each lent to one request at a time.
+pub(crate) struct ReaderPool {
+    free: Semaphore,
+    readers: Mutex<Vec<Reader>>,
 }
 
 fn router(state: AppState) -> Router {
@@ -153,19 +169,48 @@ async fn security_headers(mut response: Response) -> Response {
     response
 }
 
+/// Runs `f` on a free reader, for at most [`QUERY_TIME_LIMIT`].
 pub(crate) async fn read<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&Reader) -> Result<T, crate::store::StoreError> + Send + 'static,
 ) -> ApiResult<T> {
-    let reader = state.reader.clone();
-    tokio::task::spawn_blocking(move || {
-        let guard = reader
-            .lock()
-            .map_err(|_| AppError::internal("reader lock poisoned"))?;
-        f(&guard).map_err(AppError::internal)
+    let pool = state.readers.clone();
+    let busy = || {
+        AppError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the store is busy with other requests; try again".into(),
+        )
+    };
+    let permit = tokio::time::timeout(READER_WAIT, pool.free.acquire())
+        .await
+        .map_err(|_| busy())?
+        .map_err(AppError::internal)?;
+    let reader = pool
+        .readers
+        .lock()
+        .map_err(|_| AppError::internal("reader pool lock poisoned"))?
+        .pop()
+        .ok_or_else(busy)?;
+    let (reader, out) = tokio::task::spawn_blocking(move || {
+        let out = reader.within(QUERY_TIME_LIMIT, f);
+        (reader, out)
     })
     .await
-    .map_err(AppError::internal)?
+    .map_err(AppError::internal)?;
+    if let Ok(mut readers) = pool.readers.lock() {
+        readers.push(reader);
+    }
+    drop(permit);
+    out.map_err(|e| match e {
+        crate::store::StoreError::TooSlow(limit) => AppError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the query ran longer than {} ms and was stopped; narrow it (a sweep, a state, fewer rows) and try again",
+                limit.as_millis()
+            ),
+        ),
+        e => AppError::internal(e),
+    })
 }
 
 pub(crate) fn sweep_id(name: &str) -> ApiResult<SweepId> {

@@ -344,10 +344,18 @@ pub(crate) struct LoginQuery {
     error: Option<String>,
 }
 
-/// Only local paths are followed after logging in (never another site).
+/// Only local paths are followed after logging in (never another site): a path that starts
+/// with one `/`, made of visible ASCII only. Browsers drop tabs and line breaks from a URL and
+/// read `\\` as `/`, so `/<TAB>/evil.example` would lead to `//evil.example`, another host.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_owned(),
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && n.bytes().all(|b| b.is_ascii_graphic() && b != b'\\') =>
+        {
+            n.to_owned()
+        }
         _ => "/".into(),
     }
 }
@@ -1370,4 +1378,28 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> ApiResult<Response
     };
     let body = state.monitor.activity.metrics.render(&snapshot);
     Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_next;
+
+    #[test]
+    fn only_local_paths_are_followed_after_login() {
+        for (next, to) in [
+            (Some("/sweeps/a?x=1"), "/sweeps/a?x=1"),
+            (Some("/%09/evil.example"), "/%09/evil.example"),
+            (Some("/\t/evil.example"), "/"),
+            (Some("/\n/x"), "/"),
+            (Some("/ /x"), "/"),
+            (Some("//evil.example"), "/"),
+            (Some("/\\evil.example"), "/"),
+            (Some("https://evil.example/"), "/"),
+            (Some("/caf\u{e9}"), "/"),
+            (Some(""), "/"),
+            (None, "/"),
+        ] {
+            assert_eq!(safe_next(next), to, "next = {next:?}");
+        }
+    }
 }

@@ -29,6 +29,9 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// A read ran past its time limit and was stopped (see [`Reader::within`]).
+    #[error("the query ran longer than {0:?} and was stopped")]
+    TooSlow(std::time::Duration),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -117,7 +120,6 @@ pub struct NewJob {
     pub id: JobId,
     pub index: u64,
     pub argv: Vec<String>,
-    pub params: Vec<(String, String)>,
     pub params_json: String,
     pub env: Vec<(String, String)>,
     /// The parameter values typed for sorting, in `params` order.
@@ -179,6 +181,17 @@ pub struct SubmitSummary {
     pub skipped: u64,
     /// Jobs left alone because they are still queued or running.
     pub in_flight: u64,
+}
+
+impl SubmitSummary {
+    /// Adds the counts of another part of the same submission.
+    pub fn add(&mut self, other: &Self) {
+        self.total += other.total;
+        self.added += other.added;
+        self.rerun += other.rerun;
+        self.skipped += other.skipped;
+        self.in_flight += other.in_flight;
+    }
 }
 
 /// The master's answer to a claim.
@@ -368,6 +381,9 @@ CREATE INDEX IF NOT EXISTS jobs_by_id ON jobs(id);
 -- Partial: only finished jobs have entries, so submitting and claiming never touch them.
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(sweep, finished_ms) WHERE finished_ms IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_duration ON jobs(sweep, finished_ms - started_ms) WHERE finished_ms IS NOT NULL;
+-- The same within one state (failed jobs by finish time, succeeded ones by duration).
+CREATE INDEX IF NOT EXISTS jobs_state_finished ON jobs(sweep, state, finished_ms) WHERE finished_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_state_duration ON jobs(sweep, state, finished_ms - started_ms) WHERE finished_ms IS NOT NULL;
 -- Each job's parameter values (key `p:<name>`) and numeric result metrics (`m:<name>`),
 -- typed so numbers sort as numbers: the monitor sorts and filters a sweep's jobs by any
 -- parameter or metric through this index, also at a million jobs.
@@ -629,9 +645,10 @@ impl Store {
     /// # Errors
     /// When the file cannot be opened.
     pub fn reader(path: &Path) -> Result<Reader> {
-        Ok(Reader {
-            conn: open_connection(path)?,
-        })
+        let conn = open_connection(path)?;
+        // Readers come several to a master: 16 MiB of page cache each.
+        conn.pragma_update(None, "cache_size", -16_384)?;
+        Ok(Reader { conn })
     }
 
     /// Runs `f` in one transaction.
@@ -651,33 +668,59 @@ impl Store {
     /// # Errors
     /// SQLite's.
     pub fn pending(&self) -> Result<Vec<Publish>> {
+        Ok(self
+            .pending_after(None, u64::MAX)?
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect())
+    }
+
+    /// Up to `limit` jobs stored but not confirmed, in sweep and expansion order, after
+    /// `after` (a sweep and an expansion index): a cursor to walk them all in steps. Each comes
+    /// with its expansion index, the cursor's next value.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn pending_after(
+        &self,
+        after: Option<(&SweepId, u64)>,
+        limit: u64,
+    ) -> Result<Vec<(u64, Publish)>> {
+        let (sweep, idx) = after.map_or((String::new(), -1), |(s, i)| {
+            (s.as_str().to_owned(), to_i64(i))
+        });
         // Each sweep's queue is read once: its stored spec (the whole YAML with it) was copied
         // and parsed for every pending job.
-        let mut stmt = self.conn.prepare(
-            "SELECT sweep, id, attempt FROM jobs WHERE state = 'pending' ORDER BY sweep, idx",
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT sweep, id, attempt, idx FROM jobs WHERE state = 'pending' AND (sweep, idx) > (?1, ?2)
+             ORDER BY sweep, idx LIMIT ?3",
         )?;
-        let rows = stmt.query_map([], |r| {
+        let rows = stmt.query_map(params![sweep, idx, to_i64(limit)], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, u32>(2)?,
+                r.get::<_, i64>(3)?,
             ))
         })?;
         let mut records = SweepRecords::new(self.read());
         let mut out = Vec::new();
         for row in rows {
-            let (sweep, id, attempt) = row?;
+            let (sweep, id, attempt, idx) = row?;
             let sweep = parse_sweep(&sweep)?;
             // A job row always has its sweep (the sweep goes with its jobs).
             let Some(queue) = records.get(&sweep)?.map(|r| r.queue.clone()) else {
                 continue;
             };
-            out.push(Publish {
-                sweep,
-                job: parse_id(&id)?,
-                attempt,
-                queue,
-            });
+            out.push((
+                u64::try_from(idx).unwrap_or(0),
+                Publish {
+                    sweep,
+                    job: parse_id(&id)?,
+                    attempt,
+                    queue,
+                },
+            ));
         }
         Ok(out)
     }
@@ -722,6 +765,33 @@ pub struct ReadView<'c> {
 impl Reader {
     pub fn view(&self) -> ReadView<'_> {
         ReadView { conn: &self.conn }
+    }
+
+    /// Runs `f`, stopping its queries once they have run for `limit` in all
+    /// ([`StoreError::TooSlow`]): no reader holds the store for long.
+    ///
+    /// # Errors
+    /// `f`'s, or [`StoreError::TooSlow`].
+    pub fn within<T>(
+        &self,
+        limit: std::time::Duration,
+        f: impl FnOnce(&Self) -> Result<T>,
+    ) -> Result<T> {
+        let deadline = std::time::Instant::now() + limit;
+        // Called every 1,000 virtual machine steps (a few microseconds); a nonzero answer
+        // interrupts the statement.
+        self.conn
+            .progress_handler(1_000, Some(move || std::time::Instant::now() > deadline));
+        let out = f(self);
+        self.conn.progress_handler(0, None::<fn() -> bool>);
+        out.map_err(|e| match e {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == rusqlite::ErrorCode::OperationInterrupted =>
+            {
+                StoreError::TooSlow(limit)
+            }
+            e => e,
+        })
     }
 }
 
@@ -774,6 +844,16 @@ impl Tx<'_> {
         rerun: bool,
         now_ms: u64,
     ) -> Result<(SubmitSummary, Vec<Publish>)> {
+        self.put_sweep(sweep, now_ms)?;
+        self.add_jobs(sweep, jobs, rerun, now_ms)
+    }
+
+    /// Stores a sweep's settings (a new sweep, or new settings for an existing one, which is
+    /// no longer canceled). Its jobs follow with [`Tx::add_jobs`], in as many steps as needed.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn put_sweep(&self, sweep: &SweepRecord, now_ms: u64) -> Result<()> {
         let spec_json =
             serde_json::to_string(sweep).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         self.tx.execute(
@@ -782,6 +862,21 @@ impl Tx<'_> {
              ON CONFLICT(name) DO UPDATE SET source = ?2, yaml = ?3, spec_json = ?4, canceled = 0, updated_ms = ?5",
             params![sweep.name.as_str(), sweep.source, sweep.yaml, spec_json, to_i64(now_ms)],
         )?;
+        Ok(())
+    }
+
+    /// Stores jobs of a sweep stored by [`Tx::put_sweep`] (see [`Tx::submit`] for what
+    /// happens to each). Returns their part of the summary and what to publish.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn add_jobs(
+        &self,
+        sweep: &SweepRecord,
+        jobs: impl IntoIterator<Item = NewJob>,
+        rerun: bool,
+        now_ms: u64,
+    ) -> Result<(SubmitSummary, Vec<Publish>)> {
         let mut existing = self
             .tx
             .prepare_cached("SELECT state, attempt FROM jobs WHERE sweep = ?1 AND id = ?2")?;
@@ -1390,15 +1485,30 @@ impl Tx<'_> {
         sweep: &SweepId,
         now_ms: u64,
     ) -> Result<(u64, Vec<(String, AttemptRef)>)> {
+        self.cancel_sweep_because(sweep, "canceled", now_ms)
+    }
+
+    /// [`Tx::cancel_sweep`] with the reason its jobs show.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn cancel_sweep_because(
+        &self,
+        sweep: &SweepId,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<(u64, Vec<(String, AttemptRef)>)> {
         self.tx
             .prepare_cached("UPDATE sweeps SET canceled = 1, updated_ms = ?2 WHERE name = ?1")?
             .execute(params![sweep.as_str(), to_i64(now_ms)])?;
         let running = self.running_of("sweep = ?1", params![sweep.as_str()])?;
-        let n = self.tx.prepare_cached(
-            "UPDATE jobs SET state = 'canceled', reason = 'canceled', finished_ms = ?2, updated_ms = ?2
+        let n = self
+            .tx
+            .prepare_cached(
+                "UPDATE jobs SET state = 'canceled', reason = ?3, finished_ms = ?2, updated_ms = ?2
              WHERE sweep = ?1 AND state IN ('pending', 'queued', 'running', 'retrying')",
-        )?
-        .execute(params![sweep.as_str(), to_i64(now_ms)])?;
+            )?
+            .execute(params![sweep.as_str(), to_i64(now_ms), reason])?;
         self.cancel_attempts(&running, now_ms)?;
         Ok((n as u64, running))
     }
@@ -2074,7 +2184,6 @@ mod tests {
             id: JobId::from_bytes([i; 16]),
             index: u64::from(i),
             argv: vec!["true".into()],
-            params: vec![("x".into(), i.to_string())],
             params_json: format!("{{\"x\":{i}}}"),
             env: vec![],
             sort_values: vec![SortValue::Num(f64::from(i))],
@@ -2429,6 +2538,8 @@ mod tests {
                 "jobs_duration",
                 "jobs_finished",
                 "jobs_key",
+                "jobs_state_duration",
+                "jobs_state_finished",
                 "jobs_state_order",
                 "jobs_sweep_state_order"
             ]
@@ -2571,6 +2682,99 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// A read past its time limit is stopped, and the reader works again afterwards.
+    #[test]
+    fn a_read_past_its_time_limit_is_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let _store = Store::open(&path).unwrap();
+        let reader = Store::reader(&path).unwrap();
+        let limit = std::time::Duration::from_millis(200);
+        let started = std::time::Instant::now();
+        let slow = reader.within(limit, |r| {
+            Ok(r.conn.query_row(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n",
+                [],
+                |row| row.get::<_, i64>(0),
+            )?)
+        });
+        assert!(
+            matches!(slow, Err(StoreError::TooSlow(l)) if l == limit),
+            "{slow:?}"
+        );
+        // Stopped near the limit (generously bounded: only that it stops at all matters).
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        let fast = reader.within(limit, |r| {
+            Ok(r.conn
+                .query_row("SELECT 42", [], |row| row.get::<_, i64>(0))?)
+        });
+        assert_eq!(fast.unwrap(), 42);
+        // Outside `within`, nothing is stopped.
+        assert_eq!(
+            reader
+                .conn
+                .query_row("SELECT count(*) FROM (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000) SELECT i FROM n)", [], |row| row.get::<_, i64>(0))
+                .unwrap(),
+            100_000
+        );
+    }
+
+    /// Every listing the monitor offers for one state or none reads its page straight off an
+    /// index: no step scans a table, and none sorts the sweep's jobs (a sort of a million jobs
+    /// took seconds per page); only a parameter filter's matches are sorted.
+    #[test]
+    fn every_listing_reads_its_page_off_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("db")).unwrap();
+        for name in ["a", "b"] {
+            store
+                .transaction(|tx| tx.submit(&record(name), (0..200).map(job), false, 1))
+                .unwrap();
+            // Three quarters finish: a state filter is then not redundant.
+            finish_all(&mut store, name, 150, 5, f64::from);
+        }
+        store.refresh_statistics().unwrap();
+        let sorts = [
+            SortKey::Index,
+            SortKey::State,
+            SortKey::Finished,
+            SortKey::Duration,
+            SortKey::Param("x".into()),
+            SortKey::Metric("loss".into()),
+        ];
+        for sort in sorts {
+            for states in [vec![], vec![JobState::Succeeded], vec![JobState::Queued]] {
+                for descending in [false, true] {
+                    for params in [vec![], vec![("x".to_owned(), "7".to_owned())]] {
+                        // A parameter filter starts from its matches and sorts them: work
+                        // bounded by the matches, whatever the order.
+                        let sorts_matches = !params.is_empty();
+                        let q = JobQuery {
+                            sweep: SweepId::new("a").unwrap(),
+                            states: states.clone(),
+                            params,
+                            text: None,
+                            sort: sort.clone(),
+                            descending,
+                            limit: 50,
+                            offset: 0,
+                        };
+                        let plan = store.read().explain_jobs(&q).unwrap();
+                        assert!(
+                            !plan
+                                .iter()
+                                // (`SCAN p` reads the chosen page, 50 rows.)
+                                .any(|l| (l.starts_with("SCAN ") && l != "SCAN p")
+                                    || (l.contains("TEMP B-TREE") && !sorts_matches)),
+                            "{q:?}:\n{}",
+                            plan.join("\n")
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// A new result replaces the job's sortable metrics; sorting reads them as numbers.

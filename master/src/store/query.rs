@@ -6,6 +6,7 @@
 //! always bound parameters; the SQL text only ever holds fixed fragments.
 
 use gridq_common::SweepId;
+use rusqlite::OptionalExtension;
 use rusqlite::types::Value;
 use serde::{Deserialize, Serialize};
 
@@ -89,15 +90,21 @@ pub struct MatchCount {
     pub at_least: bool,
 }
 
+/// A page's SQL and arguments, and the parts the count reuses.
+struct Planned {
+    sql: String,
+    page_args: Vec<Value>,
+    from: String,
+    filters: String,
+    args: Vec<Value>,
+}
+
 /// Counting matches stops here when the count needs a scan (text or parameter filters).
 pub const COUNT_CAP: u64 = 1_000;
 
 impl ReadView<'_> {
-    /// One page of jobs, and how many match in all.
-    ///
-    /// # Errors
-    /// SQLite's.
-    pub fn query_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRow>, MatchCount)> {
+    /// The SQL of a page of jobs, with its arguments.
+    fn plan_jobs(&self, q: &JobQuery) -> Result<Planned> {
         let mut args: Vec<Value> = vec![Value::Text(q.sweep.as_str().to_owned())];
         let mut from = String::from("jobs j");
         let mut filters = String::from("j.sweep = ?1");
@@ -173,12 +180,17 @@ impl ReadView<'_> {
             }
         }
         let direction = if q.descending { "DESC" } else { "ASC" };
-        // Ties break by job id in the same direction: every sort index ends with it, so the
-        // database reads the page straight off the index instead of sorting runs of equal keys.
+        // Ties break in the same direction by what ends each sort index, so the database
+        // reads the page straight off the index instead of sorting every match: the job id
+        // in the value index, expansion order in the state index, the row id (which every
+        // index of the jobs table ends with) in the finish-time ones. A tie-break the index
+        // does not hold makes SQLite sort all the sweep's jobs for each page (seconds at a
+        // million jobs); `explain_jobs` shows the plan and the tests check it.
         let tie = match q.sort {
             SortKey::Index => String::new(),
             SortKey::Param(_) | SortKey::Metric(_) => format!(", s.job {direction}"),
-            _ => format!(", j.id {direction}"),
+            SortKey::State => format!(", j.idx {direction}"),
+            SortKey::Finished | SortKey::Duration => format!(", j.rowid {direction}"),
         };
         let n = args.len();
         let sql = if by_value {
@@ -203,11 +215,42 @@ impl ReadView<'_> {
         let mut page_args = args.clone();
         page_args.push(Value::Integer(to_i64(q.limit)));
         page_args.push(Value::Integer(to_i64(q.offset)));
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(rusqlite::params_from_iter(page_args), job_row)?;
+        Ok(Planned {
+            sql,
+            page_args,
+            from,
+            filters,
+            args,
+        })
+    }
+
+    /// One page of jobs, and how many match in all.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn query_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRow>, MatchCount)> {
+        let p = self.plan_jobs(q)?;
+        let mut stmt = self.conn.prepare_cached(&p.sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(p.page_args), job_row)?;
         let jobs = job_rows(rows)?;
-        let count = self.count_matches(q, &from, &filters, args)?;
+        let count = self.count_matches(q, &p.from, &p.filters, p.args)?;
         Ok((jobs, count))
+    }
+
+    /// SQLite's query plan for the page of [`ReadView::query_jobs`], one line per step
+    /// (`SEARCH j USING INDEX ...`, `USE TEMP B-TREE FOR ORDER BY`, ...).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn explain_jobs(&self, q: &JobQuery) -> Result<Vec<String>> {
+        let p = self.plan_jobs(q)?;
+        let mut stmt = self
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", p.sql))?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(p.page_args), |r| {
+            r.get::<_, String>(3)
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
     }
 
     fn count_matches(
@@ -275,8 +318,13 @@ impl ReadView<'_> {
         Ok(out)
     }
 
-    /// `(parameter values, metric)` of up to `limit` finished jobs that have `metric`, for the
-    /// plots; evenly strided over the metric's order when there are more.
+    /// `(parameter values, metric)` of about `limit` finished jobs that have `metric`, for the
+    /// plots: all of them when there are no more, else a uniform sample, plus the jobs with
+    /// the lowest and the highest value.
+    ///
+    /// Job ids are hashes, so the jobs whose id is below a bound are a uniform sample of the
+    /// sweep, read off the by-job index in a few milliseconds whatever the sweep's size (a
+    /// sample strided over the metric's order walked every value: a second at a million).
     ///
     /// # Errors
     /// SQLite's.
@@ -287,25 +335,64 @@ impl ReadView<'_> {
         limit: u64,
     ) -> Result<Vec<(serde_json::Map<String, serde_json::Value>, f64)>> {
         let key = format!("m:{metric}");
-        let total: i64 = self
-            .conn
-            .prepare_cached("SELECT count(*) FROM job_values WHERE sweep = ?1 AND key = ?2")?
-            .query_row(rusqlite::params![sweep.as_str(), key], |r| r.get(0))?;
-        let stride = (u64::try_from(total).unwrap_or(0) / limit.max(1)).max(1);
+        // The count of a sweep's jobs comes from the triggers' counts; most have the metric.
+        let total: u64 = self.counts(sweep)?.values().sum();
+        let fraction = if total == 0 {
+            1.0
+        } else {
+            #[allow(clippy::cast_precision_loss)]
+            let f = limit as f64 / total as f64;
+            f
+        };
+        // The first 8 hex digits of the ids below the bound: `fraction` of all ids.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let bound = if fraction >= 1.0 {
+            "g".to_owned()
+        } else {
+            format!("{:08x}", (fraction * f64::from(u32::MAX)) as u32)
+        };
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut push = |params: String, v: f64, job: String| -> Result<()> {
+            if seen.insert(job) {
+                out.push((super::parse_json(&params)?, v));
+            }
+            Ok(())
+        };
+        for extreme in ["ASC", "DESC"] {
+            let row: Option<(String, f64, String)> = self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT j.params_json, s.v, s.job FROM job_values s
+                     JOIN jobs j ON j.sweep = ?1 AND j.id = s.job
+                     WHERE s.sweep = ?1 AND s.key = ?2 ORDER BY s.v {extreme}, s.job {extreme} LIMIT 1"
+                ))?
+                .query_row(rusqlite::params![sweep.as_str(), key], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()?;
+            if let Some((params, v, job)) = row {
+                push(params, v, job)?;
+            }
+        }
         let mut stmt = self.conn.prepare_cached(
-            "SELECT j.params_json, s.v FROM (SELECT job, v, row_number() OVER (ORDER BY v, job) AS n
-                 FROM job_values WHERE sweep = ?1 AND key = ?2) s
+            "SELECT j.params_json, s.v, s.job FROM job_values s INDEXED BY job_values_by_job
              JOIN jobs j ON j.sweep = ?1 AND j.id = s.job
-             WHERE (s.n - 1) % ?3 = 0 LIMIT ?4",
+             WHERE s.sweep = ?1 AND s.job < ?3 AND s.key = ?2 LIMIT ?4",
         )?;
         let rows = stmt.query_map(
-            rusqlite::params![sweep.as_str(), key, to_i64(stride), to_i64(limit)],
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?)),
+            rusqlite::params![sweep.as_str(), key, bound, to_i64(limit)],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, f64>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            },
         )?;
-        let mut out = Vec::new();
         for row in rows {
-            let (params, v) = row?;
-            out.push((super::parse_json(&params)?, v));
+            let (params, v, job) = row?;
+            push(params, v, job)?;
         }
         Ok(out)
     }

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`yaml`]: an event-level YAML reader that keeps tags, scalar text and positions.
+//! - [`de`]: a serde deserializer over that tree, for the typed options.
 //! - [`value`]: core-schema scalars, exact decimals and intervals (range, linspace, geomspace).
 //! - [`spec`]: loading and validating a file into a [`Sweep`].
 //! - [`expand`]: the lazy job iterator, counting, exclusion and job identity.
@@ -17,6 +18,7 @@
 //! assert_eq!(jobs[5].argv_strings(), ["python", "train.py", "--lr=1e-5", "--epochs=15"]);
 //! ```
 
+mod de;
 mod error;
 mod expand;
 mod spec;
@@ -31,7 +33,10 @@ use serde_json::value::RawValue;
 
 pub use error::{Diagnostic, Result, SweepError};
 pub use expand::{Count, Job, JobRecord, Jobs};
-pub use spec::{DEFAULT_MAX_JOBS, LoadOptions, Loaded, load_path, load_str};
+pub use spec::{
+    DEFAULT_MAX_JOBS, LoadOptions, Loaded, MAX_SWEEP_BYTES, MAX_WARNINGS, load_path, load_str,
+    read_sweep_file,
+};
 pub use yaml::Pos;
 
 use expand::{Axis, ExcludeBox, Values};

@@ -1,18 +1,24 @@
 //! Loading a sweep file into a validated [`Sweep`].
 //!
-//! The file is read twice, each time by the tool that suits the part:
-//! - the whole document goes through the event-level reader in [`super::yaml`] first, which
-//!   rejects syntax errors, duplicate keys and foreign tags, and keeps the source text, style and
-//!   position of every scalar: `parameters`, `exclude`, `env`, `command` and `timeout` are read
-//!   from that tree;
-//! - the typed options (`name`, `max_jobs`, `retries`, ...) are deserialized by `serde_yaml` into
-//!   a `deny_unknown_fields` struct, so an unknown key or a wrong type is an error with its line
-//!   and column.
+//! The file is parsed once, into a tree, and read in two ways:
+//! - the event-level reader in [`super::yaml`] builds the tree; it rejects syntax errors,
+//!   duplicate keys and foreign tags, and keeps the source text, style and position of every
+//!   scalar: `parameters`, `exclude`, `env`, `command` and `timeout` are read from the tree
+//!   directly;
+//! - the typed options (`name`, `max_jobs`, `retries`, ...) are deserialized from the same tree
+//!   (by [`super::de`]) into a `deny_unknown_fields` struct, so an unknown key or a wrong type is
+//!   an error with its line and column.
 //!
 //! A mapping without a `parameters` key is a bare mlframework `parameters.yml`: every top-level
 //! key is a parameter and the command comes from the caller (`--command`).
+//!
+//! # Bounds
+//! A file holds at most [`MAX_SWEEP_BYTES`], checked before anything is parsed (and, for files,
+//! before more than that is read), and at most [`MAX_WARNINGS`] warnings are kept, so a hostile
+//! file costs memory in proportion to its size and never one diagnostic per value.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +26,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
+use super::de::{self, DeError};
 use super::error::{Diagnostic, Reporter, Result, SweepError};
 use super::expand::{Axis, ExcludeBox, Values, interval_value};
 use super::value::{self, Bound, Interval, Resolved};
@@ -28,6 +35,13 @@ use super::{ArgStyle, CommandElem, JobOptions, Param, Piece, Sweep, Value, Value
 
 /// The default cap on the number of jobs one sweep may produce.
 pub const DEFAULT_MAX_JOBS: u64 = 100_000;
+
+/// The largest sweep file gridq reads or parses: 8 MiB. Real sweeps are a few kilobytes; the cap
+/// bounds the memory and time one file (or one submission) can make gridq spend.
+pub const MAX_SWEEP_BYTES: usize = 8 << 20;
+
+/// Warnings kept per load; the rest are counted in one final line.
+pub const MAX_WARNINGS: usize = 100;
 
 /// Intervals up to this many elements are prepared at load time, like lists.
 const MATERIALIZE_INTERVAL: u64 = 4096;
@@ -79,38 +93,88 @@ struct FileOptions {
 /// Reads and loads a sweep file.
 ///
 /// # Errors
-/// [`SweepError::Io`] when the file cannot be read, [`SweepError::Invalid`] with the line and
-/// column when its content is not a valid sweep.
+/// [`SweepError::Io`] when the file cannot be read, [`SweepError::Invalid`] when it is larger than
+/// [`MAX_SWEEP_BYTES`] or, with the line and column, when its content is not a valid sweep.
 pub fn load_path(path: &Path, options: &LoadOptions) -> Result<Loaded> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| SweepError::Io {
-        path: shown.clone(),
-        source,
-    })?;
+    let text = read_sweep_file(path)?;
     let default_name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "sweep".into());
-    load_str(&text, &shown, &default_name, options)
+    load_str(&text, &path.display().to_string(), &default_name, options)
+}
+
+/// Reads a sweep file as text, refusing one larger than [`MAX_SWEEP_BYTES`] without reading more
+/// than one byte past the cap (a named pipe or `/dev/zero` included).
+///
+/// # Errors
+/// [`SweepError::Io`] when the file cannot be read or is not UTF-8, [`SweepError::Invalid`] when
+/// it is too large.
+pub fn read_sweep_file(path: &Path) -> Result<String> {
+    let shown = path.display().to_string();
+    let io = |source| SweepError::Io {
+        path: shown.clone(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let cap = MAX_SWEEP_BYTES as u64;
+    let declared = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if declared > cap {
+        return Err(too_large(&shown, Some(declared)));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(declared).unwrap_or(0));
+    file.take(cap + 1).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() > MAX_SWEEP_BYTES {
+        // A file that grew, or a pipe: its real size is unknown.
+        return Err(too_large(&shown, None));
+    }
+    String::from_utf8(bytes).map_err(|_| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        ))
+    })
+}
+
+fn too_large(source: &str, size: Option<u64>) -> SweepError {
+    let mib = MAX_SWEEP_BYTES >> 20;
+    let message = match size {
+        Some(size) => format!("{size} bytes, more than the {mib} MiB a sweep file may hold"),
+        None => format!("more than the {mib} MiB a sweep file may hold"),
+    };
+    SweepError::Invalid(Box::new(Diagnostic {
+        source: source.to_owned(),
+        pos: None,
+        param: None,
+        message,
+    }))
 }
 
 /// Loads a sweep from text. `source` names it in messages; `default_name` is the sweep's name
-/// when the text gives none.
+/// when the text gives none. One leading byte-order mark is ignored.
 ///
 /// # Errors
-/// [`SweepError::Invalid`] when the text is not a valid sweep.
+/// [`SweepError::Invalid`] when the text is larger than [`MAX_SWEEP_BYTES`] (checked before
+/// parsing), is not a valid sweep, or gives no name and `default_name` is not a valid one.
 pub fn load_str(
     text: &str,
     source: &str,
     default_name: &str,
     options: &LoadOptions,
 ) -> Result<Loaded> {
+    if text.len() > MAX_SWEEP_BYTES {
+        return Err(too_large(source, Some(text.len() as u64)));
+    }
+    // Editors on Windows may start a file with a UTF-8 byte-order mark. It is not content:
+    // without it the file parses exactly like the same file saved without one, positions included.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let rep = Reporter {
         source: source.to_owned(),
     };
     let mut loader = Loader {
         rep: rep.clone(),
         warnings: Vec::new(),
+        warnings_dropped: 0,
     };
     let root = yaml::parse(text)
         .map_err(|e| rep.error(e.pos, None, e.message))?
@@ -129,9 +193,20 @@ pub fn load_str(
         ));
     };
     let sweep = match find(top, "parameters") {
-        Some(params_node) => loader.full_file(text, top, params_node, default_name, options)?,
+        Some(params_node) => loader.full_file(&root, top, params_node, default_name, options)?,
         None => loader.bare_file(&root, top, default_name, options)?,
     };
+    if loader.warnings_dropped > 0 {
+        let more = rep.diag(
+            None,
+            None,
+            format!(
+                "and {} more warnings like these (only the first {MAX_WARNINGS} are listed)",
+                loader.warnings_dropped
+            ),
+        );
+        loader.warnings.push(more);
+    }
     Ok(Loaded {
         sweep,
         warnings: loader.warnings,
@@ -151,7 +226,10 @@ fn key_text(key: &Node) -> &str {
 
 struct Loader {
     rep: Reporter,
+    /// The first [`MAX_WARNINGS`] warnings.
     warnings: Vec<Diagnostic>,
+    /// How many more there were.
+    warnings_dropped: u64,
 }
 
 /// The parts every sweep has, whichever kind of file it came from.
@@ -175,20 +253,26 @@ enum CommandSource<'n> {
 }
 
 impl Loader {
-    fn warn(&mut self, pos: Pos, param: Option<&str>, message: impl Into<String>) {
-        let d = self.rep.diag(Some(pos), param, message);
-        self.warnings.push(d);
+    /// Keeps a warning, or only counts it past [`MAX_WARNINGS`]; the message is built only when
+    /// it is kept, since a hostile file can cause millions.
+    fn warn(&mut self, pos: Pos, param: Option<&str>, message: impl FnOnce() -> String) {
+        if self.warnings.len() < MAX_WARNINGS {
+            let d = self.rep.diag(Some(pos), param, message());
+            self.warnings.push(d);
+        } else {
+            self.warnings_dropped += 1;
+        }
     }
 
     fn full_file(
         &mut self,
-        text: &str,
+        root: &Node,
         top: &[(Node, Node)],
         params_node: &Node,
         default_name: &str,
         options: &LoadOptions,
     ) -> Result<Sweep> {
-        let typed: FileOptions = serde_yaml::from_str(text).map_err(|e| self.serde_error(&e))?;
+        let typed: FileOptions = de::from_node(root).map_err(|e| self.de_error(&e))?;
         let Some(params) = params_node.as_map() else {
             return Err(self.rep.error(
                 params_node.pos,
@@ -227,7 +311,10 @@ impl Loader {
                 self.check_sweep_name(&name, pos)?;
                 name
             }
-            None => default_name.to_owned(),
+            None => {
+                self.check_default_name(default_name, false)?;
+                default_name.to_owned()
+            }
         };
         let job_options = JobOptions {
             retries: typed.retries.unwrap_or(0),
@@ -275,6 +362,7 @@ impl Loader {
         default_name: &str,
         options: &LoadOptions,
     ) -> Result<Sweep> {
+        self.check_default_name(default_name, true)?;
         let command = match &options.command {
             Some(cli) => CommandSource::Cli(cli),
             None => CommandSource::Missing(root.pos),
@@ -293,34 +381,40 @@ impl Loader {
         })
     }
 
-    fn serde_error(&self, e: &serde_yaml::Error) -> SweepError {
-        let pos = e.location().map(|l| Pos {
-            line: u32::try_from(l.line()).unwrap_or(u32::MAX),
-            col: u32::try_from(l.column()).unwrap_or(u32::MAX),
-        });
-        let mut message = e.to_string();
-        // serde_yaml appends " at line L column C"; the position is printed in front instead.
-        if let Some(cut) = message.find(" at line ") {
-            message.truncate(cut);
-        }
-        SweepError::Invalid(Box::new(self.rep.diag(pos, None, message)))
+    fn de_error(&self, e: &DeError) -> SweepError {
+        SweepError::Invalid(Box::new(self.rep.diag(e.pos(), None, e.to_string())))
     }
 
     fn check_sweep_name(&self, name: &str, pos: Pos) -> Result<()> {
-        let ok = !name.is_empty()
-            && name.len() <= 128
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if ok {
+        if valid_sweep_name(name) {
             Ok(())
         } else {
             Err(self.rep.error(
                 pos,
                 None,
-                format!("`name` must be 1 to 128 letters, digits, `-`, `_` or `.`, found `{name}`"),
+                format!("`name` {SWEEP_NAME_RULE}, found `{}`", shorten(name)),
             ))
         }
+    }
+
+    /// A sweep without `name:` is named after its file; that name goes into paths too.
+    fn check_default_name(&self, name: &str, bare: bool) -> Result<()> {
+        if valid_sweep_name(name) {
+            return Ok(());
+        }
+        let fix = if bare {
+            "rename the file"
+        } else {
+            "add `name:` to the file, or rename it"
+        };
+        Err(SweepError::Invalid(Box::new(self.rep.diag(
+            None,
+            None,
+            format!(
+                "the sweep is named after its file, and `{}` is not a valid name: a name {SWEEP_NAME_RULE}; {fix}",
+                shorten(name)
+            ),
+        ))))
     }
 
     fn check_queue(&self, queue: String, pos: Pos) -> Result<String> {
@@ -443,9 +537,23 @@ impl Loader {
         }
         let mut params = Vec::with_capacity(parts.params_node.len());
         let mut raw_values = Vec::with_capacity(parts.params_node.len());
+        let mut env_names: HashMap<String, usize> = HashMap::new();
         for (k, v) in parts.params_node {
             let name = key_text(k);
             self.check_param_name(name, k.pos)?;
+            let var = param_env_var(name);
+            if let Some(&first) = env_names.get(&var) {
+                let first: &Param = &params[first];
+                return Err(self.rep.error(
+                    k.pos,
+                    Some(name),
+                    format!(
+                        "its environment variable `{var}` is also that of parameter `{}` (line {}); rename one of them",
+                        first.name, first.pos.line
+                    ),
+                ));
+            }
+            env_names.insert(var, params.len());
             raw_values.push(self.values(name, v)?);
             params.push(Param {
                 name: name.to_owned(),
@@ -551,7 +659,7 @@ impl Loader {
     }
 
     /// Reads one parameter's value node into raw values.
-    fn values(&mut self, name: &str, node: &Node) -> Result<RawValues> {
+    fn values<'n>(&mut self, name: &str, node: &'n Node) -> Result<RawValues<'n>> {
         if node.tag == Some(Tag::PythonTuple) {
             return self
                 .tuple(name, node, "!!python/tuple")
@@ -570,21 +678,25 @@ impl Loader {
                         "empty list: expected at least one value",
                     ));
                 }
-                items
-                    .iter()
-                    .map(|item| match &item.kind {
-                        Kind::Scalar { .. } if item.tag.is_none() => self.scalar(name, item),
-                        _ => Err(self.rep.error(
-                            item.pos,
-                            Some(name),
-                            format!(
-                                "list elements must be scalars, found {}",
-                                describe_value(item)
-                            ),
-                        )),
-                    })
-                    .collect::<Result<Vec<_>>>()
-                    .map(RawValues::List)
+                let mut list = Vec::with_capacity(items.len());
+                for item in items {
+                    match &item.kind {
+                        Kind::Scalar { .. } if item.tag.is_none() => {
+                            list.push(self.scalar(name, item)?);
+                        }
+                        _ => {
+                            return Err(self.rep.error(
+                                item.pos,
+                                Some(name),
+                                format!(
+                                    "list elements must be scalars, found {}",
+                                    describe_value(item)
+                                ),
+                            ));
+                        }
+                    }
+                }
+                Ok(RawValues::List(list))
             }
             Kind::Map(entries) => {
                 let keys: Vec<&str> = entries.iter().map(|(k, _)| key_text(k)).collect();
@@ -620,7 +732,7 @@ impl Loader {
         }
     }
 
-    fn scalar(&mut self, name: &str, node: &Node) -> Result<RawValue> {
+    fn scalar<'n>(&mut self, name: &str, node: &'n Node) -> Result<RawValue<'n>> {
         let Some((text, style)) = node.as_scalar() else {
             return Err(self.rep.error(
                 node.pos,
@@ -646,7 +758,7 @@ impl Loader {
                         self.warn(
                             node.pos,
                             Some(name),
-                            format!(
+                            || format!(
                                 "`{text}` is the string \"{text}\" (YAML 1.2), not a boolean; write true or false, or quote it to silence this warning"
                             ),
                         );
@@ -662,9 +774,21 @@ impl Loader {
                 "the value contains a NUL byte, which no program can receive as an argument",
             ));
         }
+        if let ValueKind::Int | ValueKind::Float = kind {
+            if let Some(problem) = value::non_finite(text) {
+                return Err(self.rep.error(
+                    node.pos,
+                    Some(name),
+                    format!(
+                        "`{}` {problem}; quote it to pass the text as a string",
+                        shorten(text)
+                    ),
+                ));
+            }
+        }
         Ok(RawValue {
             kind,
-            text: text.to_owned(),
+            text,
             pos: node.pos,
         })
     }
@@ -788,7 +912,7 @@ impl Loader {
 
     /// Turns raw values into the parameter's prepared value set, dropping values that render
     /// like an earlier one (with a warning that names them).
-    fn prepare(&mut self, param: &Param, raw: RawValues, style: ArgStyle) -> Result<Values> {
+    fn prepare(&mut self, param: &Param, raw: RawValues<'_>, style: ArgStyle) -> Result<Values> {
         match raw {
             // Small intervals are prepared once, like lists; large ones are computed lazily so
             // memory stays bounded.
@@ -808,7 +932,7 @@ impl Loader {
                     self.warn(
                         pos,
                         Some(&param.name),
-                        format!(
+                        || format!(
                             "`{}` yields {} value{} that render{} the same as an earlier one (e.g. `{first}`); each is expanded once",
                             interval.form(),
                             dropped.len(),
@@ -867,7 +991,7 @@ impl Loader {
                         self.warn(
                             raw.pos,
                             Some(&param.name),
-                            format!(
+                            || format!(
                                 "value `{}` renders the same as the value at line {}, column {}; it is expanded once",
                                 v.text, first.line, first.col
                             ),
@@ -877,6 +1001,7 @@ impl Loader {
                     seen.insert(key, raw.pos);
                     out.push(Arc::new(v));
                 }
+                out.shrink_to_fit();
                 Ok(Values::List(out))
             }
         }
@@ -1162,17 +1287,15 @@ impl Loader {
                 let mut hits = Vec::new();
                 for w in wanted {
                     let raw = self.scalar(name, w)?;
-                    let found = values[p].find(&raw.kind, &raw.text);
+                    let found = values[p].find(&raw.kind, raw.text);
                     if found.is_empty() {
-                        self.warn(
-                            w.pos,
-                            Some(name),
+                        self.warn(w.pos, Some(name), || {
                             format!(
                                 "`exclude` entry {}: `{}` matches no value of this parameter",
                                 n + 1,
                                 raw.text
-                            ),
-                        );
+                            )
+                        });
                     }
                     hits.extend(found);
                 }
@@ -1200,16 +1323,57 @@ impl Loader {
     }
 }
 
-/// A value as read from the file, before rendering.
-struct RawValue {
+/// A value as read from the file, before rendering; its text is borrowed from the YAML tree.
+struct RawValue<'n> {
     kind: ValueKind,
-    text: String,
+    text: &'n str,
     pos: Pos,
 }
 
-enum RawValues {
-    List(Vec<RawValue>),
+enum RawValues<'n> {
+    List(Vec<RawValue<'n>>),
     Interval { interval: Interval, pos: Pos },
+}
+
+/// The environment variable a parameter's value is exported as: `model.lr` is
+/// `GRIDQ_PARAM_MODEL_LR`. The worker derives it the same way (`gridq_worker::agent::env_name`).
+fn param_env_var(param: &str) -> String {
+    let mut var = String::with_capacity("GRIDQ_PARAM_".len() + param.len());
+    var.push_str("GRIDQ_PARAM_");
+    var.extend(param.chars().map(|c| {
+        if c.is_ascii_alphanumeric() {
+            c.to_ascii_uppercase()
+        } else {
+            '_'
+        }
+    }));
+    var
+}
+
+/// What a sweep name must be, as said in messages.
+const SWEEP_NAME_RULE: &str =
+    "must be 1 to 128 letters, digits, `-`, `_` or `.`, starting with a letter or digit";
+
+/// Sweep names become directory and file names: besides the characters `SweepId` allows, the
+/// first must be a letter or digit, which rules out `.`, `..`, hidden names and names that read
+/// as options.
+fn valid_sweep_name(name: &str) -> bool {
+    name.len() <= 128
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The first 64 characters of `text`, for messages about text that may be huge.
+fn shorten(text: &str) -> String {
+    match text.char_indices().nth(64) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
 }
 
 fn describe_value(node: &Node) -> String {
@@ -1288,4 +1452,120 @@ fn parse_template(word: &str, index: &HashMap<&str, usize>) -> Result<Vec<Piece>
         pieces.push(Piece::Lit(Arc::from(lit)));
     }
     Ok(pieces)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(result: Result<impl std::fmt::Debug>) -> String {
+        result.expect_err("an error").to_string()
+    }
+
+    #[test]
+    fn a_file_over_the_cap_is_refused_by_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.yaml");
+        let file = std::fs::File::create(&path).unwrap();
+        // Sparse: 50 MB that take no disk and must not be read.
+        file.set_len(52_428_800).unwrap();
+        assert_eq!(
+            error_of(read_sweep_file(&path)),
+            format!(
+                "{}: 52428800 bytes, more than the 8 MiB a sweep file may hold",
+                path.display()
+            )
+        );
+        file.set_len(MAX_SWEEP_BYTES as u64 + 1).unwrap();
+        assert_eq!(
+            error_of(load_path(&path, &LoadOptions::default())),
+            format!(
+                "{}: 8388609 bytes, more than the 8 MiB a sweep file may hold",
+                path.display()
+            )
+        );
+        std::fs::write(&path, "command: run\nparameters:\n  lr: [1, 2]\n").unwrap();
+        let loaded = load_path(&path, &LoadOptions::default()).unwrap();
+        assert_eq!(loaded.sweep.count().jobs, 2);
+        assert_eq!(loaded.sweep.name(), "big");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_endless_file_is_read_only_up_to_the_cap() {
+        // A character device has no size: without the cap this would read forever.
+        let path = Path::new("/dev/zero");
+        assert_eq!(
+            error_of(read_sweep_file(path)),
+            "/dev/zero: more than the 8 MiB a sweep file may hold"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_utf8_is_an_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("latin1.yaml");
+        std::fs::write(&path, b"lr: [caf\xe9]\n").unwrap();
+        let err = read_sweep_file(&path).unwrap_err();
+        assert!(matches!(err, SweepError::Io { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!("{}: stream did not contain valid UTF-8", path.display())
+        );
+    }
+
+    #[test]
+    fn warnings_past_the_cap_are_counted_not_kept() {
+        let mut loader = Loader {
+            rep: Reporter {
+                source: "s.yaml".into(),
+            },
+            warnings: Vec::new(),
+            warnings_dropped: 0,
+        };
+        for line in 1..=250 {
+            loader.warn(Pos { line, col: 1 }, Some("a"), || "w".into());
+        }
+        assert_eq!(loader.warnings.len(), MAX_WARNINGS);
+        assert_eq!(loader.warnings[99].pos, Some(Pos { line: 100, col: 1 }));
+        assert_eq!(loader.warnings_dropped, 150);
+    }
+
+    #[test]
+    fn env_var_names_follow_the_worker() {
+        // The worker's rule (`gridq_worker::agent::env_name`): ASCII letters and digits in upper
+        // case, everything else `_`, one character for one character.
+        assert_eq!(param_env_var("model.lr"), "GRIDQ_PARAM_MODEL_LR");
+        assert_eq!(param_env_var("batch-size"), "GRIDQ_PARAM_BATCH_SIZE");
+        assert_eq!(param_env_var("A/B"), "GRIDQ_PARAM_A_B");
+        assert_eq!(param_env_var("ü"), "GRIDQ_PARAM__");
+    }
+
+    #[test]
+    fn sweep_names() {
+        for ok in ["a", "0", "train-1.a_b", "x..y", "a-"] {
+            assert!(valid_sweep_name(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", ".x", "-x", "_x", "a/b", "a\0", "a b", "é"] {
+            assert!(!valid_sweep_name(bad), "{bad:?}");
+        }
+        assert!(valid_sweep_name(&"a".repeat(128)));
+        assert!(!valid_sweep_name(&"a".repeat(129)));
+    }
+
+    #[test]
+    fn a_byte_order_mark_keeps_positions() {
+        let text = "command: run\nparameters:\n  lr: [1, yes]\n";
+        let marked = format!("\u{feff}{text}");
+        let loaded = load_str(&marked, "s.yaml", "s", &LoadOptions::default()).unwrap();
+        assert_eq!(
+            loaded.warnings[0].pos,
+            Some(Pos { line: 3, col: 11 }),
+            "{:?}",
+            loaded.warnings
+        );
+        let err = load_str("\u{feff}lr: [1", "s.yaml", "s", &LoadOptions::default()).unwrap_err();
+        let plain = load_str("lr: [1", "s.yaml", "s", &LoadOptions::default()).unwrap_err();
+        assert_eq!(err.to_string(), plain.to_string());
+    }
 }

@@ -104,6 +104,23 @@ fn count_digits(b: &[u8]) -> usize {
     b.iter().take_while(|c| c.is_ascii_digit()).count()
 }
 
+/// Why a core-schema int or float has no finite binary double, the number type of JSON and of
+/// most programs that read the value: `1e400` overflows, `.inf` and `.nan` are not numbers.
+/// `None` when it is finite; hexadecimal and octal integers always count as finite.
+pub(crate) fn non_finite(text: &str) -> Option<&'static str> {
+    let body = text.strip_prefix(['-', '+']).unwrap_or(text);
+    if matches!(body, ".inf" | ".Inf" | ".INF" | ".nan" | ".NaN" | ".NAN") {
+        return Some("is not a finite number");
+    }
+    if body.starts_with("0x") || body.starts_with("0o") {
+        return None;
+    }
+    match body.parse::<f64>() {
+        Ok(v) if !v.is_finite() => Some("is out of range for a number"),
+        _ => None,
+    }
+}
+
 /// Parses a core-schema int or float into an exact decimal. `None` for infinities, NaN and
 /// numbers outside the 96-bit decimal range.
 pub(crate) fn parse_decimal(text: &str) -> Option<Decimal> {
@@ -438,6 +455,36 @@ mod tests {
         assert_eq!(resolve_plain("FALSE"), Resolved::Bool(false));
         assert_eq!(resolve_plain("~"), Resolved::Null);
         assert!(is_yaml11_bool("Yes") && is_yaml11_bool("off") && !is_yaml11_bool("true"));
+    }
+
+    #[test]
+    fn numbers_without_a_finite_double_are_found() {
+        for t in [
+            "1",
+            "-1",
+            "0x1F",
+            "0o17",
+            "1.0",
+            "1e-5",
+            ".5",
+            "5.",
+            "1.e5",
+            "-2.5E+3",
+            "1e308",
+            "1e-400",
+            "0x1234567890abcdef1234567890abcdef1234567890",
+        ] {
+            assert_eq!(non_finite(t), None, "{t}");
+        }
+        for t in ["1e400", "-1e400", "+1E999", "1.8e308"] {
+            assert_eq!(non_finite(t), Some("is out of range for a number"), "{t}");
+        }
+        let huge_int = "9".repeat(400);
+        assert_eq!(resolve_plain(&huge_int), Resolved::Int);
+        assert_eq!(non_finite(&huge_int), Some("is out of range for a number"));
+        for t in [".inf", "-.Inf", "+.INF", ".nan", ".NaN", ".NAN"] {
+            assert_eq!(non_finite(t), Some("is not a finite number"), "{t}");
+        }
     }
 
     #[test]

@@ -44,7 +44,12 @@ pub(crate) enum Tag {
 
 #[derive(Debug, Clone)]
 pub(crate) enum Kind {
-    Scalar { text: String, style: Style },
+    /// The text is boxed to its exact length: the parser's strings carry spare capacity (over
+    /// 100 bytes for a one-digit number), and a long list keeps one per element.
+    Scalar {
+        text: Box<str>,
+        style: Style,
+    },
     Seq(Vec<Node>),
     Map(Vec<(Node, Node)>),
 }
@@ -61,7 +66,7 @@ impl Node {
     /// The scalar text, when this node is an untagged scalar.
     pub(crate) fn as_scalar(&self) -> Option<(&str, Style)> {
         match &self.kind {
-            Kind::Scalar { text, style } if self.tag.is_none() => Some((text, *style)),
+            Kind::Scalar { text, style } if self.tag.is_none() => Some((&**text, *style)),
             _ => None,
         }
     }
@@ -164,7 +169,7 @@ impl<'a> Reader<'a> {
             Event::Scalar(text, style, anchor, tag) => {
                 let node = Node {
                     kind: Kind::Scalar {
-                        text: text.into_owned(),
+                        text: text.into_owned().into_boxed_str(),
                         style: match style {
                             ScalarStyle::Plain => Style::Plain,
                             _ => Style::Quoted,
@@ -185,6 +190,8 @@ impl<'a> Reader<'a> {
                     }
                     items.push(self.node(ev, sp, depth + 1)?);
                 }
+                // Growth by doubling would otherwise leave a long list up to half empty.
+                items.shrink_to_fit();
                 let node = Node {
                     kind: Kind::Seq(items),
                     tag,
@@ -226,6 +233,7 @@ impl<'a> Reader<'a> {
                     let value = self.node(ev, sp, depth + 1)?;
                     entries.push((key, value));
                 }
+                entries.shrink_to_fit();
                 if tag == Some(Tag::PythonTuple) {
                     return Err(YamlError {
                         pos,
