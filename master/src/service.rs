@@ -133,11 +133,12 @@ pub enum MasterError {
 /// A command from the API (or an embedding program) to the core.
 #[derive(Debug)]
 pub enum Command {
-    /// Starts a submission: stores the sweep's settings. The answer is the submission's
-    /// number, which its [`Command::SubmitJobs`] and [`Command::SubmitEnd`] carry.
+    /// Starts a submission, numbered by the caller: stores the sweep's settings. Its
+    /// [`Command::SubmitJobs`] and [`Command::SubmitEnd`] carry the same number.
     SubmitBegin {
         record: SweepRecord,
-        reply: oneshot::Sender<Result<u64, SubmitRefused>>,
+        submission: u64,
+        reply: oneshot::Sender<Result<(), SubmitRefused>>,
     },
     /// The next jobs of a submission, stored and published in one step.
     SubmitJobs {
@@ -382,7 +383,7 @@ struct Live {
     batches: bool,
 }
 
-/// Jobs per message when every online worker takes batches (see [`Core::publish`]): small
+/// Jobs per message when every online worker takes batches (see [`Core::per_message`]): small
 /// enough for the look-ahead of a one-slot worker (16 jobs) to hold two messages.
 pub const JOBS_PER_MESSAGE: usize = 8;
 /// Fewer jobs than this at once go out one per message.
@@ -411,8 +412,10 @@ struct Core {
 /// canceled meanwhile (its next jobs are then refused).
 #[derive(Clone, Default)]
 struct Submitting {
-    next: u64,
     by_sweep: HashMap<String, (u64, bool)>,
+    /// Ends of submissions whose step failed to commit: they come again with the next step
+    /// (nobody waits for an answer to them, so nobody would send them again).
+    ends: Vec<(SweepId, u64, Option<String>, u64)>,
 }
 
 /// Jobs that submissions stored, sent to the broker from the store as the session takes them:
@@ -422,19 +425,24 @@ struct Submitting {
 struct Pump {
     /// Whether stored jobs may remain unsent.
     active: bool,
-    /// The walk's place: the sweep and expansion index of the last job sent.
-    cursor: Option<(SweepId, u64)>,
+    /// The walk's place: the sweep, expansion index and row id of the last job sent.
+    cursor: Option<crate::store::PendingPlace>,
     /// Jobs were stored since the walk began: once at its end, walk again from the start.
     rescan: bool,
     /// Sent and not yet confirmed: skipped by a second walk.
     in_flight: HashSet<(SweepId, JobId, u32)>,
+    /// Released attempts, sent again first and whatever their state: a late confirm of
+    /// their first message may have marked them `queued`, which the walk does not see.
+    released: std::collections::VecDeque<Publish>,
 }
 
 impl Pump {
     /// Everything pending is sent again (a new broker session).
     fn restart(&mut self) {
+        let released = std::mem::take(&mut self.released);
         *self = Self {
             active: true,
+            released,
             ..Self::default()
         };
     }
@@ -455,6 +463,8 @@ struct Effects {
     publish: Vec<Publish>,
     /// A submission stored jobs, which the pump sends.
     backlog: bool,
+    /// Attempts a worker gave back, to publish again as they are.
+    released: Vec<Publish>,
     control: Vec<(String, ToWorker)>,
     /// Answers to claims, one message per worker queue.
     verdicts: HashMap<String, Vec<Verdict>>,
@@ -630,6 +640,35 @@ impl Core {
         let now = now_ms();
         let mut effects = Effects::default();
         let mut session_up = false;
+        // Ends of submissions that a failed step lost come first; this step's are kept until
+        // it has committed.
+        let mut commands = commands;
+        commands.splice(
+            0..0,
+            self.submitting
+                .ends
+                .drain(..)
+                .map(
+                    |(sweep, submission, interrupted, jobs)| Command::SubmitEnd {
+                        sweep,
+                        submission,
+                        interrupted,
+                        jobs,
+                    },
+                ),
+        );
+        let ends: Vec<_> = commands
+            .iter()
+            .filter_map(|c| match c {
+                Command::SubmitEnd {
+                    sweep,
+                    submission,
+                    interrupted,
+                    jobs,
+                } => Some((sweep.clone(), *submission, interrupted.clone(), *jobs)),
+                _ => None,
+            })
+            .collect();
         for m in &inbound {
             match m {
                 Inbound::Up => {
@@ -688,7 +727,7 @@ impl Core {
         let mut submitting = self.submitting.clone();
         let queues = &mut self.queues;
         let out = &self.out;
-        self.store.transaction(|tx| {
+        let done = self.store.transaction(|tx| {
             for m in inbound {
                 match m {
                     Inbound::Event(mut event, _) => {
@@ -752,7 +791,11 @@ impl Core {
                 }
             }
             Ok(())
-        })?;
+        });
+        if let Err(e) = done {
+            self.submitting.ends = ends;
+            return Err(e);
+        }
         self.workers = workers;
         self.submitting = submitting;
         Ok(Committed {
@@ -798,39 +841,31 @@ impl Core {
             effects.publish.clear();
             self.pump.restart();
         }
-        if effects.backlog {
+        // Every job to publish is `pending` in the store: the pump sends it, without the core
+        // ever waiting for the broker.
+        if effects.backlog || !effects.publish.is_empty() {
             self.pump.active = true;
             self.pump.rescan = true;
         }
-        if self.broker_up && !effects.publish.is_empty() {
-            self.publish(effects.publish).await?;
-        }
-        Ok(())
-    }
-
-    /// Publishes job messages. Many jobs at once go out several per message (a quorum queue's
-    /// cost is per message) while every online worker takes batches: it reads them, and its
-    /// recent jobs were short, so it holds jobs ahead. A worker running long jobs would start
-    /// only one job of a message and give the others back.
-    async fn publish(&mut self, publish: Vec<Publish>) -> Result<(), StoreError> {
-        let per_message = self.per_message(publish.len());
-        for chunk in publish.chunks(1000) {
-            let batch = self.store.read().job_messages(chunk)?;
-            if self
-                .jobs_out
-                .send(JobsOut(batch, per_message))
-                .await
-                .is_err()
-            {
-                break;
+        if !effects.released.is_empty() {
+            for p in &effects.released {
+                self.pump
+                    .in_flight
+                    .remove(&(p.sweep.clone(), p.job, p.attempt));
             }
+            self.pump.released.extend(effects.released);
+            self.pump.active = true;
         }
         Ok(())
     }
 }
 
 impl Core {
-    /// Jobs per message for a publication of `n` jobs (see [`Core::publish`]).
+    /// Jobs per message for a publication of `n` jobs. Many jobs at once go out several per
+    /// message (a quorum queue's cost is per message) while every online worker takes
+    /// batches: it reads them, and its recent jobs were short, so it holds jobs ahead. A
+    /// worker running long jobs would start only one job of a message and give the others
+    /// back.
     fn per_message(&self, n: usize) -> usize {
         if n >= BATCH_FROM && !self.workers.is_empty() && self.workers.values().all(|w| w.batches) {
             JOBS_PER_MESSAGE
@@ -841,11 +876,25 @@ impl Core {
 
     /// Sends the next batch of stored, unsent jobs, or ends the walk when there is none.
     fn pump_once(&mut self, permit: mpsc::Permit<'_, JobsOut>) -> Result<(), StoreError> {
+        if !self.pump.released.is_empty() {
+            let n = self.pump.released.len().min(PUMP_BATCH as usize);
+            let publish: Vec<Publish> = self.pump.released.iter().take(n).cloned().collect();
+            let batch = self.store.read().job_messages(&publish)?;
+            self.pump.released.drain(..n);
+            for p in &publish {
+                self.pump
+                    .in_flight
+                    .insert((p.sweep.clone(), p.job, p.attempt));
+            }
+            let per_message = self.per_message(batch.len());
+            permit.send(JobsOut(batch, per_message));
+            return Ok(());
+        }
         loop {
             let rows = self
                 .store
-                .pending_after(self.pump.cursor.as_ref().map(|(s, i)| (s, *i)), PUMP_BATCH)?;
-            let Some((idx, last)) = rows.last() else {
+                .pending_after(self.pump.cursor.as_ref(), PUMP_BATCH)?;
+            let Some((place, _)) = rows.last() else {
                 if std::mem::take(&mut self.pump.rescan) {
                     self.pump.cursor = None;
                     continue;
@@ -853,21 +902,33 @@ impl Core {
                 self.pump.active = false;
                 return Ok(());
             };
-            self.pump.cursor = Some((last.sweep.clone(), *idx));
+            let place = place.clone();
             let publish: Vec<Publish> = rows
                 .into_iter()
                 .map(|(_, p)| p)
                 .filter(|p| {
-                    self.pump
+                    !self
+                        .pump
                         .in_flight
-                        .insert((p.sweep.clone(), p.job, p.attempt))
+                        .contains(&(p.sweep.clone(), p.job, p.attempt))
                 })
                 .collect();
-            if publish.is_empty() {
+            let batch = if publish.is_empty() {
+                Vec::new()
+            } else {
+                self.store.read().job_messages(&publish)?
+            };
+            // Only once the batch is built: a failed read leaves the walk where it was.
+            self.pump.cursor = Some(place);
+            if batch.is_empty() {
                 continue;
             }
-            let per_message = self.per_message(publish.len());
-            let batch = self.store.read().job_messages(&publish)?;
+            for p in &publish {
+                self.pump
+                    .in_flight
+                    .insert((p.sweep.clone(), p.job, p.attempt));
+            }
+            let per_message = self.per_message(batch.len());
             permit.send(JobsOut(batch, per_message));
             return Ok(());
         }
@@ -931,7 +992,7 @@ fn handle_event(
             seen(workers, &release.worker);
             for attempt in &release.attempts {
                 if let Some(p) = tx.release(attempt, release.worker.as_str(), now)? {
-                    effects.publish.push(p);
+                    effects.released.push(p);
                     effects.changed = true;
                 }
             }
@@ -1051,7 +1112,11 @@ fn handle_command(
     now: u64,
 ) -> Result<(), StoreError> {
     match cmd {
-        Command::SubmitBegin { record, reply } => {
+        Command::SubmitBegin {
+            record,
+            submission,
+            reply,
+        } => {
             if submitting.by_sweep.contains_key(record.name.as_str()) {
                 let busy = SubmitRefused::Busy(record.name.clone());
                 effects.replies.push(Box::new(move || {
@@ -1063,14 +1128,12 @@ fn handle_command(
                 let _ = out.try_send(Outbound::DeclareQueue(record.queue.clone()));
             }
             tx.put_sweep(&record, now)?;
-            submitting.next += 1;
-            let number = submitting.next;
             submitting
                 .by_sweep
-                .insert(record.name.as_str().to_owned(), (number, false));
+                .insert(record.name.as_str().to_owned(), (submission, false));
             effects.changed = true;
             effects.replies.push(Box::new(move || {
-                let _ = reply.send(Ok(number));
+                let _ = reply.send(Ok(()));
             }));
         }
         Command::SubmitJobs {

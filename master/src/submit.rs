@@ -21,8 +21,12 @@ use crate::sweep::{Diagnostic, Job, Sweep, SweepError};
 
 /// Jobs per command to the core.
 pub const CHUNK: usize = 4096;
-/// Chunks sent to the core and not yet answered, at most.
+/// Chunks sent to the core and not yet answered, at most, per submission.
 const WINDOW: usize = 16;
+/// Chunks sent to the core and not yet answered, at most, over all submissions at once.
+static IN_CORE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
+/// Submission numbers (from 1: 0 marks an ended submission).
+static NUMBERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Why a submission failed.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +44,7 @@ pub enum SubmitError {
 }
 
 /// Submits a loaded sweep through the master's core, chunk by chunk, and returns the summary
-/// once every job is stored and handed to the broker's publisher.
+/// once every job is stored (the core then publishes them from the store).
 ///
 /// # Errors
 /// See [`SubmitError`]. An invalid or too large sweep changes nothing.
@@ -57,11 +61,9 @@ pub async fn submit_sweep(
         .await
         .map_err(|_| SubmitError::Stopping)??;
     let record = Arc::new(record);
-    let number = request(handle, |reply| Command::SubmitBegin {
-        record: (*record).clone(),
-        reply,
-    })
-    .await??;
+    // Numbered here, and guarded before the core hears of it: however this future ends, the
+    // core hears the end (an end for a submission it refused or never saw is ignored).
+    let number = NUMBERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut guard = Submission {
         commands: handle.commands.clone(),
         sweep: record.name.clone(),
@@ -69,6 +71,16 @@ pub async fn submit_sweep(
         jobs: 0,
         interrupted: Some("the client went away".to_owned()),
     };
+    let begun = request(handle, |reply| Command::SubmitBegin {
+        record: (*record).clone(),
+        submission: number,
+        reply,
+    })
+    .await?;
+    if let Err(refused) = begun {
+        guard.interrupted = Some(refused.to_string());
+        return Err(refused.into());
+    }
     let (tx, mut rx) = mpsc::channel::<Vec<NewJob>>(2);
     let names = record.param_names.clone();
     let producer =
@@ -86,6 +98,7 @@ pub async fn submit_sweep(
             }
         }
         let n = jobs.len() as u64;
+        let permit = IN_CORE.acquire().await.map_err(|_| SubmitError::Stopping)?;
         let (reply, answer) = oneshot::channel();
         handle
             .commands
@@ -98,7 +111,7 @@ pub async fn submit_sweep(
             })
             .await
             .map_err(|_| SubmitError::Stopping)?;
-        unanswered.push_back((n, answer));
+        unanswered.push_back((n, answer, permit));
     }
     while let Some(oldest) = unanswered.pop_front() {
         settle(oldest, &mut guard, &mut summary).await?;
@@ -121,11 +134,17 @@ pub async fn submit_sweep(
 
 /// Waits for the core's answer to one chunk and counts it in.
 async fn settle(
-    (n, answer): (u64, oneshot::Receiver<Result<SubmitSummary, SubmitRefused>>),
+    (n, answer, permit): (
+        u64,
+        oneshot::Receiver<Result<SubmitSummary, SubmitRefused>>,
+        tokio::sync::SemaphorePermit<'static>,
+    ),
     guard: &mut Submission,
     summary: &mut SubmitSummary,
 ) -> Result<(), SubmitError> {
-    let Ok(answer) = answer.await else {
+    let answer = answer.await;
+    drop(permit);
+    let Ok(answer) = answer else {
         guard.interrupted = Some("the master did not take a part of it".to_owned());
         return Err(SubmitError::Stopping);
     };
@@ -279,20 +298,22 @@ struct Submission {
 }
 
 impl Submission {
-    fn command(&mut self) -> Command {
+    fn command(&self) -> Command {
         Command::SubmitEnd {
             sweep: self.sweep.clone(),
-            submission: std::mem::take(&mut self.number),
-            interrupted: self.interrupted.take(),
+            submission: self.number,
+            interrupted: self.interrupted.clone(),
             jobs: self.jobs,
         }
     }
 
     /// Ends it now, in order with the commands that follow (so that a client's next
-    /// submission of the same sweep finds this one ended).
+    /// submission of the same sweep finds this one ended). Dropped before the end is sent,
+    /// the guard sends it instead.
     async fn end(mut self) {
-        let end = self.command();
-        let _ = self.commands.send(end).await;
+        if self.commands.send(self.command()).await.is_ok() {
+            self.number = 0;
+        }
     }
 }
 

@@ -75,6 +75,32 @@ impl Drop for Busy {
     }
 }
 
+/// An answer's body, holding its connection's [`Busy`] until it is sent or dropped.
+struct Tracked {
+    inner: axum::body::Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Serves `app` on `listener` until `stop` turns true, then lets the open requests finish.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
@@ -111,9 +137,12 @@ pub(crate) async fn serve(
                 // A router is always ready: no `poll_ready` needed.
                 let call = tower_service::Service::call(&mut app.clone(), request);
                 async move {
-                    let response = call.await;
-                    drop(busy);
-                    response
+                    // Busy until the whole answer is sent: live streams and large exports
+                    // are never taken for idle connections.
+                    let response = call.await?;
+                    Ok::<_, std::convert::Infallible>(
+                        response.map(|inner| axum::body::Body::new(Tracked { inner, _busy: busy })),
+                    )
                 }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();

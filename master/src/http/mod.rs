@@ -104,7 +104,7 @@ pub(crate) async fn serve(
     let state = AppState {
         handle,
         readers: Arc::new(ReaderPool {
-            free: Semaphore::new(readers.len()),
+            free: Arc::new(Semaphore::new(readers.len())),
             readers: Mutex::new(readers),
         }),
         sessions: Arc::new(auth::Sessions::default()),
@@ -122,8 +122,40 @@ const READER_WAIT: Duration = Duration::from_secs(2);
 
 /// A few read-only connections, each lent to one request at a time.
 pub(crate) struct ReaderPool {
-    free: Semaphore,
+    free: Arc<Semaphore>,
     readers: Mutex<Vec<Reader>>,
+}
+
+/// A reader taken from the pool, given back (with its permit) when dropped, also when the
+/// query panics.
+struct Lent {
+    pool: Arc<ReaderPool>,
+    reader: Option<Reader>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Lent {
+    fn take(pool: &Arc<ReaderPool>, permit: tokio::sync::OwnedSemaphorePermit) -> Option<Self> {
+        let reader = pool.readers.lock().ok()?.pop()?;
+        Some(Self {
+            pool: pool.clone(),
+            reader: Some(reader),
+            _permit: permit,
+        })
+    }
+
+    fn reader(&self) -> &Reader {
+        // Present until dropped.
+        self.reader.as_ref().expect("a lent reader")
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let (Some(reader), Ok(mut readers)) = (self.reader.take(), self.pool.readers.lock()) {
+            readers.push(reader);
+        }
+    }
 }
 
 fn router(state: AppState) -> Router {
@@ -181,26 +213,18 @@ pub(crate) async fn read<T: Send + 'static>(
             "the store is busy with other requests; try again".into(),
         )
     };
-    let permit = tokio::time::timeout(READER_WAIT, pool.free.acquire())
+    let permit = tokio::time::timeout(READER_WAIT, pool.free.clone().acquire_owned())
         .await
         .map_err(|_| busy())?
         .map_err(AppError::internal)?;
-    let reader = pool
-        .readers
-        .lock()
-        .map_err(|_| AppError::internal("reader pool lock poisoned"))?
-        .pop()
-        .ok_or_else(busy)?;
-    let (reader, out) = tokio::task::spawn_blocking(move || {
-        let out = reader.within(QUERY_TIME_LIMIT, f);
-        (reader, out)
+    // The reader goes back to the pool when the blocking task ends, whether this request is
+    // still waiting for it or not (a client that went away drops only the waiting).
+    let out = tokio::task::spawn_blocking(move || {
+        let lent = Lent::take(&pool, permit).ok_or_else(busy)?;
+        Ok::<_, AppError>(lent.reader().within(QUERY_TIME_LIMIT, f))
     })
     .await
-    .map_err(AppError::internal)?;
-    if let Ok(mut readers) = pool.readers.lock() {
-        readers.push(reader);
-    }
-    drop(permit);
+    .map_err(AppError::internal)??;
     out.map_err(|e| match e {
         crate::store::StoreError::TooSlow(limit) => AppError(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -114,6 +114,9 @@ pub struct Publish {
     pub queue: String,
 }
 
+/// Where a walk over the pending jobs is: a sweep, an expansion index and a row id.
+pub type PendingPlace = (SweepId, u64, i64);
+
 /// A new job, as expanded from a sweep.
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -676,44 +679,46 @@ impl Store {
     }
 
     /// Up to `limit` jobs stored but not confirmed, in sweep and expansion order, after
-    /// `after` (a sweep and an expansion index): a cursor to walk them all in steps. Each comes
-    /// with its expansion index, the cursor's next value.
+    /// `after` (a sweep, an expansion index and a row id, which breaks ties of the index): a
+    /// cursor to walk them all in steps. Each comes with its place, the cursor's next value.
     ///
     /// # Errors
     /// SQLite's.
     pub fn pending_after(
         &self,
-        after: Option<(&SweepId, u64)>,
+        after: Option<&PendingPlace>,
         limit: u64,
-    ) -> Result<Vec<(u64, Publish)>> {
-        let (sweep, idx) = after.map_or((String::new(), -1), |(s, i)| {
-            (s.as_str().to_owned(), to_i64(i))
+    ) -> Result<Vec<(PendingPlace, Publish)>> {
+        let (sweep, idx, rowid) = after.map_or((String::new(), -1, -1), |(s, i, r)| {
+            (s.as_str().to_owned(), to_i64(*i), *r)
         });
         // Each sweep's queue is read once: its stored spec (the whole YAML with it) was copied
         // and parsed for every pending job.
         let mut stmt = self.conn.prepare_cached(
-            "SELECT sweep, id, attempt, idx FROM jobs WHERE state = 'pending' AND (sweep, idx) > (?1, ?2)
-             ORDER BY sweep, idx LIMIT ?3",
+            "SELECT sweep, id, attempt, idx, rowid FROM jobs
+             WHERE state = 'pending' AND (sweep, idx, rowid) > (?1, ?2, ?3)
+             ORDER BY sweep, idx, rowid LIMIT ?4",
         )?;
-        let rows = stmt.query_map(params![sweep, idx, to_i64(limit)], |r| {
+        let rows = stmt.query_map(params![sweep, idx, rowid, to_i64(limit)], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, u32>(2)?,
                 r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
             ))
         })?;
         let mut records = SweepRecords::new(self.read());
         let mut out = Vec::new();
         for row in rows {
-            let (sweep, id, attempt, idx) = row?;
+            let (sweep, id, attempt, idx, rowid) = row?;
             let sweep = parse_sweep(&sweep)?;
             // A job row always has its sweep (the sweep goes with its jobs).
             let Some(queue) = records.get(&sweep)?.map(|r| r.queue.clone()) else {
                 continue;
             };
             out.push((
-                u64::try_from(idx).unwrap_or(0),
+                (sweep.clone(), u64::try_from(idx).unwrap_or(0), rowid),
                 Publish {
                     sweep,
                     job: parse_id(&id)?,

@@ -187,9 +187,9 @@ impl ReadView<'_> {
         // does not hold makes SQLite sort all the sweep's jobs for each page (seconds at a
         // million jobs); `explain_jobs` shows the plan and the tests check it.
         let tie = match q.sort {
-            SortKey::Index => String::new(),
+            SortKey::Index => format!(", j.rowid {direction}"),
             SortKey::Param(_) | SortKey::Metric(_) => format!(", s.job {direction}"),
-            SortKey::State => format!(", j.idx {direction}"),
+            SortKey::State => format!(", j.idx {direction}, j.rowid {direction}"),
             SortKey::Finished | SortKey::Duration => format!(", j.rowid {direction}"),
         };
         let n = args.len();
@@ -335,8 +335,8 @@ impl ReadView<'_> {
         limit: u64,
     ) -> Result<Vec<(serde_json::Map<String, serde_json::Value>, f64)>> {
         let key = format!("m:{metric}");
-        // The count of a sweep's jobs comes from the triggers' counts; most have the metric.
-        let total: u64 = self.counts(sweep)?.values().sum();
+        // Metrics come from results, which succeeded jobs have (counts kept by triggers).
+        let total: u64 = self.counts(sweep)?.get("succeeded").copied().unwrap_or(0);
         let fraction = if total == 0 {
             1.0
         } else {
