@@ -2689,6 +2689,41 @@ mod tests {
         );
     }
 
+    /// A state filter most jobs pass is applied after the candidates are chosen, and the
+    /// pages are the same as with the filter in place, to the last one.
+    #[test]
+    fn a_late_state_filter_gives_the_same_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("db")).unwrap();
+        store
+            .transaction(|tx| tx.submit(&record("a"), (0..200).map(job), false, 1))
+            .unwrap();
+        finish_all(&mut store, "a", 150, 5, f64::from);
+        for (offset, descending, want) in [
+            (0, false, (0..50).collect::<Vec<u8>>()),
+            (100, false, (100..150).collect()),
+            (140, false, (140..150).collect()),
+            (0, true, (100..150).rev().collect()),
+            (120, true, (0..30).rev().collect()),
+        ] {
+            let q = JobQuery {
+                sweep: SweepId::new("a").unwrap(),
+                states: vec![JobState::Succeeded],
+                params: vec![],
+                text: None,
+                sort: SortKey::Metric("loss".into()),
+                descending,
+                limit: 50,
+                offset,
+            };
+            let (rows, count) = store.read().query_jobs(&q).unwrap();
+            let got: Vec<u8> = rows.iter().map(|r| r.id.as_bytes()[0]).collect();
+            assert_eq!(got, want, "offset {offset}, descending {descending}");
+            assert!(rows.iter().all(|r| r.state == JobState::Succeeded));
+            assert_eq!(count.count, 150);
+        }
+    }
+
     /// A read past its time limit is stopped, and the reader works again afterwards.
     #[test]
     fn a_read_past_its_time_limit_is_stopped() {

@@ -97,6 +97,8 @@ struct Planned {
     from: String,
     filters: String,
     args: Vec<Value>,
+    /// The state filter is applied after the candidates are chosen.
+    late: bool,
 }
 
 /// Counting matches stops here when the count needs a scan (text or parameter filters).
@@ -104,7 +106,7 @@ pub const COUNT_CAP: u64 = 1_000;
 
 impl ReadView<'_> {
     /// The SQL of a page of jobs, with its arguments.
-    fn plan_jobs(&self, q: &JobQuery) -> Result<Planned> {
+    fn plan_jobs(&self, q: &JobQuery, late: bool) -> Result<Planned> {
         let mut args: Vec<Value> = vec![Value::Text(q.sweep.as_str().to_owned())];
         let mut from = String::from("jobs j");
         let mut filters = String::from("j.sweep = ?1");
@@ -151,18 +153,37 @@ impl ReadView<'_> {
             .keys()
             .all(|s| q.states.iter().any(|x| x.as_str() == s));
         let state_filter = !q.states.is_empty() && !redundant;
-        if by_value && (state_filter || !q.text.as_deref().unwrap_or("").is_empty()) {
+        let has_text = !q.text.as_deref().unwrap_or("").is_empty();
+        // A state filter that most of the sweep passes, on a page chosen by value, is applied
+        // after the page's candidates are chosen (twice the page and more, by value alone):
+        // probing the jobs table for every match cost most of the time. When the candidates
+        // do not fill the page, `query_jobs` asks again with the filter in place.
+        let total: u64 = counts.values().sum();
+        let passing: u64 = counts
+            .iter()
+            .filter(|(s, _)| q.states.iter().any(|x| x.as_str() == *s))
+            .map(|(_, n)| n)
+            .sum();
+        let late = late && by_value && state_filter && !has_text && passing * 2 >= total;
+        let from_by_value = from.clone();
+        if by_value && ((state_filter && !late) || has_text) {
             // Always probed per match (CROSS JOIN fixes the order): without statistics on
             // the jobs table the planner could otherwise walk every job in the state.
             from.push_str(" CROSS JOIN jobs j ON j.sweep = ?1 AND j.id = s.job");
         }
+        let mut late_filter = String::new();
         if state_filter {
             let mut marks = Vec::new();
             for s in &q.states {
                 args.push(Value::Text(s.as_str().to_owned()));
                 marks.push(format!("?{}", args.len()));
             }
-            filters.push_str(&format!(" AND j.state IN ({})", marks.join(", ")));
+            let state_in = format!("j.state IN ({})", marks.join(", "));
+            if late {
+                late_filter = format!("WHERE {state_in}");
+            } else {
+                filters.push_str(&format!(" AND {state_in}"));
+            }
         }
         if let Some(text) = q.text.as_deref().filter(|t| !t.is_empty()) {
             let lower = text.to_ascii_lowercase();
@@ -193,7 +214,20 @@ impl ReadView<'_> {
             SortKey::Finished | SortKey::Duration => format!(", j.rowid {direction}"),
         };
         let n = args.len();
-        let sql = if by_value {
+        let sql = if late {
+            // Candidates by value alone, then the state filter and the page.
+            format!(
+                "SELECT {JOB_COLUMNS} FROM (SELECT s.job AS id, s.v AS v FROM {from}
+                 WHERE {filters} ORDER BY {order} {direction}{tie} LIMIT ?{}) p
+                 JOIN jobs j ON j.sweep = ?1 AND j.id = p.id
+                 LEFT JOIN results r ON r.sweep = j.sweep AND r.job = j.id
+                 {late_filter}
+                 ORDER BY p.v {direction}, p.id {direction} LIMIT ?{} OFFSET ?{}",
+                n + 1,
+                n + 2,
+                n + 3
+            )
+        } else if by_value {
             // Choose the page from the value index alone, then read its rows.
             format!(
                 "SELECT {JOB_COLUMNS} FROM (SELECT s.job AS id, s.v AS v FROM {from}
@@ -213,14 +247,28 @@ impl ReadView<'_> {
             )
         };
         let mut page_args = args.clone();
+        if late {
+            let candidates = q.offset.saturating_add(q.limit).saturating_mul(2) + 64;
+            page_args.push(Value::Integer(to_i64(candidates)));
+        }
         page_args.push(Value::Integer(to_i64(q.limit)));
         page_args.push(Value::Integer(to_i64(q.offset)));
+        // The count needs the state filter in place.
+        let (from, filters) = if late {
+            (
+                format!("{from_by_value} CROSS JOIN jobs j ON j.sweep = ?1 AND j.id = s.job"),
+                format!("{filters} AND {}", late_filter.trim_start_matches("WHERE ")),
+            )
+        } else {
+            (from, filters)
+        };
         Ok(Planned {
             sql,
             page_args,
             from,
             filters,
             args,
+            late,
         })
     }
 
@@ -229,12 +277,21 @@ impl ReadView<'_> {
     /// # Errors
     /// SQLite's.
     pub fn query_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRow>, MatchCount)> {
-        let p = self.plan_jobs(q)?;
-        let mut stmt = self.conn.prepare_cached(&p.sql)?;
-        let rows = stmt.query_map(rusqlite::params_from_iter(p.page_args), job_row)?;
-        let jobs = job_rows(rows)?;
+        let mut p = self.plan_jobs(q, true)?;
+        let mut jobs = self.page(&p)?;
+        if p.late && (jobs.len() as u64) < q.limit {
+            // The candidates ran out before the page was full: ask with the filter in place.
+            p = self.plan_jobs(q, false)?;
+            jobs = self.page(&p)?;
+        }
         let count = self.count_matches(q, &p.from, &p.filters, p.args)?;
         Ok((jobs, count))
+    }
+
+    fn page(&self, p: &Planned) -> Result<Vec<JobRow>> {
+        let mut stmt = self.conn.prepare_cached(&p.sql)?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(p.page_args.iter()), job_row)?;
+        job_rows(rows)
     }
 
     /// SQLite's query plan for the page of [`ReadView::query_jobs`], one line per step
@@ -243,7 +300,7 @@ impl ReadView<'_> {
     /// # Errors
     /// SQLite's.
     pub fn explain_jobs(&self, q: &JobQuery) -> Result<Vec<String>> {
-        let p = self.plan_jobs(q)?;
+        let p = self.plan_jobs(q, true)?;
         let mut stmt = self
             .conn
             .prepare(&format!("EXPLAIN QUERY PLAN {}", p.sql))?;
@@ -363,9 +420,9 @@ impl ReadView<'_> {
             let row: Option<(String, f64, String)> = self
                 .conn
                 .prepare_cached(&format!(
-                    "SELECT j.params_json, s.v, s.job FROM job_values s
-                     JOIN jobs j ON j.sweep = ?1 AND j.id = s.job
-                     WHERE s.sweep = ?1 AND s.key = ?2 ORDER BY s.v {extreme}, s.job {extreme} LIMIT 1"
+                    "SELECT j.params_json, s.v, s.job FROM (SELECT job, v FROM job_values
+                     WHERE sweep = ?1 AND key = ?2 ORDER BY v {extreme}, job {extreme} LIMIT 1) s
+                     CROSS JOIN jobs j ON j.sweep = ?1 AND j.id = s.job"
                 ))?
                 .query_row(rusqlite::params![sweep.as_str(), key], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -377,7 +434,7 @@ impl ReadView<'_> {
         }
         let mut stmt = self.conn.prepare_cached(
             "SELECT j.params_json, s.v, s.job FROM job_values s INDEXED BY job_values_by_job
-             JOIN jobs j ON j.sweep = ?1 AND j.id = s.job
+             CROSS JOIN jobs j ON j.sweep = ?1 AND j.id = s.job
              WHERE s.sweep = ?1 AND s.job < ?3 AND s.key = ?2 LIMIT ?4",
         )?;
         let rows = stmt.query_map(
