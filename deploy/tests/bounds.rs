@@ -40,6 +40,19 @@ fn stored(c: &Cluster, sweep: &str) -> u64 {
     c.counts(sweep).values().sum()
 }
 
+/// Waits until a submission has stored some of its jobs.
+async fn first_jobs_stored(c: &Cluster, sweep: &str) {
+    wait_until("the first jobs stored", MINUTE, || {
+        let n = stored(c, sweep);
+        if n > 0 {
+            Ok(())
+        } else {
+            Err(format!("{n} stored"))
+        }
+    })
+    .await;
+}
+
 fn rss_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -160,15 +173,7 @@ async fn a_submission_stops_when_its_client_goes_away() {
     )
     .unwrap();
     stream.write_all(&body).unwrap();
-    wait_until("the first jobs stored", MINUTE, || {
-        let n = stored(&c, "gone");
-        if n > 0 {
-            Ok(())
-        } else {
-            Err(format!("{n} stored"))
-        }
-    })
-    .await;
+    first_jobs_stored(&c, "gone").await;
     drop(stream);
     // Once the master has seen the disconnect, every stored job is canceled with the reason.
     let n = wait_until("the sweep canceled", MINUTE, || {
@@ -215,15 +220,7 @@ async fn canceling_a_sweep_stops_its_submission() {
             (r.status(), r.text().await.unwrap())
         })
     };
-    wait_until("the first jobs stored", MINUTE, || {
-        let n = stored(&c, "halt");
-        if n > 0 {
-            Ok(())
-        } else {
-            Err(format!("{n} stored"))
-        }
-    })
-    .await;
+    first_jobs_stored(&c, "halt").await;
     // A second submission of the same sweep meanwhile is refused.
     let r = post_sweep(&c, &sweep("halt", 10)).await;
     assert_eq!(r.status(), reqwest::StatusCode::CONFLICT);

@@ -881,13 +881,7 @@ impl Core {
             let publish: Vec<Publish> = self.pump.released.iter().take(n).cloned().collect();
             let batch = self.store.read().job_messages(&publish)?;
             self.pump.released.drain(..n);
-            for p in &publish {
-                self.pump
-                    .in_flight
-                    .insert((p.sweep.clone(), p.job, p.attempt));
-            }
-            let per_message = self.per_message(batch.len());
-            permit.send(JobsOut(batch, per_message));
+            self.send_pumped(permit, &publish, batch);
             return Ok(());
         }
         loop {
@@ -923,15 +917,26 @@ impl Core {
             if batch.is_empty() {
                 continue;
             }
-            for p in &publish {
-                self.pump
-                    .in_flight
-                    .insert((p.sweep.clone(), p.job, p.attempt));
-            }
-            let per_message = self.per_message(batch.len());
-            permit.send(JobsOut(batch, per_message));
+            self.send_pumped(permit, &publish, batch);
             return Ok(());
         }
+    }
+
+    /// Hands a batch the pump read to the broker session; its jobs are in flight until their
+    /// confirms come back.
+    fn send_pumped(
+        &mut self,
+        permit: mpsc::Permit<'_, JobsOut>,
+        publish: &[Publish],
+        batch: Vec<(Publish, gridq_common::wire::JobMessage)>,
+    ) {
+        for p in publish {
+            self.pump
+                .in_flight
+                .insert((p.sweep.clone(), p.job, p.attempt));
+        }
+        let per_message = self.per_message(batch.len());
+        permit.send(JobsOut(batch, per_message));
     }
 }
 
