@@ -460,8 +460,8 @@ const PUMP_BATCH: u64 = 1000;
 /// What to do once a transaction has committed.
 #[derive(Default)]
 struct Effects {
-    publish: Vec<Publish>,
-    /// A submission stored jobs, which the pump sends.
+    /// Jobs became `pending` (a submission, a retry, a requeue): the pump sends them from the
+    /// store.
     backlog: bool,
     /// Attempts a worker gave back, to publish again as they are.
     released: Vec<Publish>,
@@ -767,8 +767,8 @@ impl Core {
                 handle_command(tx, cmd, queues, &mut submitting, out, &mut effects, now)?;
             }
             for a in due {
-                if let Some(p) = tx.retry_due(&a, now)? {
-                    effects.publish.push(p);
+                if tx.retry_due(&a, now)?.is_some() {
+                    effects.backlog = true;
                     effects.changed = true;
                 }
             }
@@ -785,7 +785,7 @@ impl Core {
                 for effect in tx.worker_lost(&w, "missed heartbeats", config.max_lost, now)? {
                     effects.changed = true;
                     match effect {
-                        LostEffect::Requeue(p) => effects.publish.push(p),
+                        LostEffect::Requeue(_) => effects.backlog = true,
                         LostEffect::Failed(a) => warn!(sweep = %a.sweep, job = %a.job, "job failed: its workers keep dying"),
                     }
                 }
@@ -838,12 +838,11 @@ impl Core {
             }
             // Everything not yet confirmed goes out again (duplicates are denied at claim
             // time), through the pump.
-            effects.publish.clear();
             self.pump.restart();
         }
         // Every job to publish is `pending` in the store: the pump sends it, without the core
         // ever waiting for the broker.
-        if effects.backlog || !effects.publish.is_empty() {
+        if effects.backlog {
             self.pump.active = true;
             self.pump.rescan = true;
         }
@@ -1014,7 +1013,7 @@ fn handle_event(
                     u64::try_from(config.max_retry_backoff.as_millis()).unwrap_or(u64::MAX),
                     now,
                 )? {
-                    FinishEffect::Requeue(p) => effects.publish.push(p),
+                    FinishEffect::Requeue(_) => effects.backlog = true,
                     FinishEffect::Duplicate => {
                         info!(sweep = %f.attempt.sweep, job = %f.attempt.job, attempt = f.attempt.attempt, worker = %f.worker, "duplicate result stored as such");
                     }
@@ -1043,8 +1042,8 @@ fn handle_event(
                 now,
             )? {
                 effects.changed = true;
-                if let LostEffect::Requeue(p) = effect {
-                    effects.publish.push(p);
+                if let LostEffect::Requeue(_) = effect {
+                    effects.backlog = true;
                 }
             }
         }
@@ -1067,8 +1066,8 @@ fn handle_event(
                 u32::MAX,
                 now,
             )? {
-                if let LostEffect::Requeue(p) = effect {
-                    effects.publish.push(p);
+                if let LostEffect::Requeue(_) = effect {
+                    effects.backlog = true;
                 }
             }
             effects.changed = true;
@@ -1226,7 +1225,7 @@ fn handle_command(
         Command::RetryFailed { sweep, reply } => {
             let publish = tx.retry_failed(&sweep, now)?;
             let n = publish.len() as u64;
-            effects.publish.extend(publish);
+            effects.backlog |= n > 0;
             effects.changed = true;
             effects.replies.push(Box::new(move || {
                 let _ = reply.send(Ok(n));
@@ -1235,7 +1234,7 @@ fn handle_command(
         Command::RetryJob { sweep, job, reply } => {
             let publish = tx.retry_job(&sweep, &job, now)?;
             let retried = publish.is_some();
-            effects.publish.extend(publish);
+            effects.backlog |= retried;
             effects.changed |= retried;
             effects.replies.push(Box::new(move || {
                 let _ = reply.send(Ok(retried));

@@ -665,19 +665,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Jobs stored but not confirmed on the broker, and jobs whose retry time has come: what to
-    /// publish after a (re)start. Sets nothing.
-    ///
-    /// # Errors
-    /// SQLite's.
-    pub fn pending(&self) -> Result<Vec<Publish>> {
-        Ok(self
-            .pending_after(None, u64::MAX)?
-            .into_iter()
-            .map(|(_, p)| p)
-            .collect())
-    }
-
     /// Up to `limit` jobs stored but not confirmed, in sweep and expansion order, after
     /// `after` (a sweep, an expansion index and a row id, which breaks ties of the index): a
     /// cursor to walk them all in steps. Each comes with its place, the cursor's next value.
@@ -2902,10 +2889,10 @@ mod tests {
         // The second job of `cpu` is confirmed on the broker: no longer pending.
         store.transaction(|tx| tx.confirmed(&a[1..2], 2)).unwrap();
         let listed: Vec<(String, u8, u32, String)> = store
-            .pending()
+            .pending_after(None, u64::MAX)
             .unwrap()
             .into_iter()
-            .map(|p| (p.sweep.to_string(), p.job.as_bytes()[0], p.attempt, p.queue))
+            .map(|(_, p)| (p.sweep.to_string(), p.job.as_bytes()[0], p.attempt, p.queue))
             .collect();
         assert_eq!(
             listed,
