@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Builds gridq's container images without any registry: Debian roots made by mmdebstrap and
-# loaded with `docker import`, then the small Dockerfiles of docker/ on top. Idempotent: every
-# image is tagged with a hash of its inputs and skipped when that tag exists, and the roots are
-# cached as tarballs under target/images/ (keyed by a hash of their package lists).
+# Builds the static gridq binary and the container images of the tests and of hosts with no
+# registry, without any registry: Debian roots made by mmdebstrap and loaded with `docker
+# import`, and the small Dockerfiles of docker/. Idempotent: every image is tagged with a hash
+# of its inputs and skipped when that tag exists, and the roots are cached as tarballs under
+# target/images/ (keyed by a hash of their package lists).
 #
-#   gridq-base:SUITE             minbase + ca-certificates, python3, procps, tini
-#   gridq:VERSION-HASH           the gridq binary on gridq-base, user gridq        (+ :local)
-#   gridq-worker:VERSION-HASH    `gridq worker` on --worker-base (gridq-base)      (+ :local)
+#   gridq-python:SUITE           minbase + ca-certificates, python3, procps: a stand-in for a
+#                                team's own image (no gridq in it); the tests' workers run in it
+#   gridq:VERSION-HASH           the static gridq binary alone on an empty base, with the CA
+#                                certificates and a `gridq` user                   (+ :local)
 #   gridq-rabbitmq:VERSION-HASH  rabbitmq-server + management, own mmdebstrap root (+ :local)
+#
+# `gridq deploy` needs none of the first two: it mounts the static binary into the project's
+# own image, and makes the master's tiny runtime image itself. The binary is
+# scripts/release.sh's (--debug by default here), stripped of its debug info.
 #
 # See docs/images.md. Needs root (mmdebstrap's root mode), docker and mmdebstrap
 # (scripts/setup.sh installs it).
@@ -18,16 +24,16 @@ usage() {
     cat <<'EOF'
 usage: scripts/build-images.sh [options]
 
-  --debug | --release   which gridq binary to build and use (default: --debug)
-  --binary PATH         use this gridq binary instead of building one
-  --no-strip            keep the binary's debug info (default: strip it, a smaller image)
-  --only LIST           comma-separated subset of base,gridq,worker,rabbitmq (default: all)
-  --worker-base IMAGE   base image of gridq-worker (default: gridq-base:SUITE); it must be
-                        present locally (docker load) and have glibc >= the host's
+  --debug | --release   which static gridq binary to build (scripts/release.sh; default: --debug)
+  --binary PATH         use this static gridq binary instead of building one
+  --no-strip            keep the binary's debug info (default: strip it)
+  --only LIST           comma-separated subset of python,gridq,rabbitmq (default: all)
   --suite NAME          Debian release of the roots (default: the host's, else bookworm)
-  --env-file PATH       write GRIDQ_IMAGE=..., GRIDQ_WORKER_IMAGE=..., GRIDQ_RABBITMQ_IMAGE=...
+  --env-file PATH       write GRIDQ_BINARY=..., GRIDQ_IMAGE=..., GRIDQ_USER_IMAGE=...,
+                        GRIDQ_RABBITMQ_IMAGE=...
   --verify              then run the images for real: a broker with a generated user, the
-                        AMQP handshake, the management API, and the echo sweep in containers
+                        AMQP handshake, the management API, the echo sweep in the python
+                        image with the static binary mounted, gridq in its empty image
   --rebuild             ignore the cached roots and existing tags
 EOF
 }
@@ -35,8 +41,7 @@ EOF
 profile=debug
 binary=""
 strip=1
-only="base,gridq,worker,rabbitmq"
-worker_base=""
+only="python,gridq,rabbitmq"
 suite=""
 env_file=""
 verify=0
@@ -48,7 +53,6 @@ while (($#)); do
     --binary) binary=${2:?--binary needs a path}; shift ;;
     --no-strip) strip=0 ;;
     --only) only=${2:?--only needs a list}; shift ;;
-    --worker-base) worker_base=${2:?--worker-base needs an image}; shift ;;
     --suite) suite=${2:?--suite needs a name}; shift ;;
     --env-file) env_file=${2:?--env-file needs a path}; shift ;;
     --verify) verify=1 ;;
@@ -63,16 +67,13 @@ log() { echo "build-images: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 wants() { [[ ",$only," == *",$1,"* ]]; }
 for part in ${only//,/ }; do
-    case $part in base | gridq | worker | rabbitmq) ;; *) die "unknown image '$part' in --only" ;; esac
+    case $part in python | gridq | rabbitmq) ;; *) die "unknown image '$part' in --only" ;; esac
 done
-# gridq and gridq-worker are built on gridq-base.
-if wants gridq || wants worker; then only="$only,base"; fi
 
 command -v docker >/dev/null 2>&1 || die "no docker CLI"
 docker info >/dev/null 2>&1 || die "the Docker engine does not answer (docker info)"
 
-# The gridq binary is dynamically linked against the host's glibc, so the roots follow the
-# host's Debian release.
+# The roots follow the host's Debian release (what mmdebstrap fetches best from its mirror).
 if [ -z "$suite" ]; then
     suite=bookworm
     if [ -r /etc/os-release ] && grep -qx 'ID=debian' /etc/os-release; then
@@ -130,8 +131,8 @@ mm_args=(
     --dpkgopt='path-include=/usr/share/doc/*/copyright'
     --customize-hook='rm -f "$1/etc/apt/apt.conf.d/99mmdebstrap"'
 )
-base_packages=(ca-certificates python3 procps tini)
-rabbitmq_packages=("${base_packages[@]}" rabbitmq-server)
+python_packages=(ca-certificates python3 procps)
+rabbitmq_packages=(ca-certificates python3 procps tini rabbitmq-server)
 # Nothing node-specific may ship in the image: each container makes its own Erlang cookie and
 # database on its volume, and the plugins come from docker/rabbitmq.
 # shellcheck disable=SC2016
@@ -208,18 +209,21 @@ docker_build() {
     log "built $tag in $(elapsed "$t0")"
 }
 
-# The gridq binary, stripped of debug info unless --no-strip, in $work/bin/gridq.
+# The static gridq binary, stripped of debug info unless --no-strip, in $cache/gridq (kept:
+# the env file names it for the tests and for deploy's --gridq-binary).
 binary_ready=0
 prepare_binary() {
     ((binary_ready)) && return
     if [ -z "$binary" ]; then
-        local flags=(--locked -q -p gridq-deploy)
-        [ "$profile" = release ] && flags+=(--release)
-        log "cargo build ${flags[*]}"
-        cargo build "${flags[@]}"
-        binary="${CARGO_TARGET_DIR:-target}/$profile/gridq"
+        local flags=()
+        [ "$profile" = release ] || flags+=(--debug)
+        log "scripts/release.sh ${flags[*]}"
+        binary=$(scripts/release.sh "${flags[@]}" | tail -n1)
     fi
     [ -x "$binary" ] || die "no executable gridq binary at $binary"
+    if readelf -l "$binary" | grep -q 'Requesting program interpreter'; then
+        die "$binary is dynamically linked; the images need a static one (scripts/release.sh)"
+    fi
     mkdir -p "$work/bin"
     if ((strip)) && command -v objcopy >/dev/null 2>&1; then
         objcopy --strip-debug "$binary" "$work/bin/gridq"
@@ -227,6 +231,9 @@ prepare_binary() {
         cp "$binary" "$work/bin/gridq"
     fi
     chmod 0755 "$work/bin/gridq"
+    if ! cmp -s "$work/bin/gridq" "$cache/gridq"; then
+        cp "$work/bin/gridq" "$cache/gridq.partial" && mv "$cache/gridq.partial" "$cache/gridq"
+    fi
     binary_ready=1
 }
 
@@ -242,54 +249,34 @@ context() {
 
 built=()
 gridq_image=""
-worker_image=""
+python_image=""
 rabbitmq_image=""
+prepare_binary
 
-if wants base; then
-    build_root gridq-base "${base_packages[@]}"
-    built+=("gridq-base:$suite")
+if wants python; then
+    build_root gridq-python "${python_packages[@]}"
+    python_image="gridq-python:$suite"
+    built+=("$python_image")
 fi
 
 if wants gridq; then
-    prepare_binary
-    ctx=$(context gridq docker/Dockerfile "$work/bin/gridq")
-    hash=$( (cat "$ctx/Dockerfile" "$ctx/gridq" && image_id "gridq-base:$suite") | key_of)
+    ca=/etc/ssl/certs/ca-certificates.crt
+    [ -r "$ca" ] || die "no CA bundle at $ca (Debian's ca-certificates)"
+    ctx=$(context gridq docker/Dockerfile "$work/bin/gridq" "$ca")
+    printf 'root:x:0:0:root:/root:/sbin/nologin\ngridq:x:10001:10001:gridq:/var/lib/gridq:/sbin/nologin\n' >"$ctx/passwd"
+    printf 'root:x:0:\ngridq:x:10001:\n' >"$ctx/group"
+    mkdir -m 0700 "$ctx/state"
+    hash=$(cat "$ctx/Dockerfile" "$ctx/gridq" "$ctx/ca-certificates.crt" "$ctx/passwd" "$ctx/group" | key_of)
     gridq_image="gridq:$version-$hash"
     if has_image "$gridq_image"; then
         log "$gridq_image is up to date"
     else
-        docker_build "$gridq_image" "$ctx" --build-arg "BASE=gridq-base:$suite"
+        docker_build "$gridq_image" "$ctx"
     fi
-    docker run --rm "$gridq_image" --version >/dev/null ||
-        die "gridq does not run in $gridq_image (glibc of the base older than the host's?)"
+    docker run --rm "$gridq_image" --version >/dev/null || die "gridq does not run in $gridq_image"
     docker tag "$gridq_image" gridq:local
     prune gridq "$gridq_image" "$version-*"
     built+=("$gridq_image" gridq:local)
-fi
-
-if wants worker; then
-    prepare_binary
-    base="${worker_base:-gridq-base:$suite}"
-    docker image inspect "$base" >/dev/null 2>&1 ||
-        die "worker base $base is not present locally (there is no registry: docker load it first)"
-    ctx=$(context worker docker/Dockerfile.worker "$work/bin/gridq")
-    mv "$ctx/Dockerfile.worker" "$ctx/Dockerfile"
-    hash=$( (cat "$ctx/Dockerfile" "$ctx/gridq" && image_id "$base" && image_id "gridq-base:$suite") | key_of)
-    worker_image="gridq-worker:$version-$hash"
-    if has_image "$worker_image"; then
-        log "$worker_image is up to date"
-    else
-        docker_build "$worker_image" "$ctx" --build-arg "BASE=$base" \
-            --build-arg "TINI_FROM=gridq-base:$suite" --label "gridq.worker-base=$base"
-    fi
-    docker run --rm --entrypoint /usr/local/bin/gridq "$worker_image" --version >/dev/null ||
-        die "gridq does not run in $worker_image (glibc of $base older than the host's?)"
-    built+=("$worker_image")
-    prune gridq-worker "$worker_image" "$version-*" "gridq.worker-base=$base"
-    if [ -z "$worker_base" ]; then
-        docker tag "$worker_image" gridq-worker:local
-        built+=(gridq-worker:local)
-    fi
 fi
 
 if wants rabbitmq; then
@@ -315,8 +302,9 @@ docker image prune --force --filter label=gridq.image=1 >/dev/null
 if [ -n "$env_file" ]; then
     {
         echo "GRIDQ_IMAGE_SUITE=$suite"
+        echo "GRIDQ_BINARY=$(realpath "$cache/gridq")"
         [ -z "$gridq_image" ] || echo "GRIDQ_IMAGE=$gridq_image"
-        [ -z "$worker_image" ] || echo "GRIDQ_WORKER_IMAGE=$worker_image"
+        [ -z "$python_image" ] || echo "GRIDQ_USER_IMAGE=$python_image"
         [ -z "$rabbitmq_image" ] || echo "GRIDQ_RABBITMQ_IMAGE=$rabbitmq_image"
     } >"$env_file.partial"
     mv "$env_file.partial" "$env_file"
@@ -404,26 +392,28 @@ EOF
     log "verify: rabbitmq.conf and advanced.config applied ($got)"
 
     # The echo sweep, end to end in containers: master and two workers (gridq run --local)
-    # in a gridq-worker container, on the broker container.
-    if wants worker; then
+    # in the python image, which holds no gridq: the static binary is mounted into it.
+    if wants python; then
         t1=$SECONDS
         ip=$(docker inspect --format '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$run_id")
         # The URL carries the password: it goes in the environment, not on a command line.
         succeeded=$(docker run --rm --label gridq.image=1 \
             -e "GRIDQ_BROKER=amqp://$user:$pass@$ip:5672/%2f" \
-            -v "$PWD/projects/echo:/src:ro" --entrypoint /bin/sh "$worker_image" -c '
-                cp -r /src/. /project/ &&
-                gridq run sweep.yaml --local --workers 2 --state-dir /tmp/state >/tmp/run.log 2>&1 ||
+            -v "$(realpath "$cache/gridq"):/gridq/gridq:ro" \
+            -v "$PWD/projects/echo:/src:ro" --entrypoint /bin/sh "$python_image" -c '
+                mkdir /project && cp -r /src/. /project/ && cd /project &&
+                /gridq/gridq init -- /gridq/gridq run sweep.yaml --local --workers 2 \
+                    --state-dir /tmp/state >/tmp/run.log 2>&1 ||
                     { cat /tmp/run.log >&2; exit 1; }
                 grep -c ",succeeded," /tmp/state/results/echo.csv') ||
-            die "the echo sweep failed in $worker_image"
-        [ "$succeeded" = 6 ] || die "the echo sweep in $worker_image: $succeeded of 6 jobs succeeded"
-        log "verify: echo sweep, 6 of 6 jobs succeeded in $worker_image on the broker container ($(elapsed "$t1"))"
+            die "the echo sweep failed in $python_image"
+        [ "$succeeded" = 6 ] || die "the echo sweep in $python_image: $succeeded of 6 jobs succeeded"
+        log "verify: echo sweep, 6 of 6 jobs succeeded in $python_image with the static gridq mounted, on the broker container ($(elapsed "$t1"))"
     fi
     if wants gridq; then
         count=$(docker run --rm -v "$PWD/projects/echo:/p:ro" gridq:local expand /p/sweep.yaml --format count)
         [ "$count" = 6 ] || die "gridq expand in gridq:local gave $count jobs, expected 6"
-        log "verify: gridq expand in gridq:local: $count jobs"
+        log "verify: gridq expand in gridq:local (static, empty base): $count jobs"
     fi
     t2=$SECONDS
     docker stop -t 30 "$run_id" >/dev/null

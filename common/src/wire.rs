@@ -22,6 +22,7 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::code::CodeVersion;
 use crate::{JobId, SweepId, WorkerId};
 
 /// The schema version this build writes and reads.
@@ -221,6 +222,52 @@ pub struct Finished {
     /// Output lines sent for this attempt (so the master knows when the log is complete).
     #[serde(default)]
     pub lines: u64,
+    /// The version of the project's code the attempt ran (`<project>/.gridq/code.json` when
+    /// it started); `None` when the project has none, or from an older worker.
+    #[serde(default)]
+    pub code: Option<CodeVersion>,
+    /// What the job left in its output directory (`GRIDQ_OUTPUT`) when the attempt ended;
+    /// `None` when it had none (it could not start), or from an older worker.
+    #[serde(default)]
+    pub outputs: Option<OutputListing>,
+}
+
+/// The files in a job's output directory (`GRIDQ_OUTPUT`), as the worker found them when an
+/// attempt ended. The directory belongs to the job, not to one attempt: a later attempt on the
+/// same host finds what an earlier one left there.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputListing {
+    /// The directory, an absolute path as the worker saw it (inside its container, for a
+    /// deployed worker).
+    pub dir: String,
+    /// Regular files under it (links are not followed), by name relative to it, sorted; at
+    /// most [`OutputListing::MAX_FILES`].
+    #[serde(default)]
+    pub files: Vec<OutputFile>,
+    /// There were more files than are listed.
+    #[serde(default)]
+    pub truncated: bool,
+}
+
+impl OutputListing {
+    /// The most files a listing names.
+    pub const MAX_FILES: usize = 1000;
+    /// The most bytes of names a listing carries (then it is truncated).
+    pub const MAX_NAME_BYTES: usize = 128 * 1024;
+
+    /// The listed files' total size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// One file of an [`OutputListing`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    /// Relative to the output directory, `/`-separated (bytes that are not UTF-8 replaced).
+    pub name: String,
+    /// In bytes.
+    pub size: u64,
 }
 
 /// One GPU as `nvidia-smi` reports it.
@@ -603,6 +650,52 @@ mod tests {
             panic!("not a heartbeat")
         };
         assert!(!hb.reads_batches && !hb.short_jobs);
+    }
+
+    #[test]
+    fn a_finished_report_carries_code_and_outputs_and_an_older_one_still_decodes() {
+        let headers = |kind: &str| {
+            let enc = encode(&ToWorker::Drain);
+            let mut headers = enc.properties.headers().clone().unwrap();
+            headers.insert(HEADER_KIND.into(), AMQPValue::LongString(kind.into()));
+            enc.properties.with_headers(headers)
+        };
+        // What a worker without these fields sends.
+        let old = br#"{"kind":"finished","results":[{"worker":"w1","host":"h","sweep":"s","job":"07070707070707070707070707070707","attempt":1,"outcome":"succeeded","started_ms":1,"finished_ms":2}]}"#;
+        let FromWorker::Finished(r) = decode::<FromWorker>(&headers("finished"), old).unwrap()
+        else {
+            panic!("not finished")
+        };
+        assert_eq!((&r.results[0].code, &r.results[0].outputs), (&None, &None));
+
+        let mut finished = r.results[0].clone();
+        finished.code = Some(CodeVersion {
+            tree: "ab".repeat(32),
+            commit: Some("cd".repeat(20)),
+            dirty: Some(true),
+        });
+        finished.outputs = Some(OutputListing {
+            dir: "/p/.gridq/out/s/07".into(),
+            files: vec![OutputFile {
+                name: "sub/out.txt".into(),
+                size: 12,
+            }],
+            truncated: false,
+        });
+        let msg = FromWorker::Finished(Results {
+            results: vec![finished],
+        });
+        let enc = encode(&msg);
+        assert_eq!(
+            decode::<FromWorker>(&enc.properties, &enc.body).unwrap(),
+            msg
+        );
+        let json: serde_json::Value = serde_json::from_slice(&enc.body).unwrap();
+        assert_eq!(
+            json["results"][0]["outputs"]["files"][0]["name"],
+            "sub/out.txt"
+        );
+        assert_eq!(json["results"][0]["code"]["dirty"], true);
     }
 
     fn job(n: u8) -> JobMessage {

@@ -147,6 +147,8 @@ fn build(dir: &Path, n: u64) -> (String, String) {
                             reason: None,
                             gpus: vec![],
                             lines: 2,
+                            code: None,
+                            outputs: None,
                         },
                         1000,
                         now,

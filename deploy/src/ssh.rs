@@ -12,16 +12,24 @@
 //! from `openssh`'s errors and from what `ssh` wrote to its log, which is the only place ssh
 //! says why a login failed.
 //!
-//! The control sockets live in a private (0700) directory under the system temporary directory,
-//! removed with the [`Sessions`]; a master that outlives a crashed gridq exits after a minute
-//! idle (`ControlPersist=60s`).
+//! # Lifetime
+//! Each host's connection is one `ssh -M -N` master process that gridq starts and owns: a child
+//! of gridq (never daemonized), in its own process group (so a Ctrl-C at the terminal reaches
+//! gridq, which then closes its connections in order), started with `ControlPersist=no` (no
+//! idle timer: a port forward answers for as long as the connection is open, whether used or
+//! not). The master ends when its [`HostSession`] is closed or dropped (SIGTERM, then SIGKILL
+//! after a grace period), and with gridq itself, however gridq ends: it is started from a
+//! thread that lives as long as the process, with `PR_SET_PDEATHSIG`.
+//!
+//! The control sockets and the masters' logs live in a private (0700) directory under the
+//! system temporary directory (`$TMPDIR`), removed with the last session.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openssh::{ControlPersist, KnownHosts, SessionBuilder, Stdio};
+use openssh::Stdio;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -437,13 +445,15 @@ impl Output {
     }
 }
 
-/// A logged-in connection to one host.
+/// A logged-in connection to one host: its ssh master process, and the multiplexed session
+/// over it. Dropping it ends the master (see the module documentation).
 #[derive(Debug)]
 pub struct HostSession {
     host: Host,
-    // Declared before `_control`: dropping the session asks its master to exit through the
-    // socket in that directory, so the directory must outlive it.
+    // Fields drop in order: the session (a handle on the socket), then the master process,
+    // then the directory that holds its socket and log.
     session: Arc<openssh::Session>,
+    master: Master,
     _control: Arc<ControlDir>,
 }
 
@@ -621,33 +631,97 @@ impl HostSession {
         }
     }
 
-    /// Makes the ssh master exit now (`ssh -O exit`), dropping the channels of commands still
+    /// Makes the ssh master exit now (SIGTERM), dropping the channels of commands still
     /// running; those remote programs are not killed (they get EOF and SIGPIPE). A no-op when
     /// the master is gone already.
     pub async fn abort(&self) {
-        let mut cmd = tokio::process::Command::new("ssh");
-        cmd.arg("-S")
-            .arg(self.session.control_socket())
-            .args(["-O", "exit", "gridq"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true);
-        match tokio::time::timeout(Duration::from_secs(5), cmd.status()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::debug!(host = %self.host, cause = %e, "ssh -O exit failed"),
-            Err(_) => tracing::debug!(host = %self.host, "ssh -O exit timed out"),
+        self.master.terminate();
+    }
+
+    /// Ends the connection: the ssh master is asked to exit (SIGTERM) and, if it has not
+    /// within a few seconds, killed.
+    pub async fn close(self) {
+        self.master.stop(MASTER_GRACE).await;
+    }
+}
+
+/// How long a master may take to exit once asked, before it is killed.
+const MASTER_GRACE: Duration = Duration::from_secs(5);
+
+/// An `ssh -M -N` master process, owned by its [`HostSession`]; killed when dropped.
+#[derive(Debug)]
+struct Master {
+    /// The child, until it has been reaped (its pid cannot be reused before that, so a signal
+    /// sent while it is here reaches this process and no other).
+    child: std::sync::Mutex<Option<std::process::Child>>,
+}
+
+impl Master {
+    fn new(child: std::process::Child) -> Self {
+        Self {
+            child: std::sync::Mutex::new(Some(child)),
         }
     }
 
-    /// Ends the connection: the ssh master exits once no command runs on it.
-    pub async fn close(self) {
-        // A session still shared (a Docker connection over it) ends with its last holder.
-        if let Ok(session) = Arc::try_unwrap(self.session) {
-            if let Err(e) = session.close().await {
-                tracing::debug!(host = %self.host, cause = %e, "closing the ssh session failed");
+    /// Whether it is still running (reaping it when it is not).
+    fn running(&self) -> bool {
+        let mut slot = self
+            .child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match slot.as_mut().map(std::process::Child::try_wait) {
+            Some(Ok(None)) => true,
+            Some(_) => {
+                *slot = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Asks it to exit: ssh closes its channels and removes its socket.
+    fn terminate(&self) {
+        let slot = self
+            .child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(pid) = slot.as_ref().and_then(|c| i32::try_from(c.id()).ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+
+    /// Asks it to exit and waits up to `grace` for that, then kills it.
+    async fn stop(&self, grace: Duration) {
+        self.terminate();
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.running() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.kill();
+    }
+
+    /// Kills it (when it still runs) and reaps it.
+    fn kill(&self) {
+        let mut slot = self
+            .child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(mut child) = slot.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                // SIGKILL cannot be caught: this returns as soon as the kernel has ended it.
+                let _ = child.wait();
             }
         }
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -716,7 +790,7 @@ impl Sessions {
             );
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;
-                (i, connect_one(&host, &options, control).await)
+                (i, connect_one(&host, &options, control, i).await)
             });
         }
         let mut results: Vec<Option<Connection>> = vec![None; hosts.len()];
@@ -827,60 +901,164 @@ impl Sessions {
     }
 }
 
-/// Logs in to one host, within twice the connect timeout plus five seconds.
+/// Logs in to one host, within twice the connect timeout plus five seconds: starts its ssh
+/// master (`slot` names its socket and log in the control directory) and waits until the
+/// master listens on its control socket, which ssh does once the login has succeeded.
 async fn connect_one(
     host: &Host,
     options: &SshOptions,
     control: Arc<ControlDir>,
+    slot: usize,
 ) -> Result<HostSession> {
-    let mut builder = SessionBuilder::default();
-    builder
-        .known_hosts_check(match options.host_keys {
-            HostKeyPolicy::Strict => KnownHosts::Strict,
-            HostKeyPolicy::AcceptNew => KnownHosts::Add,
-        })
-        .connect_timeout(options.connect_timeout.max(Duration::from_secs(1)))
-        .server_alive_interval(Duration::from_secs(15))
-        .control_directory(&control.0)
-        .control_persist(ControlPersist::IdleFor(
-            std::num::NonZeroUsize::new(60).expect("nonzero"),
-        ));
-    if let Some(user) = &host.user {
-        builder.user(user.clone());
+    let socket = control.0.join(format!("{slot}.sock"));
+    let log = control.0.join(format!("{slot}.log"));
+    let cmd = master_command(host, options, &socket, &log);
+    let child = spawner::spawn(cmd).await.map_err(|e| SshError::Other {
+        host: who(host),
+        detail: format!("cannot start ssh: {e}"),
+    })?;
+    let master = Master::new(child);
+    let limit = options.connect_timeout * 2 + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if !master.running() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(classify_login_failure(host, options, &text));
+        }
+        // ssh creates the socket under another name and links it into place once it listens.
+        if socket.exists() {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            master.kill();
+            return Err(SshError::Unreachable {
+                host: who(host),
+                detail: format!("no SSH login within {}", humantime::format_duration(limit)),
+            });
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
+    let session = openssh::Session::resume_mux(socket.into_boxed_path(), Some(log.into()));
+    Ok(HostSession {
+        host: host.clone(),
+        session: Arc::new(session),
+        master,
+        _control: control,
+    })
+}
+
+/// The master's command line: `ssh -M -N` in the foreground (no `-f`: it stays gridq's
+/// child), with `ControlPersist=no` (ahead of any config file, which could otherwise make it
+/// fork away or exit when idle), never prompting (`BatchMode`).
+fn master_command(
+    host: &Host,
+    options: &SshOptions,
+    socket: &std::path::Path,
+    log: &std::path::Path,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new("ssh");
+    cmd.arg("-E")
+        .arg(log)
+        .arg("-S")
+        .arg(socket)
+        .args(["-M", "-N", "-o", "ControlPersist=no", "-o", "BatchMode=yes"])
+        .arg("-o")
+        .arg(match options.host_keys {
+            HostKeyPolicy::Strict => "StrictHostKeyChecking=yes",
+            HostKeyPolicy::AcceptNew => "StrictHostKeyChecking=accept-new",
+        })
+        .arg("-o")
+        .arg(format!(
+            "ConnectTimeout={}",
+            options.connect_timeout.as_secs().max(1)
+        ))
+        .args(["-o", "ServerAliveInterval=15"]);
     if let Some(port) = host.port {
-        builder.port(port);
+        cmd.arg("-p").arg(port.to_string());
+    }
+    if let Some(user) = &host.user {
+        cmd.arg("-l").arg(user);
     }
     if let Some(key) = &options.identity {
-        builder.keyfile(key);
-    }
-    if let Some(file) = &options.known_hosts {
-        builder.user_known_hosts_file(file);
+        cmd.args(["-o", "IdentitiesOnly=yes", "-i"]).arg(key);
     }
     if let Some(file) = &options.config_file {
-        builder.config_file(file);
+        cmd.arg("-F").arg(file);
     }
-    let limit = options.connect_timeout * 2 + Duration::from_secs(5);
-    let connected = tokio::time::timeout(limit, builder.connect_mux(&host.addr))
-        .await
-        .map_err(|_| SshError::Unreachable {
-            host: who(host),
-            detail: format!("no SSH login within {}", humantime::format_duration(limit)),
-        })?;
-    match connected {
-        Ok(session) => Ok(HostSession {
-            host: host.clone(),
-            session: Arc::new(session),
-            _control: control,
-        }),
-        // openssh puts what ssh logged into the io::Error's message.
-        Err(openssh::Error::Connect(e)) => {
-            Err(classify_login_failure(host, options, &e.to_string()))
+    if let Some(file) = &options.known_hosts {
+        let mut option = std::ffi::OsString::from("UserKnownHostsFile=");
+        option.push(file);
+        cmd.arg("-o").arg(option);
+    }
+    use std::os::unix::process::CommandExt as _;
+    cmd.arg("--")
+        .arg(&host.addr)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        // Its own process group: a Ctrl-C at the terminal goes to gridq alone, which closes
+        // the connections itself (an interrupted deploy still has work to do over them).
+        .process_group(0);
+    cmd
+}
+
+/// Starts the ssh masters from one thread that lives as long as the process, each with
+/// `PR_SET_PDEATHSIG`: that signal follows the *thread* that started a child, and a runtime's
+/// threads may end before the process does; this one ends only with it.
+mod spawner {
+    #![allow(unsafe_code)]
+
+    use std::io;
+    use std::os::unix::process::CommandExt as _;
+    use std::process::{Child, Command};
+    use std::sync::{Mutex, PoisonError, mpsc};
+
+    type Request = (Command, tokio::sync::oneshot::Sender<io::Result<Child>>);
+
+    static SPAWNER: Mutex<Option<mpsc::Sender<Request>>> = Mutex::new(None);
+
+    /// Starts `cmd` so that it gets SIGTERM when gridq ends.
+    pub(super) async fn spawn(mut cmd: Command) -> io::Result<Child> {
+        let parent = nix::unistd::getpid();
+        // SAFETY: the hook runs between fork and exec; it makes two system calls (prctl,
+        // getppid), which are async-signal-safe, and neither allocates nor takes a lock.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+                // gridq ended before the signal was armed: do not outlive it.
+                if nix::unistd::getppid() != parent {
+                    return Err(io::Error::other("gridq has exited"));
+                }
+                Ok(())
+            });
         }
-        Err(e) => Err(SshError::Other {
-            host: who(host),
-            detail: error_chain(&e),
-        }),
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        sender()?
+            .send((cmd, reply))
+            .map_err(|_| io::Error::other("the ssh spawner thread is gone"))?;
+        answer
+            .await
+            .map_err(|_| io::Error::other("the ssh spawner thread is gone"))?
+    }
+
+    fn sender() -> io::Result<mpsc::Sender<Request>> {
+        let mut slot = SPAWNER.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = slot.as_ref() {
+            return Ok(tx.clone());
+        }
+        let (tx, rx) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("gridq-ssh-spawner".into())
+            .spawn(move || {
+                // Never returns while the process lives: the sender stays in `SPAWNER`.
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })?;
+        *slot = Some(tx.clone());
+        Ok(tx)
     }
 }
 

@@ -1,30 +1,58 @@
 //! The project, copied to a directory on a host: [`sync_project`] sends the files that
-//! [`project_files`] selects, with rsync when both ends have it and as a tar stream otherwise.
+//! [`project_files`] selects, with rsync when both ends have it and as a tar stream otherwise,
+//! removes on request what was removed locally, and records the [`CodeVersion`] it sent.
 //!
 //! # What is sent
 //! Every regular file and symbolic link (sent as a link, never followed) under the project
-//! root, except:
-//! - what `.gridqignore` files exclude. They use gitignore syntax and may sit at any depth,
-//!   where their patterns apply below them; a deeper file overrides a shallower one, so a
-//!   `!keep.log` re-includes what a parent's `*.log` left out. The `.gridqignore` files
-//!   themselves are sent;
-//! - `.git`, `target` and `.gridq`, at any depth, always;
+//! root, except what these leave out:
+//! - `.gitignore` files, as git reads them: at any depth, their patterns relative to their
+//!   directory, a deeper file overriding a shallower one, `!pattern` negations, and a
+//!   directory left out with everything in it (nothing under it can be re-included). Also read:
+//!   the `.git/info/exclude` of the repository the project is in, git's global excludes
+//!   (`core.excludesFile`, else `~/.config/git/ignore`), and, when the project is a
+//!   subdirectory of a git work tree, the `.gitignore` files of its parent directories up to
+//!   that work tree's top. The project need not be a git repository: its `.gitignore` files
+//!   count all the same. [`SyncOptions::gitignore`] `false` (`--no-gitignore`) turns all of
+//!   this off;
+//! - `.gridqignore` files: the same syntax and placement, and they take precedence over every
+//!   git source, so `!venv/` re-includes a directory a `.gitignore` left out, and a pattern
+//!   there leaves out more. The ignore files themselves are sent;
+//! - `.git`, `target` and `.gridq`, at any depth, always (nothing re-includes them);
 //! - the caller's extra exclude patterns ([`SyncOptions::excludes`], gitignore syntax relative
-//!   to the root).
+//!   to the root), which apply on top of everything else.
 //!
-//! `.gitignore`, `.ignore` and git's global excludes are not read, and hidden files are sent:
-//! a file git ignores (a data set, a local config) is often exactly what a job needs. Empty
-//! directories are not created.
+//! `.ignore` files are not read, and hidden files are sent. Empty directories are not created.
+//! An invalid pattern in a `.gridqignore` (or among the extra excludes) is an error naming the
+//! file and line; one in a git source is skipped with a warning, as git does not stop on them.
 //!
-//! # Incremental, never deleting
+//! # Incremental
 //! A file is sent only when the host's copy differs in size or modification time (rsync's
 //! quick check; the tar stream compares whole seconds, the resolution tar keeps), or, for a
 //! link, in its target. Syncing an unchanged tree again sends nothing.
 //!
-//! Nothing on the host is ever deleted (no `rsync --delete`): jobs may write their outputs
-//! into the project directory, and a sync must not take them away. A file removed locally
-//! stays on the host until `gridq clean --purge` ([`remove_remote`]) removes the whole
-//! directory.
+//! # Deleting ([`SyncOptions::delete`], `--delete`)
+//! By default nothing on the host is deleted. With `delete`, before the transfer, the host's
+//! project directory is listed (GNU `find`; without it the sync fails rather than delete
+//! blindly) and every file or link there that the project does not send is removed, unless it
+//! is excluded: what the ignore rules leave out (a data set placed on the host by hand and
+//! ignored here, a `venv`) stays, and `.gridq` (where jobs write their outputs, under
+//! `.gridq/out/`), `.git` and `target` are not even listed. Directories left empty that the
+//! project does not have are removed too (`rmdir`, so never one that still holds something).
+//! Removal is a fixed argv (`xargs -0 rm -f --`) reading NUL-separated paths on its standard
+//! input; every path is the remote directory joined with a listed relative name that has no
+//! `..`, `.` or empty component, so nothing outside the project directory can be named. A
+//! delete into the remote home, the root, a path with `..`, or one that holds the home is
+//! refused before anything happens ([`SyncError::RefusedDelete`]). [`SyncReport::deleted`]
+//! counts the files and links removed.
+//!
+//! # Code version
+//! [`code_version`] hashes exactly the files sent (BLAKE3 over their relative paths, permission
+//! bits, link targets and contents, in path order, each file streamed) and asks git, when the
+//! project is in a work tree, for the commit and whether the tree is dirty. After a successful
+//! sync, [`sync_project`] writes it as JSON to `.gridq/code.json` in the remote project
+//! ([`CODE_VERSION_FILE`]; a temporary file filled by `tee` from standard input, then `mv`),
+//! and returns it in its [`SyncReport`]; [`write_code_version`] does the same in a local
+//! project directory.
 //!
 //! # rsync over the existing connection
 //! rsync starts its own `ssh`; gridq points it at the control socket of the session it
@@ -46,26 +74,28 @@
 //! belong to the remote user.
 //!
 //! # Remote commands
-//! Every remote command is an argv list of fixed words plus the remote path as one argument
+//! Every remote command is an argv list of fixed words plus remote paths as single arguments
 //! (see [`crate::ssh`]); no shell command line is built from values. Remote paths are relative
 //! to the remote user's home (where ssh starts) unless absolute; a leading `~/` means the home
 //! too. Every remote step has a deadline.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{File, Metadata};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use ignore::WalkBuilder;
-use ignore::gitignore::GitignoreBuilder;
+pub use gridq_common::code::{CODE_VERSION_FILE, CodeVersion};
+use ignore::Match;
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
 use openssh::Stdio;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -77,8 +107,11 @@ pub type Result<T, E = SyncError> = std::result::Result<T, E>;
 /// The names never sent, at any depth: version control, build output, gridq's own state.
 pub const DEFAULT_EXCLUDES: [&str; 3] = [".git", "target", ".gridq"];
 
-/// The name of the ignore files honoured in the project, at any depth.
+/// The name of gridq's own ignore files, honoured in the project at any depth.
 pub const IGNORE_FILE: &str = ".gridqignore";
+
+/// The name of git's ignore files, honoured unless [`SyncOptions::gitignore`] is off.
+pub const GIT_IGNORE_FILE: &str = ".gitignore";
 
 /// The deadline of the quick remote commands of [`remote_abs_path`] and [`remove_remote`]'s
 /// checks.
@@ -86,6 +119,13 @@ const QUICK_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The deadline of [`remove_remote`]'s `rm -rf`, which may have a large tree to remove.
 const REMOVE_DEADLINE: Duration = Duration::from_secs(600);
+
+/// The deadline of each local `git` command of [`code_version`].
+const GIT_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The most bytes of NUL-separated paths handed to one remote `xargs` (the rest go to the
+/// next), so that its input and any error output stay small.
+const DELETE_BATCH: usize = 64 * 1024;
 
 /// How the files travel.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize)]
@@ -130,13 +170,19 @@ impl FromStr for SyncMethod {
 pub struct SyncOptions {
     /// rsync, tar, or whichever both ends support.
     pub method: SyncMethod,
+    /// Whether `.gitignore` files, `.git/info/exclude` and git's global excludes leave files
+    /// out (`--no-gitignore` turns it off); `.gridqignore` files count either way.
+    pub gitignore: bool,
+    /// Whether files on the host that the project no longer has are removed (`--delete`);
+    /// excluded files and `.gridq` are kept.
+    pub delete: bool,
     /// More gitignore-style patterns to leave out, on top of [`DEFAULT_EXCLUDES`] and the
-    /// `.gridqignore` files.
+    /// ignore files.
     pub excludes: Vec<String>,
-    /// The deadline of each short remote step: creating the directory, looking for rsync.
+    /// The deadline of each short remote step: creating the directory, looking for rsync,
+    /// one batch of deletions, writing the code version.
     pub step_timeout: Duration,
-    /// The deadline of the transfer itself (and of the remote listing the tar stream starts
-    /// with).
+    /// The deadline of the transfer itself (and of the remote listing it may start with).
     pub transfer_timeout: Duration,
 }
 
@@ -144,6 +190,8 @@ impl Default for SyncOptions {
     fn default() -> Self {
         Self {
             method: SyncMethod::Auto,
+            gitignore: true,
+            delete: false,
             excludes: Vec::new(),
             step_timeout: Duration::from_secs(60),
             transfer_timeout: Duration::from_secs(30 * 60),
@@ -162,10 +210,16 @@ pub struct SyncReport {
     pub sent: usize,
     /// The size of the regular files sent, in bytes.
     pub bytes: u64,
+    /// The files (and links) removed from the host because the project no longer has them
+    /// (always 0 without [`SyncOptions::delete`]).
+    pub deleted: usize,
+    /// The version of what was sent, as written to `.gridq/code.json` on the host.
+    pub code: CodeVersion,
 }
 
 /// Why a sync, or a removal, failed. Messages start with `host N [user@]addr[:port]`, except
-/// that of a [`Walk`](Self::Walk) failure outside [`sync_project`], which concerns no host.
+/// those of a [`Walk`](Self::Walk) or [`CodeFile`](Self::CodeFile) failure outside
+/// [`sync_project`], which concern no host.
 ///
 /// Worth retrying (see [`SyncError::is_retryable`]): SSH failures that are, a broken tar
 /// stream, and rsync failures of its connection or timeouts.
@@ -187,11 +241,21 @@ pub enum SyncError {
         /// What went wrong, naming the file.
         detail: String,
     },
-    /// A local file could not be read (or changed while it was sent).
-    #[error("{host}: cannot read the local file {file}: {detail}; check it and sync again")]
+    /// A local file could not be read (or changed while it was sent or hashed).
+    #[error("{}cannot read the local file {file}: {detail}; check it and sync again", host_prefix(.host))]
     LocalFile {
-        /// `host N [user@]addr[:port]`.
-        host: String,
+        /// `host N [user@]addr[:port]`, when reading for a sync to that host.
+        host: Option<String>,
+        /// The file.
+        file: String,
+        /// The I/O error.
+        detail: String,
+    },
+    /// The code version could not be written into a local project directory.
+    #[error(
+        "cannot write the code version to {file}: {detail}; check that the directory is writable"
+    )]
+    CodeFile {
         /// The file.
         file: String,
         /// The I/O error.
@@ -214,6 +278,19 @@ pub enum SyncError {
         "{host}: refusing to remove {path:?}: {reason}; name the project directory itself, e.g. gridq/myproject"
     )]
     RefusedRemoval {
+        /// `host N [user@]addr[:port]`.
+        host: String,
+        /// The path as given.
+        path: String,
+        /// Why it is dangerous.
+        reason: String,
+    },
+    /// A sync with [`SyncOptions::delete`] was given a path where deleting what the project
+    /// lacks would destroy more than a project.
+    #[error(
+        "{host}: refusing to delete files in {path:?}: {reason}; sync with delete only into a directory of the project's own, e.g. gridq/myproject"
+    )]
+    RefusedDelete {
         /// `host N [user@]addr[:port]`.
         host: String,
         /// The path as given.
@@ -317,77 +394,520 @@ impl SyncError {
                 root,
                 detail,
             },
+            Self::LocalFile { file, detail, .. } => Self::LocalFile {
+                host: Some(host),
+                file,
+                detail,
+            },
             other => other,
         }
     }
 }
 
 /// The files under `root` to send, as paths relative to it, sorted: every regular file and
-/// symbolic link that neither a `.gridqignore` file, nor [`DEFAULT_EXCLUDES`], nor `excludes`
-/// (gitignore-style patterns relative to `root`) leaves out. See the [module
-/// documentation](self) for the rules.
+/// symbolic link that neither the ignore files (`.gitignore` unless `options.gitignore` is
+/// off, `.gridqignore` always), nor [`DEFAULT_EXCLUDES`], nor `options.excludes` leave out.
+/// See the [module documentation](self) for the rules.
 ///
 /// # Errors
 /// [`SyncError::Walk`] when a directory cannot be read, a `.gridqignore` holds an invalid
 /// pattern, or an exclude pattern is invalid.
-pub fn project_files(root: &Path, excludes: &[String]) -> Result<Vec<PathBuf>> {
-    let walk_error = |detail: String| SyncError::Walk {
-        host: None,
-        root: root.display().to_string(),
-        detail,
-    };
-    let mut extra = GitignoreBuilder::new(root);
-    for pattern in excludes {
-        extra
-            .add_line(None, pattern)
-            .map_err(|e| walk_error(format!("bad exclude pattern {pattern:?}: {e}")))?;
-    }
-    let extra = extra
-        .build()
-        .map_err(|e| walk_error(format!("bad exclude patterns: {e}")))?;
+pub fn project_files(root: &Path, options: &SyncOptions) -> Result<Vec<PathBuf>> {
+    Ok(Selection::walk(root, options)?.files)
+}
 
-    let mut walk = WalkBuilder::new(root);
-    walk.standard_filters(false)
-        .add_custom_ignore_filename(IGNORE_FILE)
-        .follow_links(false)
-        .filter_entry(move |entry| {
-            if entry.depth() == 0 {
+/// The version of the project at `root` as [`sync_project`] would send it with `options`:
+/// the hash of exactly the files [`project_files`] selects, and git's commit and dirty flag
+/// when `root` lies in a git work tree and git is installed (`None` otherwise, or when git
+/// fails). Blocking: it reads every file selected (streamed) and runs `git`.
+///
+/// # Errors
+/// [`SyncError::Walk`] as for [`project_files`], [`SyncError::LocalFile`] when a file cannot
+/// be read or changes while it is hashed.
+pub fn code_version(root: &Path, options: &SyncOptions) -> Result<CodeVersion> {
+    let selection = Selection::walk(root, options)?;
+    version_of(root, &selection.files)
+}
+
+/// Writes `code` as JSON to `.gridq/code.json` under the local project `root` (for local
+/// mode, where nothing is synced), through a temporary file renamed into place. Returns the
+/// file written.
+///
+/// # Errors
+/// [`SyncError::CodeFile`] when `.gridq` cannot be created or the file written.
+pub fn write_code_version(root: &Path, code: &CodeVersion) -> Result<PathBuf> {
+    let file = root.join(CODE_VERSION_FILE);
+    let error = |e: io::Error| SyncError::CodeFile {
+        file: file.display().to_string(),
+        detail: e.to_string(),
+    };
+    let dir = file.parent().unwrap_or(root);
+    std::fs::create_dir_all(dir).map_err(error)?;
+    let tmp = dir.join(format!(".code.json.{}.tmp", std::process::id()));
+    let written = std::fs::write(&tmp, code_json(code)).and_then(|()| std::fs::rename(&tmp, &file));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(error(e));
+    }
+    Ok(file)
+}
+
+/// The JSON of a code version, as files hold it.
+fn code_json(code: &CodeVersion) -> Vec<u8> {
+    let mut json = serde_json::to_vec_pretty(code).expect("a code version serializes");
+    json.push(b'\n');
+    json
+}
+
+/// The ignore files of one project directory.
+#[derive(Debug, Default)]
+struct DirRules {
+    /// Its `.gridqignore`.
+    gridq: Option<Gitignore>,
+    /// Its `.gitignore`.
+    git: Option<Gitignore>,
+    /// `info/exclude` of the repository whose `.git` it holds.
+    exclude: Option<Gitignore>,
+}
+
+/// Every rule that decides whether a path of the project is left out. Each matcher is built
+/// with the root `.` and given paths relative to its own directory.
+#[derive(Debug)]
+struct Rules {
+    gitignore: bool,
+    /// Per project directory that has ignore files (relative to the root, `""` for the root).
+    dirs: HashMap<PathBuf, DirRules>,
+    /// The `.gitignore` files of the directories above the root up to its work tree's top,
+    /// deepest first, each with the root's path relative to its directory.
+    above: Vec<(PathBuf, Gitignore)>,
+    /// The enclosing repository's `info/exclude` and the root's path relative to its top.
+    above_exclude: Option<(PathBuf, Gitignore)>,
+    /// git's global excludes (relative to the work tree's top, or to the root).
+    global: Option<(PathBuf, Gitignore)>,
+    /// [`SyncOptions::excludes`].
+    extra: Gitignore,
+}
+
+impl Rules {
+    /// Whether `rel` (relative to the root; `is_dir` for a directory) is left out, assuming
+    /// its parent directories are not.
+    fn excluded_here(&self, rel: &Path, is_dir: bool) -> bool {
+        if rel
+            .file_name()
+            .is_some_and(|name| DEFAULT_EXCLUDES.iter().any(|d| name == *d))
+        {
+            return true;
+        }
+        if self.extra.matched(rel, is_dir).is_ignore() {
+            return true;
+        }
+        self.decide(rel, is_dir).is_ignore()
+    }
+
+    /// Whether `rel` or one of its parent directories is left out: for a path that may not
+    /// exist here (one on a host).
+    fn excluded(&self, rel: &Path, is_dir: bool) -> bool {
+        let mut prefix = PathBuf::new();
+        let mut parts = rel.components().peekable();
+        while let Some(part) = parts.next() {
+            prefix.push(part);
+            let last = parts.peek().is_none();
+            if self.excluded_here(&prefix, if last { is_dir } else { true }) {
                 return true;
             }
-            let name = entry.file_name();
-            if DEFAULT_EXCLUDES.iter().any(|d| name == *d) {
-                return false;
-            }
-            let is_dir = entry.file_type().is_some_and(|t| t.is_dir());
-            !extra.matched(entry.path(), is_dir).is_ignore()
-        });
-    let mut files = Vec::new();
-    for entry in walk.build() {
-        let entry = entry.map_err(|e| walk_error(e.to_string()))?;
-        let Some(kind) = entry.file_type() else {
-            continue;
+        }
+        false
+    }
+
+    /// The decision of the ignore files for `rel`, in git's order of precedence, with
+    /// `.gridqignore` above it all.
+    fn decide(&self, rel: &Path, is_dir: bool) -> Match<()> {
+        // The directories holding `rel`, deepest first, with `rel` relative to each.
+        let holders = || {
+            rel.ancestors()
+                .skip(1)
+                .filter_map(|dir| Some((self.dirs.get(dir)?, rel.strip_prefix(dir).ok()?)))
         };
-        if !(kind.is_file() || kind.is_symlink()) {
+        let first = |matchers: &mut dyn Iterator<Item = (&Gitignore, &Path)>| {
+            matchers
+                .map(|(gi, path)| gi.matched(path, is_dir))
+                .find(|m| !m.is_none())
+                .map_or(Match::None, |m| m.map(|_| ()))
+        };
+        let m = first(&mut holders().filter_map(|(d, p)| Some((d.gridq.as_ref()?, p))));
+        if !m.is_none() || !self.gitignore {
+            return m;
+        }
+        let m = first(&mut holders().filter_map(|(d, p)| Some((d.git.as_ref()?, p))));
+        if !m.is_none() {
+            return m;
+        }
+        let above: Vec<(PathBuf, &Gitignore)> = self
+            .above
+            .iter()
+            .map(|(prefix, gi)| (prefix.join(rel), gi))
+            .collect();
+        let m = first(&mut above.iter().map(|(p, gi)| (*gi, p.as_path())));
+        if !m.is_none() {
+            return m;
+        }
+        // Only the nearest repository's info/exclude applies.
+        let m = match holders().find_map(|(d, p)| Some((d.exclude.as_ref()?, p))) {
+            Some((gi, path)) => gi.matched(path, is_dir).map(|_| ()),
+            None => self
+                .above_exclude
+                .as_ref()
+                .map_or(Match::None, |(prefix, gi)| {
+                    gi.matched(prefix.join(rel), is_dir).map(|_| ())
+                }),
+        };
+        if !m.is_none() {
+            return m;
+        }
+        self.global.as_ref().map_or(Match::None, |(prefix, gi)| {
+            gi.matched(prefix.join(rel), is_dir).map(|_| ())
+        })
+    }
+}
+
+/// What the project sends, and the rules that chose it.
+#[derive(Debug)]
+struct Selection {
+    /// The files and links sent, relative to the root, sorted.
+    files: Vec<PathBuf>,
+    /// The directories walked (not left out), relative to the root, the root (`""`) too.
+    dirs: HashSet<PathBuf>,
+    rules: Rules,
+}
+
+impl Selection {
+    /// Walks the project at `root`, reading the ignore files as it goes.
+    fn walk(root: &Path, options: &SyncOptions) -> Result<Self> {
+        let walk_error = |detail: String| SyncError::Walk {
+            host: None,
+            root: root.display().to_string(),
+            detail,
+        };
+        let mut extra = GitignoreBuilder::new(".");
+        for pattern in &options.excludes {
+            extra
+                .add_line(None, pattern)
+                .map_err(|e| walk_error(format!("bad exclude pattern {pattern:?}: {e}")))?;
+        }
+        let extra = extra
+            .build()
+            .map_err(|e| walk_error(format!("bad exclude patterns: {e}")))?;
+        let mut rules = Rules {
+            gitignore: options.gitignore,
+            dirs: HashMap::new(),
+            above: Vec::new(),
+            above_exclude: None,
+            global: None,
+            extra,
+        };
+        if options.gitignore {
+            load_above(root, &mut rules);
+        }
+
+        let mut files = Vec::new();
+        let mut dirs = HashSet::new();
+        let mut pending = vec![PathBuf::new()];
+        while let Some(rel) = pending.pop() {
+            let full = root.join(&rel);
+            let read_error = |e: io::Error| walk_error(format!("{}: {e}", full.display()));
+            let mut entries = Vec::new();
+            for entry in std::fs::read_dir(&full).map_err(read_error)? {
+                let entry = entry.map_err(read_error)?;
+                let kind = entry.file_type().map_err(read_error)?;
+                entries.push((entry.file_name(), kind));
+            }
+            let has = |name: &str| entries.iter().find(|(n, _)| n == name).map(|(_, k)| *k);
+            let mut here = DirRules::default();
+            if has(IGNORE_FILE).is_some() {
+                let file = full.join(IGNORE_FILE);
+                here.gridq = Some(
+                    read_ignore_file(&file, true)
+                        .map_err(|e| walk_error(format!("{}: {e}", file.display())))?,
+                );
+            }
+            if options.gitignore {
+                if has(GIT_IGNORE_FILE).is_some() {
+                    here.git = read_ignore_file(&full.join(GIT_IGNORE_FILE), false).ok();
+                }
+                if let Some(kind) = has(".git") {
+                    here.exclude = git_exclude_file(&full, kind.is_file())
+                        .and_then(|file| read_ignore_file(&file, false).ok());
+                }
+            }
+            if here.gridq.is_some() || here.git.is_some() || here.exclude.is_some() {
+                rules.dirs.insert(rel.clone(), here);
+            }
+            for (name, kind) in entries {
+                let child = rel.join(&name);
+                let is_dir = kind.is_dir();
+                if !(is_dir || kind.is_file() || kind.is_symlink()) {
+                    continue;
+                }
+                if rules.excluded_here(&child, is_dir) {
+                    continue;
+                }
+                if is_dir {
+                    pending.push(child);
+                } else {
+                    files.push(child);
+                }
+            }
+            dirs.insert(rel);
+        }
+        files.sort();
+        Ok(Self { files, dirs, rules })
+    }
+}
+
+/// Reads one ignore file. With `strict` (a `.gridqignore`), a pattern that does not parse is
+/// an error naming its line; otherwise (git's files) it is skipped with a warning, as is a
+/// file that cannot be read.
+fn read_ignore_file(file: &Path, strict: bool) -> std::result::Result<Gitignore, String> {
+    let mut builder = GitignoreBuilder::new(".");
+    if let Some(e) = builder.add(file) {
+        if strict {
+            return Err(e.to_string());
+        }
+        tracing::warn!(file = %file.display(), cause = %e, "skipping what cannot be read of an ignore file");
+    }
+    builder.build().map_err(|e| {
+        if !strict {
+            tracing::warn!(file = %file.display(), cause = %e, "ignoring an ignore file");
+        }
+        e.to_string()
+    })
+}
+
+/// The `info/exclude` of the repository whose `.git` is in `dir`, when there is one:
+/// `.git/info/exclude`, or, for a `.git` file (`gitdir: PATH`, a linked work tree or
+/// submodule), the one in its common directory.
+fn git_exclude_file(dir: &Path, dot_git_is_file: bool) -> Option<PathBuf> {
+    let dot_git = dir.join(".git");
+    let file = if dot_git_is_file {
+        let text = std::fs::read_to_string(&dot_git).ok()?;
+        let git_dir = dir.join(text.lines().next()?.strip_prefix("gitdir: ")?.trim_end());
+        let common = match std::fs::read_to_string(git_dir.join("commondir")) {
+            Ok(common) => git_dir.join(common.trim_end()),
+            Err(_) => git_dir,
+        };
+        common.join("info/exclude")
+    } else {
+        dot_git.join("info/exclude")
+    };
+    file.is_file().then_some(file)
+}
+
+/// Loads the git rules from outside the project: those of the work tree it is a subdirectory
+/// of (its parents' `.gitignore` files up to the top, the top's `info/exclude`) and git's
+/// global excludes.
+fn load_above(root: &Path, rules: &mut Rules) {
+    let mut top: Option<PathBuf> = None;
+    if let Ok(abs) = root.canonicalize() {
+        let mut above = Vec::new();
+        // The root's path relative to `dir`, as names from the root up.
+        let mut names: Vec<&OsStr> = Vec::new();
+        let mut dir = abs.as_path();
+        // The root's own .git (a repository at the root) is read by the walk.
+        if dir.join(".git").exists() {
+            top = Some(abs.clone());
+        } else {
+            while let Some(parent) = dir.parent() {
+                names.extend(dir.file_name());
+                let prefix: PathBuf = names.iter().rev().collect();
+                dir = parent;
+                let gitignore = dir.join(GIT_IGNORE_FILE);
+                if gitignore.is_file() {
+                    if let Ok(gi) = read_ignore_file(&gitignore, false) {
+                        above.push((prefix.clone(), gi));
+                    }
+                }
+                let dot_git = dir.join(".git");
+                if let Ok(meta) = std::fs::symlink_metadata(&dot_git) {
+                    rules.above_exclude = git_exclude_file(dir, meta.is_file())
+                        .and_then(|f| read_ignore_file(&f, false).ok())
+                        .map(|gi| (prefix, gi));
+                    top = Some(dir.to_owned());
+                    break;
+                }
+            }
+            // Outside a work tree, no parent's .gitignore counts.
+            if top.is_some() {
+                rules.above = above;
+            }
+        }
+        let prefix_of_root = top
+            .as_deref()
+            .and_then(|t| abs.strip_prefix(t).ok())
+            .map(Path::to_owned)
+            .unwrap_or_default();
+        let (global, err) = GitignoreBuilder::new(".").build_global();
+        if let Some(e) = err {
+            tracing::warn!(cause = %e, "skipping what cannot be read of git's global excludes");
+        }
+        if !global.is_empty() {
+            rules.global = Some((prefix_of_root, global));
+        }
+    }
+}
+
+/// The code version of `files` under `root`, and git's view of `root`.
+fn version_of(root: &Path, files: &[PathBuf]) -> Result<CodeVersion> {
+    let tree = tree_hash(root, files).map_err(|(file, e)| SyncError::LocalFile {
+        host: None,
+        file: file.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    let (commit, dirty) = git_state(root);
+    Ok(CodeVersion {
+        tree,
+        commit,
+        dirty,
+    })
+}
+
+/// The BLAKE3 hash of `files` (relative to `root`, in the given order): for each, a kind
+/// byte, then length-prefixed fields: its path, and its permission bits and contents (a
+/// file) or its target (a link). Contents are streamed.
+fn tree_hash(root: &Path, files: &[PathBuf]) -> std::result::Result<String, (PathBuf, io::Error)> {
+    let mut hasher = blake3::Hasher::new();
+    let field = |hasher: &mut blake3::Hasher, bytes: &[u8]| {
+        hasher.update(&(bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
+    for relative in files {
+        let full = root.join(relative);
+        let fail = |e: io::Error| (full.clone(), e);
+        let meta = std::fs::symlink_metadata(&full).map_err(fail)?;
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&full).map_err(fail)?;
+            hasher.update(b"l");
+            field(&mut hasher, relative.as_os_str().as_bytes());
+            field(&mut hasher, target.as_os_str().as_bytes());
             continue;
         }
-        let relative = entry
-            .path()
-            .strip_prefix(root)
-            .map_err(|_| walk_error(format!("{} is outside it", entry.path().display())))?;
-        files.push(relative.to_owned());
+        let file = File::open(&full).map_err(fail)?;
+        let meta = file.metadata().map_err(fail)?;
+        if !meta.is_file() {
+            return Err(fail(io::Error::other("it is no longer a regular file")));
+        }
+        hasher.update(b"f");
+        field(&mut hasher, relative.as_os_str().as_bytes());
+        hasher.update(&(meta.permissions().mode() & 0o7777).to_le_bytes());
+        hasher.update(&meta.len().to_le_bytes());
+        let copied = io::copy(&mut file.take(meta.len()), &mut hasher).map_err(fail)?;
+        if copied != meta.len() {
+            return Err(fail(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "it shrank while it was being hashed",
+            )));
+        }
     }
-    files.sort();
-    Ok(files)
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// git's commit and dirty flag for `root`, when it lies in a work tree and git runs.
+fn git_state(root: &Path) -> (Option<String>, Option<bool>) {
+    let inside = git_output(root, &["rev-parse", "--is-inside-work-tree"]);
+    if inside.as_deref() != Some(b"true\n".as_slice()) {
+        return (None, None);
+    }
+    let commit = git_output(root, &["rev-parse", "--verify", "--quiet", "HEAD"])
+        .and_then(|out| String::from_utf8(out).ok())
+        .map(|s| s.trim_end().to_owned())
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()));
+    let dirty = git_output(
+        root,
+        &[
+            "status",
+            "--porcelain",
+            "-z",
+            "--untracked-files=normal",
+            "--",
+            ".",
+        ],
+    )
+    .map(|out| status_is_dirty(&out));
+    (commit, dirty)
+}
+
+/// Whether `git status --porcelain -z` output lists a change outside [`DEFAULT_EXCLUDES`]
+/// (gridq's own `.gridq`, say, need not be in `.gitignore`).
+fn status_is_dirty(out: &[u8]) -> bool {
+    let mut records = out.split(|&b| b == 0).filter(|r| !r.is_empty());
+    while let Some(record) = records.next() {
+        let (Some(xy), Some(path)) = (record.get(..2), record.get(3..)) else {
+            continue;
+        };
+        // A rename or copy is followed by its source path.
+        if xy.contains(&b'R') || xy.contains(&b'C') {
+            records.next();
+        }
+        let excluded = path
+            .split(|&b| b == b'/')
+            .any(|part| DEFAULT_EXCLUDES.iter().any(|d| part == d.as_bytes()));
+        if !excluded {
+            return true;
+        }
+    }
+    false
+}
+
+/// The standard output of `git -C root ARGS`, or `None` when git is missing, fails, or takes
+/// longer than [`GIT_DEADLINE`] (then it is killed). Variables that would point git at
+/// another repository are removed; no optional lock is taken.
+fn git_output(root: &Path, args: &[&str]) -> Option<Vec<u8>> {
+    let mut child = std::process::Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(args)
+        .env("GIT_OPTIONAL_LOCKS", "0")
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .env_remove("GIT_INDEX_FILE")
+        .env_remove("GIT_COMMON_DIR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut stdout = child.stdout.take()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let read = stdout.read_to_end(&mut out);
+        let _ = tx.send(read.map(|_| out));
+    });
+    match rx.recv_timeout(GIT_DEADLINE) {
+        Ok(out) => {
+            let status = child.wait().ok()?;
+            if status.success() { out.ok() } else { None }
+        }
+        Err(_) => {
+            tracing::warn!(root = %root.display(), ?args, "git took too long; the code version has no git state");
+            let _ = child.kill();
+            let _ = child.wait();
+            None
+        }
+    }
 }
 
 /// Copies the project at `local_root` into `remote_path` on the session's host (created if
-/// missing), sending only what changed; see the [module documentation](self).
+/// missing), sending only what changed, removing (with [`SyncOptions::delete`]) what the
+/// project no longer has, and writing the [`CodeVersion`] sent to `.gridq/code.json` there;
+/// see the [module documentation](self).
 ///
 /// # Errors
-/// [`SyncError::RsyncMissing`] when rsync is forced and an end lacks it,
-/// [`SyncError::RsyncFailed`], [`SyncError::Remote`] (mkdir or tar failed on the host, with
-/// its message), [`SyncError::LocalFile`], [`SyncError::Walk`], and [`SyncError::Ssh`] for
-/// connection problems and deadlines.
+/// [`SyncError::RefusedDelete`] (before anything is done) when `delete` is asked for a path
+/// that is not a project's own, [`SyncError::RsyncMissing`] when rsync is forced and an end
+/// lacks it, [`SyncError::RsyncFailed`], [`SyncError::Remote`] (mkdir, the listing `delete`
+/// needs, rm, tar or writing the code version failed on the host, with its message),
+/// [`SyncError::LocalFile`], [`SyncError::Walk`], and [`SyncError::Ssh`] for connection
+/// problems and deadlines.
 pub async fn sync_project(
     session: &HostSession,
     local_root: &Path,
@@ -402,15 +922,27 @@ pub async fn sync_project(
             reason: "it is empty".to_owned(),
         });
     }
+    if options.delete {
+        if let Err(reason) = check_project_dir(session, remote_path).await? {
+            return Err(SyncError::RefusedDelete {
+                host,
+                path: remote_path.to_owned(),
+                reason: reason.to_owned(),
+            });
+        }
+    }
     let dest = RemotePath::parse(remote_path).operand();
-    let files = {
-        let (root, excludes) = (local_root.to_owned(), options.excludes.clone());
+    let (selection, code) = {
+        let (root, options) = (local_root.to_owned(), options.clone());
         join_blocking(tokio::task::spawn_blocking(move || {
-            project_files(&root, &excludes)
+            let selection = Selection::walk(&root, &options)?;
+            let code = version_of(&root, &selection.files)?;
+            Ok::<_, SyncError>((selection, code))
         }))
         .await
         .map_err(|e| e.on_host(host.clone()))?
     };
+    let files = &selection.files;
     remote_checked(
         session,
         &["mkdir", "-p", "--", &dest],
@@ -420,21 +952,94 @@ pub async fn sync_project(
     )
     .await?;
     let method = choose_method(session, options).await?;
-    tracing::debug!(host = %session.host(), %method, files = files.len(), remote = %dest, "syncing the project");
+    tracing::debug!(host = %session.host(), %method, files = files.len(), remote = %dest, delete = options.delete, "syncing the project");
+    let listing = if method == SyncMethod::Tar || options.delete {
+        remote_listing(session, &dest, &selection, options).await?
+    } else {
+        None
+    };
+    let deleted = match &listing {
+        Some(listing) if options.delete => delete_stale(session, &dest, listing, options).await?,
+        _ => 0,
+    };
     let sent = match method {
-        SyncMethod::Tar => send_tar(session, local_root, &dest, &files, options).await?,
+        SyncMethod::Tar => {
+            send_tar(
+                session,
+                local_root,
+                &dest,
+                files,
+                listing.map(|l| l.known),
+                options,
+            )
+            .await?
+        }
         // `choose_method` never answers Auto.
         SyncMethod::Rsync | SyncMethod::Auto => {
-            send_rsync(session, local_root, &dest, &files, options).await?
+            send_rsync(session, local_root, &dest, files, options).await?
         }
     };
-    tracing::debug!(host = %session.host(), %method, sent = sent.files, bytes = sent.bytes, "project synced");
+    write_remote_code_version(session, &dest, &code, options).await?;
+    tracing::debug!(host = %session.host(), %method, sent = sent.files, bytes = sent.bytes, deleted, tree = %code.tree, "project synced");
     Ok(SyncReport {
         method,
         files: files.len(),
         sent: sent.files,
         bytes: sent.bytes,
+        deleted,
+        code,
     })
+}
+
+/// Writes `code` to `DEST/.gridq/code.json` on the host: `tee` fills a temporary file from
+/// standard input, `mv` puts it in place, so a reader sees the old version or the new one.
+async fn write_remote_code_version(
+    session: &HostSession,
+    dest: &str,
+    code: &CodeVersion,
+    options: &SyncOptions,
+) -> Result<()> {
+    let file = format!("{dest}/{CODE_VERSION_FILE}");
+    let dir = file.rsplit_once('/').map_or(".", |(dir, _)| dir).to_owned();
+    remote_checked(
+        session,
+        &["mkdir", "-p", "--", &dir],
+        options.step_timeout,
+        || format!("creating {dir} (mkdir -p)"),
+        "check that the remote user may write there",
+    )
+    .await?;
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).expect("the OS random source works");
+    let tmp = format!("{dir}/.code.json.{:016x}.tmp", u64::from_le_bytes(nonce));
+    let out = session
+        .run_with_input(
+            &["tee", "--", &tmp],
+            &code_json(code),
+            Some(options.step_timeout),
+        )
+        .await?;
+    if !out.success() {
+        let _ = session
+            .run(&["rm", "-f", "--", &tmp], Some(options.step_timeout))
+            .await;
+        return Err(SyncError::Remote {
+            host: session.who(),
+            action: format!("writing the code version to {tmp} (tee)"),
+            code: out.code,
+            stderr: tail(&out.stderr),
+            hint: "check the free space and permissions there".to_owned(),
+        });
+    }
+    remote_checked(
+        session,
+        &["mv", "-f", "--", &tmp, &file],
+        options.step_timeout,
+        || format!("putting the code version in place at {file} (mv)"),
+        "check the permissions of that directory",
+    )
+    .await?;
+    Ok(())
 }
 
 /// The absolute path of `remote_path` on the host, symbolic links resolved (whether or not it
@@ -480,36 +1085,14 @@ pub async fn remote_abs_path(session: &HostSession, remote_path: &str) -> Result
 /// remote home (`.`, `~`, or its absolute path) or the root, contains a `..` component, or
 /// resolves to a directory that holds the home; [`SyncError::Remote`] when `rm` fails.
 pub async fn remove_remote(session: &HostSession, remote_path: &str) -> Result<()> {
-    let refuse = |reason: &str| SyncError::RefusedRemoval {
-        host: session.who(),
-        path: remote_path.to_owned(),
-        reason: reason.to_owned(),
-    };
-    if remote_path.trim().is_empty() {
-        return Err(refuse("it is empty"));
+    if let Err(reason) = check_project_dir(session, remote_path).await? {
+        return Err(SyncError::RefusedRemoval {
+            host: session.who(),
+            path: remote_path.to_owned(),
+            reason: reason.to_owned(),
+        });
     }
     let path = RemotePath::parse(remote_path);
-    if path.parts.contains(&"..") {
-        return Err(refuse("it has a `..` component"));
-    }
-    if path.parts.is_empty() {
-        return Err(refuse(if path.absolute {
-            "it is the root directory"
-        } else {
-            "it is the remote home directory"
-        }));
-    }
-    let target = remote_abs_path(session, remote_path).await?;
-    let home = remote_abs_path(session, ".").await?;
-    if target == "/" {
-        return Err(refuse("it is the root directory"));
-    }
-    if target == home {
-        return Err(refuse("it is the remote home directory"));
-    }
-    if home.starts_with(&format!("{target}/")) {
-        return Err(refuse("it contains the remote home directory"));
-    }
     let operand = path.operand();
     remote_checked(
         session,
@@ -521,6 +1104,41 @@ pub async fn remove_remote(session: &HostSession, remote_path: &str) -> Result<(
     .await?;
     tracing::debug!(host = %session.host(), path = operand, "remote project removed");
     Ok(())
+}
+
+/// Whether `remote_path` may be treated as a project's own directory, whose contents gridq
+/// may remove: `Err(reason)` when it is empty, is the remote home (`.`, `~`, or its absolute
+/// path) or the root, has a `..` component, or resolves to a directory that holds the home.
+async fn check_project_dir(
+    session: &HostSession,
+    remote_path: &str,
+) -> Result<std::result::Result<(), &'static str>> {
+    if remote_path.trim().is_empty() {
+        return Ok(Err("it is empty"));
+    }
+    let path = RemotePath::parse(remote_path);
+    if path.parts.contains(&"..") {
+        return Ok(Err("it has a `..` component"));
+    }
+    if path.parts.is_empty() {
+        return Ok(Err(if path.absolute {
+            "it is the root directory"
+        } else {
+            "it is the remote home directory"
+        }));
+    }
+    let target = remote_abs_path(session, remote_path).await?;
+    let home = remote_abs_path(session, ".").await?;
+    if target == "/" {
+        return Ok(Err("it is the root directory"));
+    }
+    if target == home {
+        return Ok(Err("it is the remote home directory"));
+    }
+    if home.starts_with(&format!("{target}/")) {
+        return Ok(Err("it contains the remote home directory"));
+    }
+    Ok(Ok(()))
 }
 
 /// A remote path split into its components: `~/` (the home) and empty and `.` components
@@ -725,8 +1343,9 @@ async fn remote_has_rsync(session: &HostSession, options: &SyncOptions) -> Resul
     }
 }
 
-/// The `-e` of rsync and its destination argument, for `dest` on the session's host.
-fn rsync_remote(session: &HostSession, dest: &str) -> Result<(String, String)> {
+/// The `-e` of rsync and its destination argument, for `dest` on the session's host (also the
+/// source argument of `gridq pull`, which copies the other way).
+pub(crate) fn rsync_remote(session: &HostSession, dest: &str) -> Result<(String, String)> {
     let socket = session.openssh().control_socket();
     let socket_error = |reason| SyncError::ControlSocket {
         host: session.who(),
@@ -925,10 +1544,10 @@ fn rsync_transfer(line: &[u8]) -> Option<u64> {
     }
 }
 
-/// A file or link as the remote listing reports it.
+/// A file, link or directory as the remote listing reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct RemoteEntry {
-    /// `f` or `l` (find's `%y`).
+    /// `f`, `l` or `d` (find's `%y`).
     kind: u8,
     size: u64,
     /// Whole seconds.
@@ -951,7 +1570,7 @@ fn parse_listing_line(line: &[u8]) -> Option<(&[u8], RemoteEntry)> {
         return None;
     }
     let kind = match kind {
-        [k @ (b'f' | b'l')] => *k,
+        [k @ (b'f' | b'l' | b'd')] => *k,
         _ => return None,
     };
     let size = std::str::from_utf8(size).ok()?.parse().ok()?;
@@ -973,28 +1592,72 @@ fn parse_listing_line(line: &[u8]) -> Option<(&[u8], RemoteEntry)> {
     ))
 }
 
-/// The host's files under `dest` that are also in `files`, or `None` when it cannot be
-/// listed.
+/// `rel` (a name from the remote listing) as a relative path all of whose components are
+/// names: not empty, not absolute, no `.`, `..` or empty component. Only such a path is ever
+/// joined to the remote directory for removal.
+fn plain_relative(rel: &[u8]) -> Option<&Path> {
+    let plain = !rel.is_empty()
+        && rel
+            .split(|&b| b == b'/')
+            .all(|part| !part.is_empty() && part != b"." && part != b"..");
+    let path = Path::new(OsStr::from_bytes(rel));
+    (plain && path.components().all(|c| matches!(c, Component::Normal(_)))).then_some(path)
+}
+
+/// What the host's project directory holds, as it concerns a sync.
+#[derive(Debug, Default)]
+struct Listing {
+    /// The host's files and links at the paths of files that are sent.
+    known: HashMap<Vec<u8>, RemoteEntry>,
+    /// With `delete`: files and links there that are neither sent nor excluded.
+    stale_files: Vec<Vec<u8>>,
+    /// With `delete`: directories there that the project lacks and that are not excluded.
+    stale_dirs: Vec<Vec<u8>>,
+}
+
+/// Lists the host's tree under `dest` (pruning [`DEFAULT_EXCLUDES`], which a sync never
+/// touches). `None` when it cannot be listed (GNU `find` missing, say): the tar stream then
+/// sends everything; with `delete`, that is an error instead.
 async fn remote_listing(
     session: &HostSession,
     dest: &str,
-    files: &[PathBuf],
+    selection: &Selection,
     options: &SyncOptions,
-) -> Option<HashMap<Vec<u8>, RemoteEntry>> {
-    let wanted: HashSet<&[u8]> = files.iter().map(|f| f.as_os_str().as_bytes()).collect();
-    let mut entries = HashMap::new();
+) -> Result<Option<Listing>> {
+    let wanted: HashSet<&[u8]> = selection
+        .files
+        .iter()
+        .map(|f| f.as_os_str().as_bytes())
+        .collect();
+    let mut listing = Listing::default();
     let mut stderr = Vec::new();
     let argv = [
         "find",
+        "-H",
         dest,
         "-mindepth",
         "1",
+        "(",
+        "-name",
+        ".git",
+        "-o",
+        "-name",
+        "target",
+        "-o",
+        "-name",
+        ".gridq",
+        ")",
+        "-prune",
+        "-o",
         "(",
         "-type",
         "f",
         "-o",
         "-type",
         "l",
+        "-o",
+        "-type",
+        "d",
         ")",
         "-printf",
         LISTING_FORMAT,
@@ -1005,10 +1668,32 @@ async fn remote_listing(
             Some(options.transfer_timeout),
             |stream, line| match stream {
                 crate::ssh::Stream::Stdout => {
-                    if let Some((path, entry)) = parse_listing_line(line) {
-                        if wanted.contains(path) {
-                            entries.insert(path.to_vec(), entry);
+                    let Some((path, entry)) = parse_listing_line(line) else {
+                        return;
+                    };
+                    let is_dir = entry.kind == b'd';
+                    if wanted.contains(path) {
+                        if !is_dir {
+                            listing.known.insert(path.to_vec(), entry);
                         }
+                        return;
+                    }
+                    if !options.delete {
+                        return;
+                    }
+                    let Some(rel) = plain_relative(path) else {
+                        return;
+                    };
+                    if is_dir && selection.dirs.contains(rel) {
+                        return;
+                    }
+                    if selection.rules.excluded(rel, is_dir) {
+                        return;
+                    }
+                    if is_dir {
+                        listing.stale_dirs.push(path.to_vec());
+                    } else {
+                        listing.stale_files.push(path.to_vec());
                     }
                 }
                 crate::ssh::Stream::Stderr if stderr.len() < 4096 => {
@@ -1020,16 +1705,91 @@ async fn remote_listing(
         )
         .await;
     match status {
-        Ok(0) => Some(entries),
+        Ok(0) => Ok(Some(listing)),
+        Ok(code) if options.delete => Err(SyncError::Remote {
+            host: session.who(),
+            action: format!("listing {dest} to find what to delete (GNU find -printf)"),
+            code,
+            stderr: tail(&stderr),
+            hint: "deleting needs GNU find on the host; install findutils there, or sync without delete"
+                .to_owned(),
+        }),
         Ok(code) => {
             tracing::info!(host = %session.host(), code, stderr = %tail(&stderr), "cannot list the remote project (GNU find needed); sending every file");
-            None
+            Ok(None)
         }
+        Err(e) if options.delete => Err(e.into()),
         Err(e) => {
             tracing::info!(host = %session.host(), cause = %e, "cannot list the remote project; sending every file");
-            None
+            Ok(None)
         }
     }
+}
+
+/// `paths` joined to `dest`, NUL-terminated, in batches of at most [`DELETE_BATCH`] bytes
+/// (at least one path each).
+fn delete_batches(dest: &str, paths: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut batches = Vec::new();
+    let mut batch = Vec::new();
+    for rel in paths {
+        let len = dest.len() + 1 + rel.len() + 1;
+        if !batch.is_empty() && batch.len() + len > DELETE_BATCH {
+            batches.push(std::mem::take(&mut batch));
+        }
+        batch.extend_from_slice(dest.as_bytes());
+        batch.push(b'/');
+        batch.extend_from_slice(rel);
+        batch.push(0);
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
+}
+
+/// Removes the listing's stale files and links under `dest` (`xargs -0 rm -f --`), then its
+/// stale directories that are empty now, deepest first (`xargs -0 rmdir --`; one that still
+/// holds something stays). Returns how many files and links were removed.
+async fn delete_stale(
+    session: &HostSession,
+    dest: &str,
+    listing: &Listing,
+    options: &SyncOptions,
+) -> Result<usize> {
+    for batch in delete_batches(dest, &listing.stale_files) {
+        let argv = ["xargs", "-0", "rm", "-f", "--"];
+        let out = session
+            .run_with_input(&argv, &batch, Some(options.step_timeout))
+            .await?;
+        if !out.success() {
+            return Err(SyncError::Remote {
+                host: session.who(),
+                action: format!(
+                    "removing files the project no longer has from {dest} (xargs -0 rm -f)"
+                ),
+                code: out.code,
+                stderr: tail(&out.stderr),
+                hint: "check the permissions there, or sync without delete".to_owned(),
+            });
+        }
+    }
+    let mut dirs = listing.stale_dirs.clone();
+    // Descendants sort after their directory: reversed, they come first.
+    dirs.sort_unstable_by(|a, b| b.cmp(a));
+    for batch in delete_batches(dest, &dirs) {
+        let out = session
+            .run_with_input(
+                &["xargs", "-0", "rmdir", "--"],
+                &batch,
+                Some(options.step_timeout),
+            )
+            .await?;
+        if !out.success() {
+            tracing::debug!(host = %session.host(), stderr = %tail(&out.stderr), "some directories the project lacks still hold files; kept");
+        }
+    }
+    tracing::debug!(host = %session.host(), files = listing.stale_files.len(), dirs = dirs.len(), "removed what the project no longer has");
+    Ok(listing.stale_files.len())
 }
 
 /// Whether the local file (`meta` from `symlink_metadata`, `target` a link's) matches the
@@ -1070,15 +1830,17 @@ fn plan_tar(
     Ok(send)
 }
 
+/// Sends the files of `files` that differ from `known` (the host's copies; all of them
+/// without a listing) as a tar stream.
 async fn send_tar(
     session: &HostSession,
     local_root: &Path,
     dest: &str,
     files: &[PathBuf],
+    remote: Option<HashMap<Vec<u8>, RemoteEntry>>,
     options: &SyncOptions,
 ) -> Result<Sent> {
     let host = session.who();
-    let remote = remote_listing(session, dest, files, options).await;
     let plan = {
         let (root, files) = (local_root.to_owned(), files.to_vec());
         join_blocking(tokio::task::spawn_blocking(move || {
@@ -1086,7 +1848,7 @@ async fn send_tar(
         }))
         .await
         .map_err(|(file, e)| SyncError::LocalFile {
-            host: host.clone(),
+            host: Some(host.clone()),
             file: file.display().to_string(),
             detail: e.to_string(),
         })?
@@ -1143,7 +1905,7 @@ async fn send_tar(
     // tar complains about: name the file.
     if let Err(ArchiveError::Local { file, detail }) = &written {
         return Err(SyncError::LocalFile {
-            host,
+            host: Some(host),
             file: file.display().to_string(),
             detail: detail.clone(),
         });
@@ -1171,7 +1933,7 @@ async fn send_tar(
     }
     written.map_err(|e| match e {
         ArchiveError::Local { file, detail } => SyncError::LocalFile {
-            host: host.clone(),
+            host: Some(host.clone()),
             file: file.display().to_string(),
             detail,
         },
@@ -1370,8 +2132,17 @@ mod tests {
     }
 
     fn names(root: &Path, excludes: &[&str]) -> Vec<String> {
-        let excludes: Vec<String> = excludes.iter().map(|s| (*s).to_owned()).collect();
-        project_files(root, &excludes)
+        names_with(
+            root,
+            &SyncOptions {
+                excludes: excludes.iter().map(|s| (*s).to_owned()).collect(),
+                ..SyncOptions::default()
+            },
+        )
+    }
+
+    fn names_with(root: &Path, options: &SyncOptions) -> Vec<String> {
+        project_files(root, options)
             .expect("project files")
             .into_iter()
             .map(|p| p.to_str().expect("utf-8").to_owned())
@@ -1454,17 +2225,342 @@ mod tests {
     }
 
     #[test]
-    fn gitignore_and_hidden_files_do_not_count() {
+    fn gitignore_counts_at_every_depth_without_a_repository() {
         let dir = tree(&[
-            (".gitignore", "*.bin\n"),
-            (".ignore", "*.bin\n"),
+            (".gitignore", "venv/\n*.bin\n/build\n"),
+            ("sub/.gitignore", "!weights.bin\n*.tmp\n"),
+            ("venv/bin/python", ""),
+            ("venv/lib/site.py", ""),
             ("model.bin", ""),
+            ("sub/weights.bin", ""),
+            ("sub/other.bin", ""),
+            ("sub/x.tmp", ""),
+            ("x.tmp", ""),
+            ("build/out", ""),
+            ("sub/build/keep", ""),
+            // `.ignore` files are not read; hidden files are sent.
+            (".ignore", "*.txt\n"),
+            ("a.txt", ""),
             (".env", ""),
         ]);
         assert_eq!(
             names(dir.path(), &[]),
-            [".env", ".gitignore", ".ignore", "model.bin"]
+            [
+                ".env",
+                ".gitignore",
+                ".ignore",
+                "a.txt",
+                "sub/.gitignore",
+                "sub/build/keep",
+                "sub/weights.bin",
+                "x.tmp"
+            ]
         );
+    }
+
+    #[test]
+    fn gridqignore_overrides_gitignore_both_ways() {
+        let dir = tree(&[
+            (".gitignore", "*.bin\ndata/\nlogs/\n"),
+            (".gridqignore", "!vocab.bin\n!data/\nnotes.md\n"),
+            ("vocab.bin", ""),
+            ("model.bin", ""),
+            ("data/a.csv", ""),
+            ("logs/x", ""),
+            ("notes.md", ""),
+            ("main.py", ""),
+        ]);
+        assert_eq!(
+            names(dir.path(), &[]),
+            [
+                ".gitignore",
+                ".gridqignore",
+                "data/a.csv",
+                "main.py",
+                "vocab.bin"
+            ]
+        );
+    }
+
+    #[test]
+    fn no_gitignore_sends_what_git_ignores_but_not_what_gridqignore_does() {
+        let dir = tree(&[
+            (".gitignore", "venv/\n*.bin\n"),
+            (".gridqignore", "*.log\n"),
+            (".git/info/exclude", "secret\n"),
+            ("venv/bin/python", ""),
+            ("model.bin", ""),
+            ("secret", ""),
+            ("debug.log", ""),
+            (".gridq/code.json", ""),
+        ]);
+        let options = SyncOptions {
+            gitignore: false,
+            ..SyncOptions::default()
+        };
+        assert_eq!(
+            names_with(dir.path(), &options),
+            [
+                ".gitignore",
+                ".gridqignore",
+                "model.bin",
+                "secret",
+                "venv/bin/python"
+            ]
+        );
+        assert_eq!(names(dir.path(), &[]), [".gitignore", ".gridqignore"]);
+    }
+
+    #[test]
+    fn info_exclude_and_the_enclosing_work_tree_count() {
+        let dir = tree(&[
+            ("repo/.git/info/exclude", "secret.txt\n"),
+            ("repo/.gitignore", "*.ckpt\n/proj/skip.me\n"),
+            ("repo/proj/a.py", ""),
+            ("repo/proj/m.ckpt", ""),
+            ("repo/proj/secret.txt", ""),
+            ("repo/proj/skip.me", ""),
+            ("repo/proj/sub/skip.me", ""),
+            ("repo/proj/sub/.gitignore", "!keep.ckpt\n"),
+            ("repo/proj/sub/keep.ckpt", ""),
+        ]);
+        // The project is a subdirectory of the work tree: the parent's rules count.
+        assert_eq!(
+            names(&dir.path().join("repo/proj"), &[]),
+            ["a.py", "sub/.gitignore", "sub/keep.ckpt", "sub/skip.me"]
+        );
+        // The project is the work tree.
+        assert_eq!(
+            names(&dir.path().join("repo"), &[]),
+            [
+                ".gitignore",
+                "proj/a.py",
+                "proj/sub/.gitignore",
+                "proj/sub/keep.ckpt",
+                "proj/sub/skip.me"
+            ]
+        );
+        // Outside a work tree, a parent's .gitignore does not count.
+        let plain = tree(&[(".gitignore", "*.ckpt\n"), ("proj/m.ckpt", "")]);
+        assert_eq!(names(&plain.path().join("proj"), &[]), ["m.ckpt"]);
+    }
+
+    #[test]
+    fn a_bad_git_pattern_is_skipped_a_bad_gridqignore_pattern_is_an_error() {
+        let dir = tree(&[(".gitignore", "a{\n*.bin\n"), ("a{", ""), ("x.bin", "")]);
+        assert_eq!(names(dir.path(), &[]), [".gitignore", "a{"]);
+        std::fs::write(dir.path().join(".gridqignore"), "ok\nb{\n").expect("write");
+        let e = project_files(dir.path(), &SyncOptions::default()).expect_err("bad glob");
+        let text = e.to_string();
+        let file = dir.path().join(".gridqignore");
+        assert!(
+            text.starts_with(&format!(
+                "cannot list the project files in {}: {}: ",
+                dir.path().display(),
+                file.display()
+            )) && text.contains("line 2"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn host_paths_are_excluded_as_the_walk_would_leave_them_out() {
+        let dir = tree(&[
+            (".gitignore", "venv/\ndata/\n*.ckpt\n"),
+            (".gridqignore", "!keep.ckpt\n"),
+            ("sub/.gitignore", "*.tmp\n"),
+            ("main.py", ""),
+        ]);
+        let selection = Selection::walk(dir.path(), &SyncOptions::default()).expect("walk");
+        let excluded = |p: &str, is_dir: bool| selection.rules.excluded(Path::new(p), is_dir);
+        for path in [
+            "venv/lib/python3/site.py",
+            "data/hand-placed.csv",
+            "data",
+            "model.ckpt",
+            "old/model.ckpt",
+            "sub/x.tmp",
+            ".gridq/out/s/j/result.json",
+            "crates/x/target/debug/app",
+            ".git/config",
+        ] {
+            assert!(excluded(path, path == "data"), "{path} is not excluded");
+        }
+        for path in [
+            "old_module.py",
+            "gone/a.py",
+            "keep.ckpt",
+            "sub/y.py",
+            "x.tmp",
+        ] {
+            assert!(!excluded(path, false), "{path} is excluded");
+        }
+        assert!(selection.dirs.contains(Path::new("")));
+        assert!(selection.dirs.contains(Path::new("sub")));
+    }
+
+    #[test]
+    fn only_plain_relative_names_are_removable() {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a/../b",
+            "..",
+            "./a",
+            "a//b",
+            "a/",
+            "a/.",
+        ] {
+            assert!(plain_relative(bad.as_bytes()).is_none(), "{bad:?}");
+        }
+        assert_eq!(plain_relative(b"a b/c.py"), Some(Path::new("a b/c.py")));
+        assert_eq!(plain_relative(b"..a/b.."), Some(Path::new("..a/b..")));
+    }
+
+    #[test]
+    fn delete_batches_join_the_directory_and_split_by_size() {
+        let paths = vec![b"a".to_vec(), b"b c/d".to_vec()];
+        assert_eq!(
+            delete_batches("gridq/p", &paths),
+            [b"gridq/p/a\0gridq/p/b c/d\0".to_vec()]
+        );
+        let long: Vec<Vec<u8>> = (0..3).map(|i| vec![b'0' + i; DELETE_BATCH / 2]).collect();
+        let batches = delete_batches("d", &long);
+        assert_eq!(batches.len(), 3);
+        for (batch, path) in batches.iter().zip(&long) {
+            assert_eq!(batch.len(), 2 + path.len() + 1);
+            assert!(batch.starts_with(b"d/") && batch.ends_with(b"\0"));
+        }
+    }
+
+    fn version(root: &Path) -> CodeVersion {
+        code_version(root, &SyncOptions::default()).expect("code version")
+    }
+
+    #[test]
+    fn the_tree_hash_follows_exactly_what_is_sent() {
+        let files = [
+            (".gitignore", "*.ckpt\n"),
+            ("main.py", "print(1)\n"),
+            ("pkg/util.py", "x = 1\n"),
+            ("m.ckpt", "weights"),
+        ];
+        let a = tree(&files);
+        std::os::unix::fs::symlink("main.py", a.path().join("entry")).expect("symlink");
+        let base = version(a.path());
+        assert_eq!(base.tree.len(), 64);
+        assert!(base.tree.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!((base.commit.as_deref(), base.dirty), (None, None));
+
+        // The same tree elsewhere, written later: the same hash.
+        let b = tree(&files);
+        std::os::unix::fs::symlink("main.py", b.path().join("entry")).expect("symlink");
+        assert_eq!(version(b.path()), base);
+
+        // What is not sent does not count.
+        std::fs::write(b.path().join("m.ckpt"), "other weights").expect("write");
+        std::fs::write(b.path().join("new.ckpt"), "more").expect("write");
+        std::fs::create_dir_all(b.path().join(".gridq")).expect("mkdir");
+        std::fs::write(b.path().join(".gridq/state"), "x").expect("write");
+        assert_eq!(version(b.path()), base);
+
+        let changed = |change: &dyn Fn(&Path)| {
+            let c = tree(&files);
+            std::os::unix::fs::symlink("main.py", c.path().join("entry")).expect("symlink");
+            change(c.path());
+            version(c.path()).tree
+        };
+        let contents = changed(&|p| std::fs::write(p.join("pkg/util.py"), "x = 2\n").unwrap());
+        let mode = changed(&|p| {
+            std::fs::set_permissions(p.join("main.py"), std::fs::Permissions::from_mode(0o755))
+                .unwrap()
+        });
+        let rename =
+            changed(&|p| std::fs::rename(p.join("pkg/util.py"), p.join("pkg/utils.py")).unwrap());
+        let link = changed(&|p| {
+            std::fs::remove_file(p.join("entry")).unwrap();
+            std::os::unix::fs::symlink("pkg/util.py", p.join("entry")).unwrap();
+        });
+        let added = changed(&|p| std::fs::write(p.join("extra.py"), "").unwrap());
+        let all = [&base.tree, &contents, &mode, &rename, &link, &added];
+        let distinct: HashSet<&&String> = all.iter().collect();
+        assert_eq!(distinct.len(), all.len(), "{all:?}");
+    }
+
+    #[test]
+    fn status_lines_outside_gridqs_own_directories_make_a_tree_dirty() {
+        assert!(!status_is_dirty(b""));
+        assert!(!status_is_dirty(b"?? .gridq/\0?? sub/target/\0"));
+        assert!(status_is_dirty(b"?? .gridq/\0 M main.py\0"));
+        assert!(status_is_dirty(b"R  new.py\0old.py\0"));
+        // A rename's source path is not read as a record (it would be `idq/b`).
+        assert!(!status_is_dirty(b"R  .gridq/a\0.gridq/b\0"));
+    }
+
+    /// Runs git in `dir`, which must succeed.
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args([
+                "-c",
+                "user.name=gridq test",
+                "-c",
+                "user.email=test@gridq.invalid",
+            ])
+            .args([
+                "-c",
+                "commit.gpgsign=false",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .output()
+            .expect("git is installed");
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    #[test]
+    fn git_commit_and_dirty_flag_and_the_local_code_file() {
+        let dir = tree(&[(".gitignore", "*.ckpt\n"), ("main.py", "print(1)\n")]);
+        git(dir.path(), &["init", "-q"]);
+        let unborn = version(dir.path());
+        assert_eq!((unborn.commit, unborn.dirty), (None, Some(true)));
+        git(dir.path(), &["add", "-A"]);
+        git(dir.path(), &["commit", "-q", "-m", "first"]);
+        let head = git(dir.path(), &["rev-parse", "HEAD"]).trim().to_owned();
+
+        let clean = version(dir.path());
+        assert_eq!(
+            (clean.commit.as_deref(), clean.dirty),
+            (Some(head.as_str()), Some(false))
+        );
+        // gridq's own file, and an ignored one, leave it clean.
+        let file = write_code_version(dir.path(), &clean).expect("write");
+        assert_eq!(file, dir.path().join(".gridq/code.json"));
+        std::fs::write(dir.path().join("m.ckpt"), "w").expect("write");
+        assert_eq!(version(dir.path()), clean);
+        let read: CodeVersion =
+            serde_json::from_slice(&std::fs::read(&file).expect("read")).expect("json");
+        assert_eq!(read, clean);
+        let left: Vec<_> = std::fs::read_dir(dir.path().join(".gridq"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, ["code.json"], "no temporary file is left");
+
+        std::fs::write(dir.path().join("main.py"), "print(2)\n").expect("write");
+        let dirty = version(dir.path());
+        assert_eq!(
+            (dirty.commit.as_deref(), dirty.dirty),
+            (Some(head.as_str()), Some(true))
+        );
+        assert_ne!(dirty.tree, clean.tree);
     }
 
     #[test]
@@ -1478,7 +2574,11 @@ mod tests {
     #[test]
     fn a_bad_pattern_is_an_error_naming_the_root() {
         let dir = tree(&[("a", "")]);
-        let e = project_files(dir.path(), &["a{".to_owned()]).expect_err("bad glob");
+        let options = SyncOptions {
+            excludes: vec!["a{".to_owned()],
+            ..SyncOptions::default()
+        };
+        let e = project_files(dir.path(), &options).expect_err("bad glob");
         let text = e.to_string();
         assert!(
             text.starts_with(&format!(
@@ -1544,7 +2644,9 @@ mod tests {
         // A name with a newline arrives as two lines, neither of them a record.
         assert!(parse_listing_line(b"f\x001\x001.0\x00\x00first").is_none());
         assert!(parse_listing_line(b"second\x00").is_none());
-        assert!(parse_listing_line(b"d\x001\x001.0\x00\x00dir\x00").is_none());
+        let (path, dir) = parse_listing_line(b"d\x004096\x001.0\x00\x00dir\x00").unwrap();
+        assert_eq!((path, dir.kind), (b"dir".as_slice(), b'd'));
+        assert!(parse_listing_line(b"p\x000\x001.0\x00\x00fifo\x00").is_none());
     }
 
     #[test]

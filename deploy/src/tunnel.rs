@@ -1,6 +1,11 @@
 //! SSH local port forwards: a port on this machine's loopback that leads to a port on a
 //! host's loopback, over the host's multiplexed SSH connection (lazycluster's port exposure).
 //! The monitor binds to the master host's loopback only, so this is how it is reached.
+//!
+//! The forward is held by the host's ssh master, which gridq owns (see [`crate::ssh`]): it
+//! answers, used or idle, for as long as the connection is open, and goes with it. A
+//! [`Tunnel`] holds its session, so the connection lasts at least as long as the tunnel;
+//! closing the session (or gridq ending, however it ends) closes the forward.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +14,7 @@ use openssh::ForwardType;
 
 use crate::ssh::HostSession;
 
-/// An open forward; closed when dropped (best effort) or with [`Tunnel::close`].
+/// An open forward; closed with [`Tunnel::close`], or with its session's connection.
 #[derive(Debug)]
 pub struct Tunnel {
     /// The local end, on 127.0.0.1.

@@ -74,7 +74,7 @@ async fn run_local_runs_the_echo_project_and_writes_results_csv() {
     let mut lines = csv.lines();
     assert_eq!(
         lines.next().unwrap(),
-        "id,state,attempts,host,duration_s,exit_code,word,n,lines,sleep,result.lines,params"
+        "id,state,attempts,host,duration_s,exit_code,code,word,n,lines,sleep,result.lines,params"
     );
     let rows: Vec<&str> = lines.collect();
     assert_eq!(rows.len(), 6);
@@ -146,9 +146,16 @@ async fn run_local_exits_1_when_a_job_fails_and_2_on_a_bad_file() {
     .await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let csv = std::fs::read_to_string(dir.path().join("st/results/failing.csv")).unwrap();
+    // Exit code 5 and parameter `code` 5 (a `param.code` column: `code` is the code version).
     assert!(
-        csv.lines()
-            .any(|l| l.contains(",failed,1,") && l.ends_with(",5,5")),
+        csv.starts_with("id,state,attempts,host,duration_s,exit_code,code,param.code\n"),
+        "{csv}"
+    );
+    assert!(
+        csv.lines().any(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            (f[1], f[2], f[5], f[7]) == ("failed", "1", "5", "5")
+        }),
         "{csv}"
     );
 
@@ -231,7 +238,7 @@ async fn client_commands_talk_to_the_master() {
     let csv = text(&out.stdout);
     assert_eq!(csv.lines().count(), 4, "{csv}");
     assert!(
-        csv.starts_with("id,state,attempts,host,duration_s,exit_code,x\n"),
+        csv.starts_with("id,state,attempts,host,duration_s,exit_code,code,x\n"),
         "{csv}"
     );
 

@@ -22,8 +22,9 @@ fn gridq() -> Command {
     Command::new(env!("CARGO_BIN_EXE_gridq"))
 }
 
-/// The images to deploy: scripts/test.sh names them in GRIDQ_TEST_IMAGES_ENV; the `:local`
-/// tags otherwise.
+/// The images and the static binary to deploy: scripts/test.sh names them in
+/// GRIDQ_TEST_IMAGES_ENV. The workers run in `gridq-python`, a Debian image with python3 and
+/// no gridq (the stand-in for a team's own image), with the static binary mounted.
 fn images() -> [(String, String); 3] {
     let mut found: BTreeMap<String, String> = BTreeMap::new();
     if let Ok(path) = std::env::var("GRIDQ_TEST_IMAGES_ENV") {
@@ -35,21 +36,23 @@ fn images() -> [(String, String); 3] {
         }
     }
     let get = |k: &str, d: &str| found.get(k).cloned().unwrap_or_else(|| d.to_owned());
+    let binary = found
+        .get("GRIDQ_BINARY")
+        .cloned()
+        .expect("GRIDQ_BINARY in GRIDQ_TEST_IMAGES_ENV: run scripts/build-images.sh --env-file FILE (scripts/test.sh does)");
+    assert!(Path::new(&binary).is_file(), "{binary} is missing");
     let list = [
         (
-            "--gridq-image".to_owned(),
-            get("GRIDQ_IMAGE", "gridq:local"),
-        ),
-        (
             "--worker-image".to_owned(),
-            get("GRIDQ_WORKER_IMAGE", "gridq-worker:local"),
+            get("GRIDQ_USER_IMAGE", "gridq-python:bookworm"),
         ),
         (
             "--broker-image".to_owned(),
             get("GRIDQ_RABBITMQ_IMAGE", "gridq-rabbitmq:local"),
         ),
+        ("--gridq-binary".to_owned(), binary),
     ];
-    for (_, image) in &list {
+    for (_, image) in &list[..2] {
         let ok = Command::new("docker")
             .args(["image", "inspect", "--format", "{{.Id}}", image])
             .output()
@@ -128,6 +131,7 @@ impl TestCluster {
             .env_remove("GRIDQ_TOKEN")
             .env_remove("GRIDQ_CLUSTER")
             .env_remove("GRIDQ_IMAGE")
+            .env_remove("GRIDQ_BINARY")
             .env_remove("GRIDQ_WORKER_IMAGE")
             .env_remove("GRIDQ_RABBITMQ_IMAGE")
             .env("RUST_LOG", "warn");
@@ -505,6 +509,42 @@ fn cluster_lifecycle() {
             "{files:?}"
         );
         assert!(!files.iter().any(|f| f.contains("secrets")), "{files:?}");
+        // gridq itself: one static binary under the remote path, named by its content.
+        let bin = host.run(
+            ["ls", &format!("gridq/{}/.gridq/bin", c.name)],
+            b"",
+            Duration::from_secs(30),
+        );
+        let bin = String::from_utf8_lossy(&bin.stdout).into_owned();
+        assert_eq!(bin.lines().count(), 1, "{bin}");
+        assert!(bin.starts_with("gridq-") && bin.trim().len() == 22, "{bin}");
+    }
+    // The workers run in the project's image, unchanged, with gridq mounted read-only as
+    // their init; the master in the runtime image deploy made.
+    let image_info = |image: &str, format: &str| {
+        let out = Command::new("docker")
+            .args(["image", "inspect", "--format", format, image])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let user_image = image_info(&images()[0].1, "{{.Id}}");
+    for n in 1..=3 {
+        let name = format!("gridq-{}-worker-{n}", c.name);
+        let (image, entrypoint, mounts) = inspect_run(&name);
+        assert_eq!(image, user_image, "{name}");
+        assert_eq!(entrypoint, "[/gridq/gridq init -- /gridq/gridq]", "{name}");
+        assert!(mounts.contains("/gridq/gridq:false"), "{name}: {mounts}");
+    }
+    let (image, _, _) = inspect_run(&format!("gridq-{}-master", c.name));
+    let tags = image_info(&image, "{{join .RepoTags \",\"}}");
+    assert!(tags.starts_with("gridq-runtime:"), "{tags}");
+    // What a first deploy sent to each host: the image once, the binary once.
+    let sent = sent_per_place(&out);
+    assert_eq!(sent.len(), 3, "{out}");
+    for (place, (images, binary)) in &sent {
+        assert!(*binary > 0, "{place}: {out}");
+        let _ = images;
     }
 
     check_security(&c, &h.docker[0].addr);
@@ -529,7 +569,7 @@ fn cluster_lifecycle() {
         .collect();
     assert_eq!(got, expected, "each job's own parameters came back");
 
-    // 2. deploy again with the saved configuration: nothing restarted.
+    // 2. deploy again with the saved configuration: nothing restarted, nothing sent.
     let before = c.starts();
     let out = c.ok(&["deploy", "-f", "-d", c.project().to_str().unwrap()]);
     assert!(out.contains("0 containers changed"), "{out}");
@@ -537,6 +577,40 @@ fn cluster_lifecycle() {
         c.starts(),
         before,
         "no container was recreated or restarted"
+    );
+    let sent = sent_per_place(&out);
+    assert_eq!(sent.len(), 3, "{out}");
+    assert!(sent.values().all(|s| *s == (0, 0)), "{out}");
+
+    // 2b. a gridq upgrade (another binary): the binary goes once to every host, no image
+    // does, and every gridq container runs the new one.
+    let new_binary = c.dir.path().join("gridq-upgraded");
+    let mut bytes = std::fs::read(&images()[2].1).unwrap();
+    bytes.extend_from_slice(b"\0upgrade"); // trailing bytes: the same program, another hash
+    std::fs::write(&new_binary, &bytes).unwrap();
+    std::fs::set_permissions(
+        &new_binary,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = c.ok(&[
+        "deploy",
+        "-f",
+        "-d",
+        c.project().to_str().unwrap(),
+        "--gridq-binary",
+        new_binary.to_str().unwrap(),
+    ]);
+    assert!(out.contains("workers online: 3"), "{out}");
+    let sent = sent_per_place(&out);
+    assert_eq!(sent.len(), 3, "{out}");
+    for (place, (images, binary)) in &sent {
+        assert_eq!(*images, 0, "{place}: no image is sent again: {out}");
+        assert!(*binary > 0, "{place}: {out}");
+    }
+    assert!(
+        out.contains("4 containers changed"),
+        "master and workers: {out}"
     );
 
     // 3. status: every host, its containers, the master's view.
@@ -585,7 +659,14 @@ fn cluster_lifecycle() {
         .unwrap();
     assert!(health.status.success(), "{}", text(&health));
     let workers: Value = serde_json::from_slice(&health.stdout).unwrap();
-    assert_eq!(workers["workers"].as_array().map(Vec::len), Some(3));
+    // The three workers the upgrade replaced are listed too, as lost: three online.
+    let online = workers["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "online")
+        .count();
+    assert_eq!(online, 3, "{workers}");
     let refused = Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
         .arg(format!("{url}api/v1/workers"))
@@ -647,7 +728,8 @@ fn cluster_lifecycle() {
         assert_eq!(after.get(name), Some(started), "{name} was left alone");
     }
 
-    // 5. update mid-sweep: a rolling restart of the workers, no job lost.
+    // 5. update mid-sweep: running jobs finish first (no job runs twice), and the output
+    // says which worker waits on which jobs.
     std::fs::write(
         c.project().join("long2.yaml"),
         std::fs::read_to_string(c.project().join("long.yaml"))
@@ -660,8 +742,15 @@ fn cluster_lifecycle() {
         s["counts"]["running"].as_u64().unwrap_or(0) >= 2
     });
     let before = c.starts();
-    let out = c.ok(&["update"]);
+    let upd = c.run(&["update"]);
+    assert!(upd.status.success(), "{}", text(&upd));
+    let out = String::from_utf8_lossy(&upd.stdout);
     assert!(out.contains("3 worker containers restarted"), "{out}");
+    let err = String::from_utf8_lossy(&upd.stderr);
+    assert!(
+        err.contains("draining: running jobs finish first: ") && err.contains(" waits on long2/"),
+        "{err}"
+    );
     let after = c.starts();
     for n in 1..=3 {
         let name = format!("gridq-{}-worker-{n}", c.name);
@@ -674,9 +763,13 @@ fn cluster_lifecycle() {
     c.wait_sweep("long2", "24 succeeded", Duration::from_secs(180), |s| {
         s["counts"]["succeeded"] == 24
     });
-    check_complete(&c.results("long2"), 24);
+    let attempts = check_complete(&c.results("long2"), 24);
+    assert!(
+        attempts.values().all(|a| *a == 1),
+        "drained workers let their jobs finish: {attempts:?}"
+    );
 
-    // ... and `update --drain`: running jobs finish first, so no job runs twice.
+    // ... and `update --now`: one worker at a time, running jobs handed back, none lost.
     std::fs::write(
         c.project().join("long3.yaml"),
         std::fs::read_to_string(c.project().join("long.yaml"))
@@ -688,16 +781,12 @@ fn cluster_lifecycle() {
     c.wait_sweep("long3", "jobs running", Duration::from_secs(60), |s| {
         s["counts"]["running"].as_u64().unwrap_or(0) >= 2
     });
-    let out = c.ok(&["update", "--drain"]);
+    let out = c.ok(&["update", "--now"]);
     assert!(out.contains("3 worker containers restarted"), "{out}");
     c.wait_sweep("long3", "24 succeeded", Duration::from_secs(180), |s| {
         s["counts"]["succeeded"] == 24
     });
-    let attempts = check_complete(&c.results("long3"), 24);
-    assert!(
-        attempts.values().all(|a| *a == 1),
-        "drained workers let their jobs finish: {attempts:?}"
-    );
+    check_complete(&c.results("long3"), 24);
 
     // 5b. rotate every secret mid-sweep: new passwords and broker certificate, every
     // container restarted, no job lost, and the old passwords no longer open the broker.
@@ -801,7 +890,8 @@ fn cluster_lifecycle() {
     assert_eq!(c.volumes().len(), 2, "volumes are kept without --purge");
     let out = c.ok(&["clean"]);
     assert!(out.contains("0 containers removed"), "{out}");
-    let out = c.ok(&["clean", "--purge"]);
+    // `--yes`: without a terminal, a purge that is not told so refuses (it would ask).
+    let out = c.ok(&["clean", "--purge", "--yes"]);
     assert!(out.contains("2 volumes removed"), "{out}");
     assert!(c.volumes().is_empty());
     for host in &h.docker {
@@ -812,6 +902,41 @@ fn cluster_lifecycle() {
         );
         assert_eq!(out.status.code(), Some(1), "the synced project is gone");
     }
+}
+
+/// `(image, entrypoint, mounts as "target:rw")` of a container.
+fn inspect_run(name: &str) -> (String, String, String) {
+    let out = Command::new("docker")
+        .args([
+            "inspect",
+            "--format",
+            "{{.Config.Image}}\t{{.Config.Entrypoint}}\t{{range .Mounts}}{{.Destination}}:{{.RW}} {{end}}",
+            name,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let mut f = line.split('\t');
+    let mut next = || f.next().unwrap_or("").to_owned();
+    (next(), next(), next())
+}
+
+/// `place → (image bytes, binary bytes)` from deploy's "  PLACE: sent ... (images N, gridq
+/// binary M)" lines, as exact byte counts when zero, any positive number otherwise.
+fn sent_per_place(out: &str) -> BTreeMap<String, (u64, u64)> {
+    let amount = |s: &str| -> u64 {
+        let s = s.trim();
+        if s == "0 B" { 0 } else { 1 }
+    };
+    out.lines()
+        .filter_map(|l| {
+            let (place, rest) = l.trim().split_once(": sent ")?;
+            let (_, detail) = rest.split_once(" (images ")?;
+            let (images, binary) = detail.trim_end_matches(')').split_once(", gridq binary ")?;
+            Some((place.to_owned(), (amount(images), amount(binary))))
+        })
+        .collect()
 }
 
 fn nix_kill(child: &std::process::Child) -> std::io::Result<()> {

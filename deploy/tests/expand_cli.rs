@@ -346,7 +346,7 @@ fn above_max_jobs_count_works_and_expansion_is_refused() {
     assert_eq!(count.stdout, "1000000000\n");
     assert_eq!(count.stderr, "");
 
-    let expected = "error: big.yaml:3:3: this sweep would produce 1000000000 jobs, more than max_jobs (100000); add `max_jobs: 1000000000` to the sweep file to allow it, or narrow the parameters\n";
+    let expected = "error: big.yaml:3:3: this sweep would produce 1000000000 jobs, more than max_jobs (100000); add `max_jobs: 1000000000` to the sweep file or pass `--max-jobs 1000000000` to allow it, or narrow the parameters\n";
     for format in ["json", "text"] {
         gridq()
             .current_dir(dir.0.path())
@@ -366,6 +366,109 @@ fn above_max_jobs_count_works_and_expansion_is_refused() {
             ["prog", "--a=0", "--b=0", "--c=0"],
             ["prog", "--a=0", "--b=0", "--c=1"]
         ]
+    );
+}
+
+#[test]
+fn a_bare_file_above_the_limit_names_max_jobs_and_max_jobs_raises_it() {
+    let dir = Scratch::new();
+    // A bare mlframework parameters.yml: 1000 x 200 = 200,000 jobs, twice the default limit.
+    dir.write(
+        "parameters.yml",
+        "a: {range: [0, 1000]}\nb: {range: [0, 200]}\n",
+    );
+    let refused = |limit: &str| {
+        format!(
+            "error: parameters.yml:1:1: this sweep would produce 200000 jobs, more than the limit of {limit}; pass `--max-jobs 200000` to allow it (a bare parameters file cannot set `max_jobs`: it would be a parameter), or narrow the parameters\n"
+        )
+    };
+    for (extra, limit) in [
+        (&[][..], "100000"),
+        (&["--max-jobs", "199999"][..], "199999"),
+    ] {
+        let mut args = vec!["expand", "parameters.yml", "-c", "prog"];
+        args.extend_from_slice(extra);
+        let run = dir.run(&args);
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert_eq!(run.stdout, "");
+        assert_eq!(run.stderr, refused(limit));
+    }
+    let run = dir.expand_ok(&["parameters.yml", "-c", "prog", "--max-jobs", "200000"]);
+    assert_eq!(run.stderr, "200000 jobs\n");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 200_000);
+    assert!(lines[0].ends_with("  prog '--a=0' '--b=0'"), "{}", lines[0]);
+    assert!(
+        lines[199_999].ends_with("  prog '--a=999' '--b=199'"),
+        "{}",
+        lines[199_999]
+    );
+
+    // `--max-jobs` replaces a full file's `max_jobs`, either way.
+    dir.write(
+        "full.yaml",
+        "max_jobs: 10\ncommand: prog\nparameters:\n  a: [1, 2, 3]\n  b: [1, 2, 3, 4]\n",
+    );
+    let run = dir.run(&["expand", "full.yaml"]);
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert_eq!(
+        run.stderr,
+        "error: full.yaml:4:3: this sweep would produce 12 jobs, more than max_jobs (10); add `max_jobs: 12` to the sweep file or pass `--max-jobs 12` to allow it, or narrow the parameters\n"
+    );
+    assert_eq!(
+        dir.expand_ok(&["full.yaml", "--max-jobs", "12"]).stderr,
+        "12 jobs\n"
+    );
+    let run = dir.run(&["expand", "full.yaml", "--max-jobs", "11"]);
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(
+        run.stderr.contains("more than max_jobs (11)"),
+        "{}",
+        run.stderr
+    );
+
+    // Zero or a word is a usage error naming the flag.
+    for bad in ["0", "many"] {
+        let run = dir.run(&["expand", "full.yaml", "--max-jobs", bad]);
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert_eq!(run.stdout, "");
+        assert!(
+            run.stderr.starts_with(&format!(
+                "error: invalid value '{bad}' for '--max-jobs <N>': "
+            )),
+            "{}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn limit_lists_the_first_jobs_of_a_billion_job_grid_without_counting_it() {
+    let dir = Scratch::new();
+    // 10^9 combinations; `{a}-{b}` in one element makes it collision-prone, so an exact count
+    // would need a full expansion: `--limit` must not try.
+    dir.write(
+        "big.yml",
+        "command: [prog, \"{a}-{b}\"]\nparameters:\n  a: {range: [0, 1000]}\n  b: {range: [0, 1000]}\n  c: {range: [0, 1000]}\n",
+    );
+    let run = dir.expand_ok(&["big.yml", "--limit", "5", "--format", "json"]);
+    assert_eq!(
+        argvs(&json_lines(&run.stdout)),
+        (0..5)
+            .map(|c| vec!["prog".to_owned(), "0-0".to_owned(), format!("--c={c}")])
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(run.stderr, "");
+    let run = dir.expand_ok(&["big.yml", "--limit", "5"]);
+    assert_eq!(run.stdout.lines().count(), 5);
+    assert_eq!(run.stderr, "5 jobs\n");
+    // Without a limit the whole sweep is checked, and refused.
+    let run = dir.run(&["expand", "big.yml"]);
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert_eq!(run.stdout, "");
+    assert_eq!(
+        run.stderr,
+        "error: big.yml:3:3: this sweep would produce up to 1000000000 jobs, more than max_jobs (100000); add `max_jobs: 1000000000` to the sweep file or pass `--max-jobs 1000000000` to allow it, or narrow the parameters\n"
     );
 }
 

@@ -388,7 +388,7 @@ async fn jobs_listing_sorts_filters_and_pages_on_the_server() {
     assert_eq!(rows.len(), 9, "{csv}");
     assert_eq!(
         rows[0],
-        "id,state,attempts,host,duration_s,exit_code,a,b,loss"
+        "id,state,attempts,host,duration_s,exit_code,code,a,b,loss"
     );
     assert!(
         rows[1..].iter().all(|r| r.contains(",succeeded,1,")),
@@ -706,5 +706,207 @@ async fn page_forms_retry_cancel_drain_and_log_out() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
+    c.shutdown().await;
+}
+
+/// A job that writes into `$GRIDQ_OUTPUT` gets the list of its files recorded with its
+/// attempt, with the project's code version (`.gridq/code.json`): the job's API answer, its
+/// page, the sweep's jobs table, the results CSV and the outputs listing `gridq pull` reads
+/// all show them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_outputs_and_code_version_are_recorded_and_shown() {
+    let mut c = Cluster::new("mon-outputs").await;
+    std::fs::create_dir_all(c.project.join(".gridq")).unwrap();
+    c.write(
+        ".gridq/code.json",
+        r#"{"tree":"3f2a9c1e0b7d55aa00","commit":"a1b2c3d4e5f60718","dirty":true}"#,
+    );
+    c.write(
+        "out.py",
+        "import os\n\
+         n = int(os.environ['GRIDQ_PARAM_N'])\n\
+         d = os.environ['GRIDQ_OUTPUT']\n\
+         assert os.path.isabs(d) and os.path.isdir(d)\n\
+         if n > 0:\n    open(os.path.join(d, 'out.txt'), 'w').write('x' * n)\n\
+         \x20   os.makedirs(os.path.join(d, 'sub'))\n\
+         \x20   open(os.path.join(d, 'sub', 'big.bin'), 'wb').write(b'\\0' * 3000)\n",
+    );
+    c.spawn_worker(&["--slots", "2"]);
+    c.submit("name: outs\ncommand: python3 out.py\nparameters:\n  n: [0, 5, 7]\n")
+        .await;
+    let jobs = c.wait_done("outs", MINUTE).await;
+    assert!(
+        jobs.iter().all(|j| j.state == JobState::Succeeded),
+        "{jobs:?}\n{}",
+        c.worker_logs()
+    );
+    let by_n = |n: i64| jobs.iter().find(|j| j.params["n"] == n).unwrap();
+    let label = "3f2a9c1e0b7d@a1b2c3d4e5f6+dirty";
+    // On disk where the job's environment said, and nothing for the job that wrote nothing.
+    let out_dir =
+        |j: &gridq_master::store::JobRow| c.project.join(".gridq/out/outs").join(j.id.to_string());
+    assert_eq!(
+        std::fs::read_to_string(out_dir(by_n(5)).join("out.txt")).unwrap(),
+        "xxxxx"
+    );
+    assert!(!out_dir(by_n(0)).exists());
+
+    let http = client();
+    let b = base(&c);
+    let api = |path: String| {
+        let http = http.clone();
+        let auth = bearer(&c);
+        async move {
+            let r = http
+                .get(path)
+                .header("authorization", auth)
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.text().await.unwrap())
+        }
+    };
+    let (s, text) = api(format!("{b}/api/v1/jobs/{}?sweep=outs", by_n(7).id)).await;
+    assert_eq!(s, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let attempt = &v["attempts"][0];
+    assert_eq!(
+        attempt["code"],
+        serde_json::json!({"tree": "3f2a9c1e0b7d55aa00", "commit": "a1b2c3d4e5f60718", "dirty": true})
+    );
+    assert_eq!(
+        attempt["outputs"]["files"],
+        serde_json::json!([{"name": "out.txt", "size": 7}, {"name": "sub/big.bin", "size": 3000}])
+    );
+    assert_eq!(attempt["outputs"]["truncated"], false);
+    assert_eq!(
+        attempt["outputs"]["dir"],
+        out_dir(by_n(7)).to_str().unwrap()
+    );
+    let host = attempt["host"].as_str().unwrap().to_owned();
+    assert!(!host.is_empty());
+    assert_eq!(v["output_host"], host.as_str());
+    assert_eq!(v["output_attempt"], 1);
+    assert_eq!(v["job"]["code"]["tree"], "3f2a9c1e0b7d55aa00");
+
+    // The job page: the files with their sizes, the host, the code version.
+    let (cookie, _) = login(&c).await;
+    let page = |path: String| {
+        let http = http.clone();
+        let cookie = cookie.clone();
+        async move {
+            let r = http
+                .get(path)
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            r.text().await.unwrap()
+        }
+    };
+    let html = page(format!("{b}/jobs/{}?sweep=outs", by_n(7).id)).await;
+    for expected in [
+        "<h2>Outputs</h2>",
+        &format!("On host <strong>{host}</strong> (attempt 1)"),
+        "<code>out.txt</code>",
+        "<td class=\"num\" title=\"7\">7 B</td>",
+        "<code>sub/big.bin</code>",
+        "<td class=\"num\" title=\"3000\">2.9 KiB</td>",
+        "2 files, 2.9 KiB",
+        &format!("<code>{label}</code>"),
+    ] {
+        assert!(html.contains(expected), "{expected:?} not in {html}");
+    }
+    let html = page(format!("{b}/jobs/{}?sweep=outs", by_n(0).id)).await;
+    assert!(html.contains("The job left no files in"), "{html}");
+    let html = page(format!("{b}/sweeps/outs")).await;
+    assert_eq!(
+        html.matches(&format!("<code>{label}</code>")).count(),
+        3,
+        "{html}"
+    );
+
+    // The results CSV's `code` column.
+    let (_, csv) = api(format!("{b}/api/v1/sweeps/outs/results?format=csv")).await;
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        rows[0],
+        "id,state,attempts,host,duration_s,exit_code,code,n"
+    );
+    assert!(
+        rows[1..]
+            .iter()
+            .all(|r| r.contains(&format!(",0,{label},"))),
+        "{csv}"
+    );
+
+    // Where each job's outputs are, for `gridq pull`, page by page.
+    let (s, text) = api(format!("{b}/api/v1/sweeps/outs/outputs?limit=2")).await;
+    assert_eq!(s, StatusCode::OK);
+    let first: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(first["jobs"].as_array().unwrap().len(), 2);
+    let next = first["next"].as_str().expect("a next page").to_owned();
+    let (_, text) = api(format!(
+        "{b}/api/v1/sweeps/outs/outputs?limit=2&after={next}"
+    ))
+    .await;
+    let second: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(second["next"], serde_json::Value::Null);
+    let all: Vec<serde_json::Value> = first["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second["jobs"].as_array().unwrap())
+        .cloned()
+        .collect();
+    assert_eq!(all.len(), 3);
+    let of = |n: i64| {
+        let id = by_n(n).id.to_string();
+        all.iter().find(|j| j["id"] == id.as_str()).unwrap().clone()
+    };
+    assert_eq!(
+        (
+            of(7)["files"].clone(),
+            of(7)["bytes"].clone(),
+            of(7)["host"].clone()
+        ),
+        (
+            serde_json::json!(2),
+            serde_json::json!(3007),
+            serde_json::json!(host)
+        )
+    );
+    assert_eq!(
+        (of(0)["files"].clone(), of(0)["bytes"].clone()),
+        (serde_json::json!(0), serde_json::json!(0))
+    );
+    let (s, text) = api(format!("{b}/api/v1/sweeps/outs/outputs?state=failed")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["jobs"],
+        serde_json::json!([])
+    );
+    for (query, error) in [
+        ("state=done", "`state`: unknown state `done`"),
+        (
+            "after=xyz",
+            "`after`: expected the `next` of the previous page, found `xyz`",
+        ),
+        (
+            "nope=1",
+            "unknown query parameter `nope` (known: state, after, limit)",
+        ),
+    ] {
+        let (s, text) = api(format!("{b}/api/v1/sweeps/outs/outputs?{query}")).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{query}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            v["error"].as_str().unwrap().starts_with(error),
+            "{query}: {v}"
+        );
+    }
+    let (s, _) = api(format!("{b}/api/v1/sweeps/none/outputs")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
     c.shutdown().await;
 }

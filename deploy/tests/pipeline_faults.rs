@@ -372,6 +372,8 @@ async fn a_broker_restart_mid_sweep_loses_nothing_and_keeps_one_result_per_job()
             reason: Some("late report".into()),
             gpus: Vec::new(),
             lines: 0,
+            code: None,
+            outputs: None,
         }],
     });
     let enc = wire::encode(&late);
@@ -1345,6 +1347,8 @@ async fn worker_users_run_jobs_but_cannot_touch_the_broker_or_speak_for_another_
             reason: None,
             gpus: Vec::new(),
             lines: 0,
+            code: None,
+            outputs: None,
         }],
     }));
     let other_url = if own_url == &w1_url { &w2_url } else { &w1_url };

@@ -520,7 +520,7 @@ fn count_is_arithmetic_for_huge_products() {
     assert_eq!(loaded.sweep.count().jobs, 1_000_000_000_000_000_000);
     assert_eq!(
         error(yaml),
-        "sweep.yaml:3:3: this sweep would produce 1000000000000000000 jobs, more than max_jobs (100000); add `max_jobs: 1000000000000000000` to the sweep file to allow it, or narrow the parameters"
+        "sweep.yaml:3:3: this sweep would produce 1000000000000000000 jobs, more than max_jobs (100000); add `max_jobs: 1000000000000000000` to the sweep file or pass `--max-jobs 1000000000000000000` to allow it, or narrow the parameters"
     );
 }
 

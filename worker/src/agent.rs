@@ -42,7 +42,9 @@ use lapin::{Channel, Connection};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
+use crate::code_version::CodeFile;
 use crate::feeder::{self, Feed};
+use crate::outputs::OutputDir;
 use crate::runner::{self, JobSpec, KillReason, Killer, RunningJob, Termination};
 use crate::scratch::Scratch;
 
@@ -206,6 +208,8 @@ pub(crate) struct Shared {
     pub(crate) master_user: String,
     /// Where result files go, and the job user's home.
     scratch: Arc<Scratch>,
+    /// The project's code version (`.gridq/code.json`), read as each job starts.
+    code: CodeFile,
 }
 
 impl Shared {
@@ -256,6 +260,7 @@ impl Shared {
             scratch: Arc::new(
                 Scratch::private_in(&std::env::temp_dir(), None).expect("a scratch directory"),
             ),
+            code: CodeFile::new(std::path::Path::new(".")),
         }
     }
 }
@@ -325,6 +330,7 @@ pub async fn run(config: WorkerConfig, mut stop: StopSignal) -> std::io::Result<
         broker_user,
         master_user,
         scratch: scratch.clone(),
+        code: CodeFile::new(&config.project_dir),
     });
     info!(worker = %id, scratch = %scratch.path().display(), slots = slots.len(), queues = ?config.queues, broker = %amqp::redact(&config.broker_url), "worker starting");
 
@@ -822,7 +828,13 @@ pub(crate) async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u
         grace: shared.config.grace,
         result_path: result_path.clone(),
         user: shared.config.job_user,
+        output: Some(OutputDir::new(
+            &shared.config.project_dir,
+            &job.sweep,
+            &job.job,
+        )),
     };
+    let code = shared.code.read();
     let (lines_tx, lines_rx) = mpsc::channel(1024);
     let started_ms = now_ms();
     // Whether the job may have left a result file to remove (most jobs write none: no unlink).
@@ -838,7 +850,9 @@ pub(crate) async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u
             // The runner found a file there exactly when it read a result or failed to.
             result_file = outcome.result.is_some() || outcome.result_error.is_some();
             let lines = forward.await.unwrap_or(0);
-            finished_report(shared, &attempt, outcome, lines, gpu)
+            let mut report = finished_report(shared, &attempt, outcome, lines, gpu);
+            report.code = code;
+            report
         }
         Err(e) => {
             drop(lines_rx);
@@ -855,6 +869,8 @@ pub(crate) async fn run_job(shared: &Arc<Shared>, job: JobMessage, gpu: Option<u
                 reason: Some(e.to_string()),
                 gpus: gpu.into_iter().collect(),
                 lines: 0,
+                code,
+                outputs: None,
             }
         }
     };
@@ -945,6 +961,8 @@ fn finished_report(
         reason,
         gpus: gpu.into_iter().collect(),
         lines,
+        code: None,
+        outputs: outcome.outputs,
     }
 }
 

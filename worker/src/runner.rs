@@ -1,7 +1,8 @@
 //! Runs one job as a subprocess: spawns it in its own process group, streams its output line by
 //! line, enforces the wall-clock timeout and the agent's kill requests (SIGTERM to the group, SIGKILL
 //! after a grace period), makes sure nothing of the job outlives it, and reads the JSON object the
-//! job left in `GRIDQ_RESULT`.
+//! job left in `GRIDQ_RESULT` and the list of files it left in its output directory,
+//! `GRIDQ_OUTPUT` (see [`crate::outputs`]).
 //!
 //! # Process lifetime
 //! - The job is the leader of a new process group, so every signal goes to the whole group
@@ -43,7 +44,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use crate::outputs::{OUTPUT_ENV, OutputDir};
 use crate::spawn;
+use gridq_common::wire::OutputListing;
 
 /// Which stream an output line came from (the wire type, so lines pass through unchanged).
 pub use gridq_common::wire::Stream;
@@ -68,6 +71,9 @@ const READ_CHUNK: usize = 64 * 1024;
 /// The first read of each stream: enough for most jobs' whole output.
 const FIRST_READ_CHUNK: usize = 4 * 1024;
 
+/// Whether a job's output directory could not be made before (said loudly once per worker).
+static OUTPUT_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// What to run, and how.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
@@ -90,6 +96,9 @@ pub struct JobSpec {
     pub result_path: PathBuf,
     /// Run as this `(uid, gid)` instead of the worker's user.
     pub user: Option<(u32, u32)>,
+    /// The job's output directory: made (as the job's user) before it starts, exported as
+    /// `GRIDQ_OUTPUT`, and listed when it has ended. `None`: no output directory.
+    pub output: Option<OutputDir>,
 }
 
 /// One line of the job's output, without its line terminator.
@@ -135,6 +144,11 @@ pub struct Outcome {
     pub result: Option<Map<String, Value>>,
     /// Why a `GRIDQ_RESULT` file was ignored; not a failure of the job itself.
     pub result_error: Option<String>,
+    /// What the job left in its output directory, when it has one and it is there.
+    pub outputs: Option<OutputListing>,
+    /// Why the output directory could not be made (the job ran without it: `GRIDQ_OUTPUT`
+    /// names a directory that is not there).
+    pub output_error: Option<String>,
     pub pid: u32,
 }
 
@@ -162,6 +176,8 @@ pub enum SpawnError {
         #[source]
         source: io::Error,
     },
+    #[error("no output directory for `{program}`: {reason}")]
+    OutputName { program: String, reason: String },
     #[error("program `{program}` not found: {source}")]
     ProgramNotFound {
         program: String,
@@ -289,6 +305,18 @@ impl RunningJob {
             RESULT_ENV.to_owned(),
             result_path.to_string_lossy().into_owned(),
         ));
+        let mut mkdir = Vec::new();
+        if let Some(output) = &spec.output {
+            output.check().map_err(|reason| SpawnError::OutputName {
+                program: program.clone(),
+                reason,
+            })?;
+            env.push((
+                OUTPUT_ENV.to_owned(),
+                output.path().to_string_lossy().into_owned(),
+            ));
+            mkdir = output.to_make();
+        }
         let started_at = SystemTime::now();
         let start = Instant::now();
         let mut child = spawn_from_lasting_thread(
@@ -297,15 +325,23 @@ impl RunningJob {
             env,
             spec.workdir.clone(),
             spec.user,
+            mkdir,
         )
-        .map_err(|failure| match failure {
-            // The child's chdir failed, before its exec.
-            spawn::SpawnFailure::Workdir(source) => SpawnError::Workdir {
-                program: program.clone(),
-                dir: spec.workdir.clone(),
-                source,
-            },
-            spawn::SpawnFailure::Start(err) => classify(program.clone(), err),
+        .map_err(|failure| {
+            // The child may have made the output directory before it failed: a job that never
+            // ran leaves no empty one behind (a misspelt program would leave one per job).
+            if let Some(output) = &spec.output {
+                let _ = crate::outputs::list(output);
+            }
+            match failure {
+                // The child's chdir failed, before its exec.
+                spawn::SpawnFailure::Workdir(source) => SpawnError::Workdir {
+                    program: program.clone(),
+                    dir: spec.workdir.clone(),
+                    source,
+                },
+                spawn::SpawnFailure::Start(err) => classify(program.clone(), err),
+            }
         })?;
         // Dropping `child` on these error paths SIGKILLs and reaps it.
         let (pid, pgid) = match (u32::try_from(child.pid), child.pid) {
@@ -326,6 +362,21 @@ impl RunningJob {
             source,
         })?;
 
+        let mut output_dir = spec.output;
+        let output_error = child.output_error.take().map(|e| {
+            let dir = output_dir.take().map(|o| o.path()).unwrap_or_default();
+            let why = format!("cannot make the output directory {}: {e}", dir.display());
+            // Every job of the worker would say the same: loud once, then quiet.
+            if OUTPUT_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::debug!(why = %why, "the job runs without its output directory");
+            } else {
+                tracing::warn!(
+                    why = %why,
+                    "jobs run without their output directory (GRIDQ_OUTPUT) where it cannot be made; does the job's user own the project directory? (this is said once)"
+                );
+            }
+            why
+        });
         let span = tracing::debug_span!("job_process", pid, program = %program);
         let stop_reading = CancellationToken::new();
         let stdout = spawn_reader(
@@ -364,6 +415,8 @@ impl RunningJob {
                     readers: [stdout, stderr],
                     stop_reading,
                     result_path,
+                    output: output_dir,
+                    output_error,
                 },
             )
             .instrument(span),
@@ -411,6 +464,8 @@ impl RunningJob {
                 duration: start.elapsed(),
                 result: None,
                 result_error: None,
+                outputs: None,
+                output_error: None,
                 pid,
             },
         }
@@ -504,6 +559,7 @@ fn spawn_from_lasting_thread(
     env: Vec<(String, String)>,
     cwd: PathBuf,
     user: Option<(u32, u32)>,
+    mkdir: Vec<PathBuf>,
 ) -> Result<spawn::Process, spawn::SpawnFailure> {
     if on_main_thread() {
         return spawn::spawn(&spawn::Spawn {
@@ -512,6 +568,7 @@ fn spawn_from_lasting_thread(
             env: &env,
             cwd: &cwd,
             user,
+            mkdir: &mkdir,
         });
     }
     let gone = || spawn::SpawnFailure::Start(io::Error::other("the job spawner thread is gone"));
@@ -523,6 +580,7 @@ fn spawn_from_lasting_thread(
             env: &env,
             cwd: &cwd,
             user,
+            mkdir: &mkdir,
         }));
     });
     {
@@ -561,6 +619,8 @@ struct Supervision {
     readers: [Reader; 2],
     stop_reading: CancellationToken,
     result_path: PathBuf,
+    output: Option<OutputDir>,
+    output_error: Option<String>,
 }
 
 /// SIGKILLs the group if the supervisor is dropped before the main process was reaped (while it
@@ -643,12 +703,24 @@ async fn supervise(mut child: spawn::Process, mut job: Supervision) -> Outcome {
     }
 
     let (result, result_error) = read_result(&job.result_path).await;
+    // A walk of a directory tree may wait on the disk: off the runtime's threads.
+    let outputs = match job.output {
+        Some(dir) => tokio::task::spawn_blocking(move || crate::outputs::list(&dir))
+            .await
+            .unwrap_or_else(|err| {
+                tracing::warn!(cause = %err, "cannot list the job's output directory");
+                None
+            }),
+        None => None,
+    };
     Outcome {
         termination,
         started_at: job.started_at,
         duration,
         result,
         result_error,
+        outputs,
+        output_error: job.output_error,
         pid: job.pid,
     }
 }

@@ -20,6 +20,14 @@
 //! thread, and `/dev/null` (every job's stdin) stays open.
 //!
 //! The exit is awaited through a pidfd (Linux 5.3); where there is none, by polling.
+//!
+//! The child also makes the job's output directory ([`Spawn::mkdir`], see
+//! [`crate::outputs`]) after it has taken the job's user and before it execs: so the
+//! directories belong to that user and a link in their path is followed with that user's
+//! rights only, never root's. One `mkdir` of the innermost directory in the common case; its
+//! parents only when it says they are missing. A directory it cannot make does not stop the
+//! job (a job user that may not write the project can still run jobs that write nothing
+//! there): [`Process::output_error`] says why.
 
 #![allow(unsafe_code)]
 
@@ -52,12 +60,18 @@ pub struct Spawn<'a> {
     /// Run as this `(uid, gid)` instead of the worker's user (a worker started as root runs
     /// jobs as the project's owner); `None`: the worker's own.
     pub user: Option<(u32, u32)>,
+    /// Directories to make (mode 0700, as the job's user) before the exec, outermost first;
+    /// one that exists is fine, and one that cannot be made is reported in
+    /// [`Process::output_error`]. Empty: none.
+    pub mkdir: &'a [PathBuf],
 }
 
 /// A started process, the leader of its own process group, with its output pipes.
 #[derive(Debug)]
 pub struct Process {
     pub pid: i32,
+    /// Why the directories of [`Spawn::mkdir`] could not be made (the process runs anyway).
+    pub output_error: Option<io::Error>,
     /// The read ends of its stdout and stderr, until taken.
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,
@@ -89,6 +103,9 @@ struct ChildArgs {
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
     cwd: *const libc::c_char,
+    /// Directories to make, outermost first, and how many.
+    mkdirs: *const *const libc::c_char,
+    mkdirs_len: usize,
     stdin: RawFd,
     stdout: RawFd,
     stderr: RawFd,
@@ -103,6 +120,8 @@ struct ChildArgs {
     /// [`STEP_CHDIR`], [`STEP_EXEC`]; 0 while none failed) and its errno.
     failed_step: AtomicI32,
     errno: AtomicI32,
+    /// The errno of the `mkdir` that failed, when one did (the child goes on); 0: none.
+    mkdir_errno: AtomicI32,
 }
 
 const STEP_SETUP: i32 = 1;
@@ -174,6 +193,12 @@ pub fn spawn(spec: &Spawn<'_>) -> Result<Process, SpawnFailure> {
         })
         .collect::<io::Result<_>>()?;
     let cwd = cstr(spec.cwd.as_os_str().as_bytes())?;
+    let mkdirs: Vec<CString> = spec
+        .mkdir
+        .iter()
+        .map(|d| cstr(d.as_os_str().as_bytes()))
+        .collect::<io::Result<_>>()?;
+    let mkdir_ptrs: Vec<*const libc::c_char> = mkdirs.iter().map(|d| d.as_ptr()).collect();
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut env_ptrs: Vec<*const libc::c_char> = envs.iter().map(|e| e.as_ptr()).collect();
@@ -183,12 +208,20 @@ pub fn spawn(spec: &Spawn<'_>) -> Result<Process, SpawnFailure> {
     // A program found a moment ago is started from there; if it is no longer there (or no
     // longer executable), it is looked up again once.
     let (path, cached) = lookup(program, &search, spec.cwd)?;
-    let started = start(&path, &argv_ptrs, &env_ptrs, &cwd, stdin, spec.user);
+    let prepared = Prepared {
+        argv: &argv_ptrs,
+        envp: &env_ptrs,
+        cwd: &cwd,
+        mkdirs: &mkdir_ptrs,
+        stdin,
+        user: spec.user,
+    };
+    let started = start(&path, &prepared);
     match started {
         Err(SpawnFailure::Start(e)) if cached && lookup_may_be_stale(&e) => {
             forget(program, &search, spec.cwd);
             let (path, _) = lookup(program, &search, spec.cwd)?;
-            start(&path, &argv_ptrs, &env_ptrs, &cwd, stdin, spec.user)
+            start(&path, &prepared)
         }
         other => other,
     }
@@ -201,15 +234,29 @@ fn lookup_may_be_stale(e: &io::Error) -> bool {
     )
 }
 
-/// The clone and exec, with prepared arguments.
-fn start(
-    path: &Path,
-    argv: &[*const libc::c_char],
-    envp: &[*const libc::c_char],
-    cwd: &CString,
+/// What [`start`] hands the child, prepared once per spawn.
+struct Prepared<'a> {
+    /// Null-terminated.
+    argv: &'a [*const libc::c_char],
+    /// Null-terminated.
+    envp: &'a [*const libc::c_char],
+    cwd: &'a CString,
+    /// Not null-terminated.
+    mkdirs: &'a [*const libc::c_char],
     stdin: RawFd,
     user: Option<(u32, u32)>,
-) -> Result<Process, SpawnFailure> {
+}
+
+/// The clone and exec, with prepared arguments.
+fn start(path: &Path, prepared: &Prepared<'_>) -> Result<Process, SpawnFailure> {
+    let Prepared {
+        argv,
+        envp,
+        cwd,
+        mkdirs,
+        stdin,
+        user,
+    } = *prepared;
     let path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let (out_r, out_w) = pipe()?;
@@ -219,6 +266,8 @@ fn start(
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         cwd: cwd.as_ptr(),
+        mkdirs: mkdirs.as_ptr(),
+        mkdirs_len: mkdirs.len(),
         stdin,
         stdout: out_w.as_raw_fd(),
         stderr: err_w.as_raw_fd(),
@@ -230,6 +279,7 @@ fn start(
         reset: handled_signals(),
         failed_step: AtomicI32::new(0),
         errno: AtomicI32::new(0),
+        mkdir_errno: AtomicI32::new(0),
     };
     let mut stack = STACK
         .take()
@@ -271,10 +321,9 @@ fn start(
         // It has exited: reap it.
         let _ = waitpid(pid, 0);
         let e = io::Error::from_raw_os_error(args.errno.load(Ordering::SeqCst));
-        return Err(if step == STEP_CHDIR {
-            SpawnFailure::Workdir(e)
-        } else {
-            SpawnFailure::Start(e)
+        return Err(match step {
+            STEP_CHDIR => SpawnFailure::Workdir(e),
+            _ => SpawnFailure::Start(e),
         });
     }
     // SAFETY: pidfd_open on our own unreaped child.
@@ -286,6 +335,10 @@ fn start(
         stderr: Some(err_r),
         pidfd,
         reaped: false,
+        output_error: match args.mkdir_errno.load(Ordering::SeqCst) {
+            0 => None,
+            errno => Some(io::Error::from_raw_os_error(errno)),
+        },
     })
 }
 
@@ -346,6 +399,28 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             || libc::dup2(a.stderr, 2) < 0
         {
             fail(STEP_SETUP);
+        }
+        // The output directory, as the job's user: the innermost first, its parents only
+        // when it says they are missing. A failure is noted, not fatal.
+        if a.mkdirs_len > 0 {
+            let leaf = *a.mkdirs.add(a.mkdirs_len - 1);
+            if libc::mkdir(leaf, 0o700) != 0 {
+                match *libc::__errno_location() {
+                    libc::EEXIST => {}
+                    libc::ENOENT => {
+                        for i in 0..a.mkdirs_len {
+                            if libc::mkdir(*a.mkdirs.add(i), 0o700) != 0
+                                && *libc::__errno_location() != libc::EEXIST
+                            {
+                                a.mkdir_errno
+                                    .store(*libc::__errno_location(), Ordering::SeqCst);
+                                break;
+                            }
+                        }
+                    }
+                    errno => a.mkdir_errno.store(errno, Ordering::SeqCst),
+                }
+            }
         }
         if libc::chdir(a.cwd) != 0 {
             fail(STEP_CHDIR);

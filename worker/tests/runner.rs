@@ -33,6 +33,7 @@ fn spec(dir: &Path, argv: &[&str]) -> JobSpec {
         grace: Duration::from_millis(500),
         result_path: dir.join("result.json"),
         user: None,
+        output: None,
     }
 }
 
@@ -892,4 +893,143 @@ async fn the_job_starts_with_no_blocked_or_ignored_signals_and_one_value_per_var
         .filter(|l| l.starts_with("GRIDQ_TEST_VAR="))
         .collect();
     assert_eq!(values, ["GRIDQ_TEST_VAR=second"]);
+}
+
+const NOBODY: u32 = 65534;
+
+fn output_dir(project: &Path, sweep: &str) -> gridq_worker::outputs::OutputDir {
+    gridq_worker::outputs::OutputDir::new(
+        project,
+        &gridq_common::SweepId::new(sweep).unwrap(),
+        &gridq_common::JobId::from_bytes([0x5a; 16]),
+    )
+}
+
+fn mode_and_owner(p: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.mode() & 0o7777, m.uid())
+}
+
+#[tokio::test]
+async fn the_output_directory_is_made_before_the_job_and_what_it_left_is_listed_after() {
+    let project = tempdir();
+    let out = output_dir(project.path(), "s.1");
+    let mut job = sh(
+        project.path(),
+        r#"test -d "$GRIDQ_OUTPUT" || exit 3
+           echo "$GRIDQ_OUTPUT"
+           printf hello > "$GRIDQ_OUTPUT/out.txt"
+           mkdir "$GRIDQ_OUTPUT/sub" && printf 123 > "$GRIDQ_OUTPUT/sub/n"
+           ln -s /etc/passwd "$GRIDQ_OUTPUT/link""#,
+    );
+    job.output = Some(out.clone());
+    let done = run(job).await;
+    assert_eq!(done.outcome.termination, Termination::Exited { code: 0 });
+    let path = out.path();
+    assert!(path.is_absolute());
+    assert_eq!(done.stdout(), [path.to_str().unwrap()]);
+    let listing = done.outcome.outputs.expect("a listing");
+    let files: Vec<(&str, u64)> = listing
+        .files
+        .iter()
+        .map(|f| (f.name.as_str(), f.size))
+        .collect();
+    assert_eq!(files, [("out.txt", 5), ("sub/n", 3)]);
+    assert!(!listing.truncated);
+    assert_eq!(listing.dir, path.to_string_lossy());
+    let me = nix::unistd::geteuid().as_raw();
+    for dir in out.to_make() {
+        assert_eq!(mode_and_owner(&dir), (0o700, me), "{}", dir.display());
+    }
+
+    // The next attempt of the same job finds what the first left; one that leaves the
+    // directory empty leaves none.
+    let mut again = sh(project.path(), r#"cat "$GRIDQ_OUTPUT/out.txt""#);
+    again.output = Some(out.clone());
+    let done = run(again).await;
+    assert_eq!(done.stdout(), ["hello"]);
+    assert_eq!(done.outcome.outputs.unwrap().files.len(), 2);
+    let mut empty = sh(project.path(), r#"rm -r "$GRIDQ_OUTPUT"/*"#);
+    empty.output = Some(out.clone());
+    let done = run(empty).await;
+    assert_eq!(done.outcome.termination, Termination::Exited { code: 0 });
+    assert_eq!(done.outcome.outputs.unwrap().files, []);
+    assert!(!path.exists());
+}
+
+#[tokio::test]
+async fn a_job_that_cannot_start_leaves_no_output_directory() {
+    let project = tempdir();
+    let out = output_dir(project.path(), "s");
+    // Found, so the child runs (and makes the directory), but its exec fails.
+    std::fs::write(project.path().join("not-executable"), "#!/bin/sh\n").unwrap();
+    let mut job = spec(project.path(), &["./not-executable"]);
+    job.output = Some(out.clone());
+    let (tx, _rx) = mpsc::channel(16);
+    let err = RunningJob::spawn(job, tx).unwrap_err();
+    assert!(matches!(err, SpawnError::NotExecutable { .. }), "{err}");
+    assert!(!out.path().exists());
+    assert!(out.path().parent().unwrap().is_dir());
+}
+
+#[tokio::test]
+async fn a_sweep_named_dot_dot_gets_no_output_directory_and_does_not_start() {
+    let project = tempdir();
+    let mut job = sh(project.path(), "exit 0");
+    job.output = Some(output_dir(project.path(), ".."));
+    let (tx, _rx) = mpsc::channel(16);
+    let err = RunningJob::spawn(job, tx).unwrap_err();
+    assert!(matches!(err, SpawnError::OutputName { .. }), "{err}");
+    assert!(!project.path().join(".gridq").exists());
+}
+
+/// With a job user, the directories are that user's (a worker running as root makes none of
+/// its own in the user's project), and a link planted in their path is followed with the
+/// job user's rights only.
+#[tokio::test]
+async fn with_a_job_user_the_output_directory_is_that_users_and_a_planted_link_grants_nothing() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test runs as root, to run a job as another user"
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = tempdir();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let project = tmp.path().join("project");
+    std::fs::create_dir(&project).unwrap();
+    std::os::unix::fs::chown(&project, Some(NOBODY), Some(NOBODY)).unwrap();
+    let out = output_dir(&project, "s");
+    let mut job = sh(&project, r#"printf x > "$GRIDQ_OUTPUT/f""#);
+    job.user = Some((NOBODY, NOBODY));
+    job.output = Some(out.clone());
+    let done = run(job).await;
+    assert_eq!(done.outcome.termination, Termination::Exited { code: 0 });
+    for dir in out.to_make() {
+        assert_eq!(mode_and_owner(&dir), (0o700, NOBODY), "{}", dir.display());
+    }
+    assert_eq!(done.outcome.outputs.unwrap().files.len(), 1);
+
+    // `.gridq` replaced by a link to a directory only root may write: the job user's mkdir
+    // fails there and nothing is made in it; the job still runs (its user may not write the
+    // project, and it need not write outputs), and says why its directory is missing.
+    let root_only = tmp.path().join("root-only");
+    std::fs::create_dir(&root_only).unwrap();
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::os::unix::fs::chown(&other, Some(NOBODY), Some(NOBODY)).unwrap();
+    std::os::unix::fs::symlink(&root_only, other.join(".gridq")).unwrap();
+    let mut job = sh(&other, r#"test -d "$GRIDQ_OUTPUT" || echo missing"#);
+    job.user = Some((NOBODY, NOBODY));
+    job.output = Some(output_dir(&other, "s"));
+    let done = run(job).await;
+    assert_eq!(done.outcome.termination, Termination::Exited { code: 0 });
+    assert_eq!(done.stdout(), ["missing"]);
+    assert_eq!(done.outcome.outputs, None);
+    let why = done
+        .outcome
+        .output_error
+        .expect("why the directory is missing");
+    assert!(why.ends_with("Permission denied (os error 13)"), "{why}");
+    assert_eq!(std::fs::read_dir(&root_only).unwrap().count(), 0);
 }

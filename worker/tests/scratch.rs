@@ -179,6 +179,7 @@ async fn a_link_planted_at_the_result_path_is_removed_not_followed() {
         grace: Duration::from_millis(500),
         result_path: result.clone(),
         user: None,
+        output: None,
     };
     let (tx, mut rx) = mpsc::channel(16);
     let job = RunningJob::spawn(spec, tx).expect("spawn");

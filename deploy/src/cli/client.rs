@@ -166,9 +166,15 @@ pub(crate) struct SubmitArgs {
     /// Run every job again, even those that succeeded before.
     #[arg(long)]
     rerun: bool,
-    /// Follow the sweep until it is done, with a progress bar.
+    /// Follow the sweep until it is done, with a progress bar (on a terminal), and end with a
+    /// summary line.
     #[arg(long)]
     watch: bool,
+    /// The most jobs the sweep may expand to, in place of its `max_jobs` (default 100,000):
+    /// the way to raise the limit of a bare parameters file. The master's own cap
+    /// (`--max-jobs-per-sweep`) still applies.
+    #[arg(long, value_name = "N", value_parser = super::expand::parse_max_jobs)]
+    max_jobs: Option<std::num::NonZeroU64>,
     #[command(flatten)]
     conn: MasterConn,
 }
@@ -255,8 +261,18 @@ pub(crate) struct ResultsArgs {
     conn: MasterConn,
 }
 
+/// Runs a command's work; a Ctrl-C ends it with exit 130 and returns normally, so that what
+/// the command holds (a tunnel's ssh master and its directory) is closed on the way out.
 fn block_on<T>(f: impl std::future::Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
-    super::services::runtime()?.block_on(f)
+    super::services::runtime()?.block_on(async {
+        tokio::select! {
+            outcome = f => outcome,
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("interrupted");
+                Err(Failure::Silent(130))
+            }
+        }
+    })
 }
 
 /// A job's argv from the API, quoted for a shell.
@@ -279,12 +295,15 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::Usage(e.to_string()))?;
     let client = Client::from_conn(&args.conn)?;
     block_on(async {
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "yaml": yaml,
             "source": args.sweep.display().to_string(),
             "command": args.command,
             "rerun": args.rerun,
         });
+        if let Some(n) = args.max_jobs {
+            body["max_jobs"] = serde_json::json!(n.get());
+        }
         let resp = client.post("/sweeps", &body).await.map_err(classify)?;
         for w in resp["warnings"].as_array().into_iter().flatten() {
             eprintln!("warning: {}", w.as_str().unwrap_or_default());
@@ -300,10 +319,14 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<(), Failure> {
             );
         }
         if args.watch {
-            let ok = watch(&client, &name, !args.conn.json)
+            let end = watch(&client, &name, !args.conn.json)
                 .await
                 .map_err(Failure::Other)?;
-            if !ok {
+            if !args.conn.json {
+                // The bar draws on a terminal only: this line is the result anywhere.
+                println!("{}", end.summary(&name));
+            }
+            if !end.all_succeeded() {
                 return Err(Failure::Silent(1));
             }
         }
@@ -311,14 +334,46 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<(), Failure> {
     })
 }
 
-/// Follows a sweep until every job is final, with a progress bar and failures printed as they
-/// happen. Returns whether every job succeeded.
-pub(crate) async fn watch(client: &Client, sweep: &str, human: bool) -> anyhow::Result<bool> {
+/// How a watched sweep ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct WatchEnd {
+    pub(crate) total: u64,
+    pub(crate) succeeded: u64,
+    pub(crate) failed: u64,
+    pub(crate) timed_out: u64,
+    pub(crate) canceled: u64,
+}
+
+impl WatchEnd {
+    /// Whether every job succeeded.
+    pub(crate) fn all_succeeded(&self) -> bool {
+        self.succeeded == self.total
+    }
+
+    /// `sweep NAME done: S succeeded, F failed, T timed out, C canceled (N jobs)`.
+    pub(crate) fn summary(&self, sweep: &str) -> String {
+        format!(
+            "sweep {sweep} done: {} succeeded, {} failed, {} timed out, {} canceled ({} job{})",
+            self.succeeded,
+            self.failed,
+            self.timed_out,
+            self.canceled,
+            self.total,
+            if self.total == 1 { "" } else { "s" }
+        )
+    }
+}
+
+/// Follows a sweep until every job is final, with a progress bar (on a terminal) and failures
+/// printed as they happen (above the bar, or on stderr without one). Returns the final counts.
+pub(crate) async fn watch(client: &Client, sweep: &str, human: bool) -> anyhow::Result<WatchEnd> {
     let bar = if human {
         ProgressBar::new(0)
     } else {
         ProgressBar::hidden()
     };
+    // indicatif draws (and prints above the bar) only on a terminal.
+    let drawn = human && !bar.is_hidden();
     bar.set_style(
         ProgressStyle::with_template("{bar:40.green/red} {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -364,18 +419,29 @@ pub(crate) async fn watch(client: &Client, sweep: &str, human: bool) -> anyhow::
                 for j in jobs["jobs"].as_array().into_iter().flatten() {
                     let id = j["id"].as_str().unwrap_or_default().to_owned();
                     if reported.insert(id.clone()) && human {
-                        bar.println(format!(
+                        let line = format!(
                             "{state}: {id} {}: {}",
                             argv_line(j),
                             j["reason"].as_str().unwrap_or("")
-                        ));
+                        );
+                        if drawn {
+                            bar.println(line);
+                        } else {
+                            eprintln!("{line}");
+                        }
                     }
                 }
             }
         }
         if v["done"].as_bool().unwrap_or(false) {
             bar.finish();
-            return Ok(n("succeeded") == total);
+            return Ok(WatchEnd {
+                total,
+                succeeded: n("succeeded"),
+                failed: n("failed"),
+                timed_out: n("timed_out"),
+                canceled: n("canceled"),
+            });
         }
         // The long poll answers at every change, hundreds of times a second under load: ask
         // at most ten times a second, which a progress bar does not outpace, and leave the
@@ -449,13 +515,23 @@ pub(crate) fn print_sweeps(sweeps: &Value) {
     }
 }
 
-/// The workers table of `gridq status`.
+/// Whether a worker row of the API is live: online or draining (it sends heartbeats).
+pub(crate) fn is_live(worker: &Value) -> bool {
+    matches!(worker["state"].as_str(), Some("online" | "draining"))
+}
+
+/// The workers table of `gridq status`: the live workers, then how many lost and stopped
+/// (replaced, shut down) ones are not listed. Their rows would show what they ran when they
+/// went; the monitor keeps that history.
 pub(crate) fn print_workers(workers: &Value) {
     println!(
         "{:<40} {:<20} {:<9} {:>5} {:>7}",
         "WORKER", "HOST", "STATE", "SLOTS", "RUNNING"
     );
-    for w in workers.as_array().into_iter().flatten() {
+    let all: Vec<&Value> = workers.as_array().into_iter().flatten().collect();
+    let count = |state: &str| all.iter().filter(|w| w["state"] == state).count();
+    let (lost, stopped) = (count("lost"), count("stopped"));
+    for w in all.iter().filter(|w| is_live(w)) {
         println!(
             "{:<40} {:<20} {:<9} {:>5} {:>7}",
             w["id"].as_str().unwrap_or(""),
@@ -463,6 +539,11 @@ pub(crate) fn print_workers(workers: &Value) {
             w["state"].as_str().unwrap_or(""),
             w["info"]["slots"].as_u64().unwrap_or(0),
             w["info"]["running"].as_array().map_or(0, Vec::len)
+        );
+    }
+    if lost + stopped > 0 {
+        println!(
+            "not listed: {lost} lost, {stopped} stopped workers (the monitor keeps their history)"
         );
     }
 }
@@ -486,13 +567,21 @@ pub(crate) fn jobs(args: &JobsArgs) -> Result<(), Failure> {
             print_json(&v);
             return Ok(());
         }
-        println!("{:<32}  {:<10} {:>3}  ARGV", "ID", "STATE", "TRY");
+        println!(
+            "{:<32}  {:<10} {:>3}  {:<31}  ARGV",
+            "ID", "STATE", "TRY", "CODE"
+        );
         for j in v["jobs"].as_array().into_iter().flatten() {
+            // The code version its latest attempt ran (`TREE@COMMIT+dirty`, as in the CSV).
+            let code = serde_json::from_value::<gridq_common::code::CodeVersion>(j["code"].clone())
+                .map(|c| gridq_master::store::code_label(&c))
+                .unwrap_or_default();
             println!(
-                "{:<32}  {:<10} {:>3}  {}",
+                "{:<32}  {:<10} {:>3}  {:<31}  {}",
                 j["id"].as_str().unwrap_or(""),
                 j["state"].as_str().unwrap_or(""),
                 j["attempt"],
+                code,
                 argv_line(j)
             );
         }

@@ -14,9 +14,10 @@ use super::Failure;
 use super::client::MasterConn;
 use super::context;
 use super::services::runtime;
+use crate::cluster::binary::Binary;
 use crate::cluster::config::{
     CLUSTER_FILE, Cluster, ClusterFile, Gpus, HostRef, ImagesSection, MasterSection, SshSection,
-    WorkerSection,
+    SyncSection, WorkerSection,
 };
 use crate::cluster::{self as lib, DeployOptions, Fleet, MasterApi, Progress};
 use crate::ssh::SshOptions;
@@ -66,7 +67,8 @@ impl ClusterSel {
     }
 }
 
-fn load_cluster(path: &Path) -> Result<Cluster, Failure> {
+/// Loads and checks a cluster file; a bad one is a usage error naming it.
+pub(crate) fn load_cluster(path: &Path) -> Result<Cluster, Failure> {
     let file = ClusterFile::load(path).map_err(|e| Failure::Usage(e.to_string()))?;
     let base = path.parent().unwrap_or(Path::new("."));
     file.resolve(base, &path.display().to_string())
@@ -140,12 +142,15 @@ pub(crate) struct DeployArgs {
     /// A worker silent this long is lost and its jobs run again.
     #[arg(long, value_parser = humantime::parse_duration)]
     heartbeat_timeout: Option<Duration>,
-    /// The gridq image (master).
-    #[arg(long, env = "GRIDQ_IMAGE")]
-    gridq_image: Option<String>,
-    /// The worker image.
+    /// The image the workers and their jobs run in: the project's own (e.g. its PyTorch and
+    /// CUDA image), unchanged; gridq is mounted into it as one static binary. Hosts that have
+    /// it use theirs; otherwise --pull pulls it, or it is sent once from this machine.
     #[arg(long, env = "GRIDQ_WORKER_IMAGE")]
     worker_image: Option<String>,
+    /// The static gridq binary to put on the hosts (default: this gridq, when it is
+    /// statically linked; scripts/release.sh builds one).
+    #[arg(long, env = "GRIDQ_BINARY")]
+    gridq_binary: Option<PathBuf>,
     /// The RabbitMQ image (default rabbitmq:3-management; scripts/build-images.sh builds
     /// gridq-rabbitmq:local without a registry).
     #[arg(long, env = "GRIDQ_RABBITMQ_IMAGE")]
@@ -156,6 +161,19 @@ pub(crate) struct DeployArgs {
     /// How the project is copied.
     #[arg(long, value_enum, default_value_t = SyncArg::Auto)]
     sync: SyncArg,
+    /// Send what `.gitignore` files (and `.git/info/exclude`, git's global excludes) leave
+    /// out, too; `.gridqignore` files still apply. Saved in the cluster file (`sync:
+    /// gitignore: false`), so that `update` sends the same selection.
+    #[arg(long)]
+    no_gitignore: bool,
+    /// Remove from the hosts' project directory the files removed here (only there; never
+    /// `.gridq/`, where job outputs are, nor files the ignore rules leave out).
+    #[arg(long)]
+    delete: bool,
+    /// Replace running workers whose container changed (a new gridq binary, other slots or
+    /// GPUs) at once, handing their running jobs back. By default their jobs finish first.
+    #[arg(long)]
+    now: bool,
     /// How long workers may take to come online after the deploy.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     health_timeout: Duration,
@@ -223,6 +241,9 @@ impl DeployArgs {
                 master: MasterSection::on(master),
                 workers: workers.into_iter().map(WorkerSection::on).collect(),
                 images: ImagesSection::default(),
+                worker_image: None,
+                gridq_binary: None,
+                sync: SyncSection::default(),
             };
             (self.sel.project.join(CLUSTER_FILE), file)
         };
@@ -294,11 +315,14 @@ impl DeployArgs {
         if self.login.accept_new_host_keys {
             file.ssh.accept_new_host_keys = true;
         }
-        if let Some(i) = &self.gridq_image {
-            file.images.gridq.clone_from(i);
-        }
         if let Some(i) = &self.worker_image {
-            file.images.worker.clone_from(i);
+            file.worker_image = Some(i.clone());
+        }
+        if let Some(b) = &self.gridq_binary {
+            file.gridq_binary = Some(abs(b));
+        }
+        if self.no_gitignore {
+            file.sync.gitignore = false;
         }
         if let Some(i) = &self.broker_image {
             file.images.broker.clone_from(i);
@@ -307,6 +331,21 @@ impl DeployArgs {
             file.images.pull = true;
         }
         Ok((path, file))
+    }
+}
+
+/// A byte count for people: `0 B`, `812 KiB`, `41.3 MiB`.
+fn bytes(n: u64) -> String {
+    #[allow(clippy::cast_precision_loss)]
+    let f = n as f64;
+    if n < 1024 {
+        format!("{n} B")
+    } else if n < 1024 * 1024 {
+        format!("{:.0} KiB", f / 1024.0)
+    } else if n < 1024 * 1024 * 1024 {
+        format!("{:.1} MiB", f / 1048576.0)
+    } else {
+        format!("{:.2} GiB", f / 1073741824.0)
     }
 }
 
@@ -347,15 +386,27 @@ pub(crate) fn deploy(args: &DeployArgs) -> Result<(), Failure> {
         .resolve(&base, &origin)
         .map_err(|e| Failure::Usage(e.to_string()))?;
     check_files(&cluster)?;
-    // Every run saves its configuration, so that `-f` repeats (or repairs) it.
-    file.save(&path).map_err(|e| Failure::Other(e.into()))?;
+    if cluster.file.worker_image.is_none() {
+        return Err(Failure::Usage(
+            "--worker-image IMAGE: the image the workers and their jobs run in is required (your project's own, e.g. its CUDA and Python image; gridq is mounted into it); `worker_image:` in the cluster file".into(),
+        ));
+    }
+    let binary = Binary::locate(cluster.gridq_binary.as_deref())
+        .map_err(|e| Failure::Usage(format!("{e:#}")))?;
+    // The configuration is saved once the deploy checks passed, so that a deploy they refuse
+    // (a host unreachable, a key refused) leaves the saved one as it was for `-f`, `status`
+    // and `clean`. A first deploy saves it up front all the same, so that `clean` finds what
+    // an interrupted one started; it is removed again when the checks refuse the deploy.
+    let first = !path.exists();
+    if first {
+        file.save(&path).map_err(|e| Failure::Other(e.into()))?;
+    }
     let abs_path = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
     eprintln!(
-        "deploying cluster {} ({} host{}); configuration saved to {}",
+        "deploying cluster {} ({} host{})",
         cluster.name(),
         cluster.hosts.len(),
         if cluster.hosts.len() == 1 { "" } else { "s" },
-        path.display()
     );
     let options = DeployOptions {
         health_timeout: args.health_timeout,
@@ -365,13 +416,16 @@ pub(crate) fn deploy(args: &DeployArgs) -> Result<(), Failure> {
                 SyncArg::Rsync => SyncMethod::Rsync,
                 SyncArg::Tar => SyncMethod::Tar,
             },
+            gitignore: cluster.file.sync.gitignore,
+            delete: args.delete,
             ..SyncOptions::default()
         },
-        drain: false,
+        now: args.now,
+        binary: Some(Arc::new(binary)),
     };
     let ssh = lib::ssh_options(&cluster, &args.sel.ssh());
     let progress = printer();
-    let report = runtime()?.block_on(async {
+    let outcome = runtime()?.block_on(async {
         let fleet = Fleet::connect(&cluster, &ssh, &progress).await?;
         if args.rotate_secrets {
             let rolled = lib::rotate_secrets(&fleet, &options, &progress).await;
@@ -397,7 +451,19 @@ pub(crate) fn deploy(args: &DeployArgs) -> Result<(), Failure> {
         let report = lib::deploy(&fleet, &options, &progress).await;
         fleet.close().await;
         report
-    })?;
+    });
+    let report = match outcome {
+        Ok(report) => report,
+        Err(e) => {
+            if first {
+                let _ = std::fs::remove_file(&path);
+            }
+            return Err(e.into());
+        }
+    };
+    // A failure after the checks is reported per place and repaired with `-f`: saved.
+    file.save(&path).map_err(|e| Failure::Other(e.into()))?;
+    eprintln!("configuration saved to {}", path.display());
     context::save_cluster(&abs_path).context("saving the CLI context")?;
     let m = &cluster.file.master;
     let master_place = lib::worker_host_name(&cluster, m.host);
@@ -429,6 +495,15 @@ pub(crate) fn deploy(args: &DeployArgs) -> Result<(), Failure> {
         );
         for p in &failed {
             println!("  FAILED {}", p.error.as_deref().unwrap_or(&p.place));
+        }
+        for p in report.places.iter().filter(|p| p.ok) {
+            println!(
+                "  {}: sent {} (images {}, gridq binary {})",
+                p.place,
+                bytes(p.sent.images + p.sent.binary),
+                bytes(p.sent.images),
+                bytes(p.sent.binary)
+            );
         }
         let online: usize = report.workers_online.values().sum();
         println!("workers online: {online}");
@@ -470,21 +545,47 @@ pub(crate) struct UpdateArgs {
     /// How long each restarted worker may take to come online.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     health_timeout: Duration,
-    /// Let running jobs finish before each worker restarts (it takes no new job meanwhile),
-    /// instead of handing them back to run again elsewhere.
+    /// Restart each worker right away, handing its running jobs back (they run again
+    /// elsewhere as new attempts), one worker at a time. By default running jobs finish
+    /// first: a worker being replaced takes no new job, and restarts once its jobs ended.
     #[arg(long)]
+    now: bool,
+    /// The default (running jobs finish first); kept for scripts written for older versions.
+    #[arg(long, hide = true, conflicts_with = "now")]
     drain: bool,
+    /// The static gridq binary to put on the hosts (default: this gridq, when it is
+    /// statically linked; the cluster file's `gridq_binary`).
+    #[arg(long, env = "GRIDQ_BINARY")]
+    gridq_binary: Option<PathBuf>,
+    /// Send what `.gitignore` files (and `.git/info/exclude`, git's global excludes) leave
+    /// out, too; `.gridqignore` files still apply.
+    #[arg(long)]
+    no_gitignore: bool,
+    /// Remove from the hosts' project directory the files removed here (only there; never
+    /// `.gridq/`, where job outputs are, nor files the ignore rules leave out).
+    #[arg(long)]
+    delete: bool,
 }
 
 pub(crate) fn update(args: &UpdateArgs) -> Result<(), Failure> {
     let (_, cluster) = args.sel.load()?;
     check_files(&cluster)?;
+    let configured = args
+        .gridq_binary
+        .as_deref()
+        .or(cluster.gridq_binary.as_deref());
+    let binary = Binary::locate(configured).map_err(|e| Failure::Usage(format!("{e:#}")))?;
     let ssh = lib::ssh_options(&cluster, &args.sel.ssh());
     let progress = printer();
     let options = DeployOptions {
         health_timeout: args.health_timeout,
-        sync: SyncOptions::default(),
-        drain: args.drain,
+        sync: SyncOptions {
+            gitignore: cluster.file.sync.gitignore && !args.no_gitignore,
+            delete: args.delete,
+            ..SyncOptions::default()
+        },
+        now: args.now,
+        binary: Some(Arc::new(binary)),
     };
     let report = runtime()?.block_on(async {
         let fleet = Fleet::connect(&cluster, &ssh, &progress).await?;
@@ -504,6 +605,14 @@ pub(crate) fn update(args: &UpdateArgs) -> Result<(), Failure> {
             report.restarted.len(),
             if report.restarted.len() == 1 { "" } else { "s" }
         );
+        for (place, sent) in &report.sent {
+            println!(
+                "  {place}: sent {} (images {}, gridq binary {})",
+                bytes(sent.images + sent.binary),
+                bytes(sent.images),
+                bytes(sent.binary)
+            );
+        }
     }
     for e in &report.errors {
         eprintln!("error: {e}");
@@ -520,21 +629,94 @@ pub(crate) struct CleanArgs {
     #[command(flatten)]
     sel: ClusterSel,
     /// Also remove the broker's and master's volumes (queues, history) and the synced
-    /// project on the hosts.
+    /// project on the hosts, job outputs (`.gridq/out`) included. It lists what it will
+    /// delete and asks first.
     #[arg(long)]
     purge: bool,
+    /// With --purge: delete without asking (needed where there is no terminal to ask on).
+    #[arg(long, short = 'y')]
+    yes: bool,
+}
+
+/// Prints what `clean --purge` would delete, per place, on standard error.
+fn print_purge_plan(plans: &[lib::PurgePlan]) {
+    eprintln!("gridq clean --purge deletes:");
+    for p in plans {
+        if let Some(e) = &p.error {
+            eprintln!("  [{}] not reachable, nothing deleted there: {e}", p.place);
+            continue;
+        }
+        let mut what = Vec::new();
+        if !p.containers.is_empty() {
+            what.push(format!("containers {}", p.containers.join(", ")));
+        }
+        if !p.volumes.is_empty() {
+            what.push(format!("volumes {}", p.volumes.join(", ")));
+        }
+        if let Some(project) = &p.project {
+            let outputs = match p.outputs {
+                Some((0, _)) => "no job outputs".to_owned(),
+                Some((files, bytes)) => format!(
+                    "job outputs: {files} file{} ({bytes} bytes) in .gridq/out",
+                    if files == 1 { "" } else { "s" }
+                ),
+                None => "job outputs in .gridq/out (not counted)".to_owned(),
+            };
+            what.push(format!("the synced project {project}, with its {outputs}"));
+        }
+        if what.is_empty() {
+            what.push("nothing".to_owned());
+        }
+        eprintln!("  [{}] {}", p.place, what.join("; "));
+    }
+}
+
+/// Asks on the terminal; true for `y` or `yes`.
+fn confirm(question: &str) -> bool {
+    use std::io::Write as _;
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    if std::io::stdin().read_line(&mut answer).is_err() {
+        return false;
+    }
+    matches!(answer.trim().to_ascii_lowercase().as_str(), "y" | "yes")
 }
 
 pub(crate) fn clean(args: &CleanArgs) -> Result<(), Failure> {
+    use std::io::IsTerminal as _;
     let (_, cluster) = args.sel.load()?;
     let ssh = lib::ssh_options(&cluster, &args.sel.ssh());
     let progress = printer();
+    let ask = args.purge && !args.yes;
+    let terminal = std::io::stdin().is_terminal();
     let reports = runtime()?.block_on(async {
         let fleet = Fleet::connect(&cluster, &ssh, &progress).await?;
+        if ask {
+            // What will go, before anything goes.
+            print_purge_plan(&lib::purge_plan(&fleet).await);
+            let go = terminal
+                && tokio::task::spawn_blocking(|| confirm("Delete all of this?"))
+                    .await
+                    .unwrap_or(false);
+            if !go {
+                fleet.close().await;
+                return Ok(None);
+            }
+        }
         let reports = lib::clean(&fleet, args.purge, &progress).await;
         fleet.close().await;
-        anyhow::Ok(reports)
+        anyhow::Ok(Some(reports))
     })?;
+    let Some(reports) = reports else {
+        if !terminal {
+            return Err(Failure::Usage(
+                "clean --purge: nothing was deleted; it asks before it deletes what is listed above (job outputs included), and there is no terminal to ask on: pass --yes to purge without asking".into(),
+            ));
+        }
+        eprintln!("nothing was deleted");
+        return Err(Failure::Silent(1));
+    };
     if args.sel.json {
         println!(
             "{}",
@@ -556,6 +738,18 @@ pub(crate) fn clean(args: &CleanArgs) -> Result<(), Failure> {
         }
         println!();
     }
+    if !args.purge {
+        // What a plain clean leaves, and how to get it or remove it.
+        let note = format!(
+            "job outputs kept: on the worker hosts in {}/.gridq/out (with the synced project); `gridq pull SWEEP` fetches them, `gridq clean --purge` deletes them",
+            cluster.file.remote_path
+        );
+        if args.sel.json {
+            eprintln!("{note}");
+        } else {
+            println!("{note}");
+        }
+    }
     // An unreachable host does not fail the clean of the others (it may be gone for good);
     // it is reported so that its containers are not forgotten.
     for r in &reports {
@@ -568,6 +762,10 @@ pub(crate) fn clean(args: &CleanArgs) -> Result<(), Failure> {
 
 #[derive(Debug, Args)]
 pub(crate) struct MonitorArgs {
+    /// Use the saved configuration (the project's gridq-cluster.yaml; the default without
+    /// --config), as `gridq deploy -f` does.
+    #[arg(short = 'f')]
+    saved: bool,
     #[command(flatten)]
     sel: ClusterSel,
     /// The local port (default: a free one).
@@ -582,6 +780,8 @@ pub(crate) struct MonitorArgs {
 }
 
 pub(crate) fn monitor(args: &MonitorArgs) -> Result<(), Failure> {
+    // `-f` names the default (the project's saved file), as deploy's does.
+    let _ = args.saved;
     let (_, cluster) = args.sel.load()?;
     let ssh = lib::ssh_options(&cluster, &args.sel.ssh());
     let progress = lib::quiet();
@@ -624,6 +824,9 @@ pub(crate) fn monitor(args: &MonitorArgs) -> Result<(), Failure> {
                 .spawn();
         }
         let _ = stop.wait_for(|n| *n >= 1).await;
+        // The tunnel holds the master host's session: closed first, so that every ssh master
+        // is asked to exit (and waited for) before gridq does.
+        drop(api);
         fleet.close().await;
         anyhow::Ok(())
     })?;
@@ -657,16 +860,22 @@ pub(crate) fn cluster_for(conn: &MasterConn) -> Option<PathBuf> {
     }
 }
 
-/// Keeps a tunnel to a deployed master open (on its own thread) while it lives.
+/// Keeps a tunnel to a deployed master open (on its own thread) while it lives. Dropping it
+/// closes the tunnel and waits for the thread: the ssh master and its control directory are
+/// gone before the command returns.
 #[derive(Debug)]
 pub(crate) struct TunnelGuard {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for TunnelGuard {
     fn drop(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -676,7 +885,7 @@ pub(crate) fn open_master(file: &Path) -> Result<(String, String, TunnelGuard), 
     let cluster = load_cluster(file)?;
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(String, String), String>>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("gridq-tunnel".into())
         .spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
@@ -703,6 +912,7 @@ pub(crate) fn open_master(file: &Path) -> Result<(String, String, TunnelGuard), 
                 {
                     Ok(api) => {
                         let _ = ready_tx.send(Ok((api.url.clone(), api.token.clone())));
+                        // Until the guard goes (or its command ends without dropping it).
                         let _ = stop_rx.await;
                         drop(api);
                     }
@@ -718,14 +928,12 @@ pub(crate) fn open_master(file: &Path) -> Result<(String, String, TunnelGuard), 
             });
         })
         .map_err(|e| Failure::Other(e.into()))?;
+    let guard = TunnelGuard {
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    };
     match ready_rx.recv() {
-        Ok(Ok((url, token))) => Ok((
-            url,
-            token,
-            TunnelGuard {
-                stop: Some(stop_tx),
-            },
-        )),
+        Ok(Ok((url, token))) => Ok((url, token, guard)),
         Ok(Err(e)) => Err(Failure::Other(anyhow::anyhow!(e))),
         Err(_) => Err(Failure::Other(anyhow::anyhow!("the tunnel thread ended"))),
     }
@@ -774,14 +982,11 @@ pub(crate) fn status(file: &Path, json: bool) -> Result<(), Failure> {
     println!();
     match (&st.master, &st.master_error) {
         (Some(m), _) => {
-            let online = m["workers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|w| matches!(w["state"].as_str(), Some("online" | "draining")))
-                .count();
+            let workers = m["workers"].as_array().map_or(&[][..], Vec::as_slice);
+            let online = workers.iter().filter(|w| super::client::is_live(w)).count();
+            let lost = workers.iter().filter(|w| w["state"] == "lost").count();
             println!(
-                "master: {online} worker{} online",
+                "master: {online} worker{} online, {lost} lost",
                 if online == 1 { "" } else { "s" }
             );
             super::client::print_workers(&m["workers"]);

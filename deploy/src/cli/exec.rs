@@ -1,5 +1,6 @@
 //! `gridq exec --each-host`: run one argv on every host in parallel (DistributedEnvironments'
-//! `@eachmachine`), e.g. to download a dataset everywhere before a sweep.
+//! `@eachmachine`), e.g. to download a dataset everywhere before a sweep. The hosts are those
+//! of `-a`, or of a deployed cluster's file (`-f`, `--config FILE`; see [`super::probe`]).
 //!
 //! Output lines stream as they come, each prefixed with its host (`[1 gridq-h1@127.0.0.2]`),
 //! stdout to stdout and stderr to stderr. Then stderr gets one status line per host and a
@@ -18,7 +19,8 @@ use crate::ssh::{Sessions, Stream};
 
 #[derive(Debug, Args)]
 pub(crate) struct ExecArgs {
-    /// Run the command once on every host of --hosts (the only mode so far).
+    /// Run the command once on every host of --hosts or of the cluster file (the only mode so
+    /// far).
     #[arg(long, required = true)]
     each_host: bool,
     #[command(flatten)]

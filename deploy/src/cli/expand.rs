@@ -1,7 +1,13 @@
 //! `gridq expand`: print the jobs a sweep file expands to.
+//!
+//! `--limit N` prints the first N jobs of a sweep of any size: they are computed one by one
+//! and the rest never are, so the sweep's job limit (`max_jobs`, `--max-jobs`) is not checked
+//! and a grid of a billion jobs lists its first five at once. Without it, the whole sweep is
+//! counted and checked against the limit first, as `run` and `submit` do.
 
 use std::borrow::Cow;
 use std::io::{self, BufWriter, Write};
+use std::num::NonZeroU64;
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
@@ -19,9 +25,22 @@ pub(crate) struct ExpandArgs {
     /// Output format.
     #[arg(long, short = 'f', value_enum, default_value_t = Format::Text)]
     format: Format,
-    /// Produce only the first N jobs.
+    /// Produce only the first N jobs, whatever the sweep's size (the rest are not computed,
+    /// and the job limit is not checked).
     #[arg(long, short = 'n', value_name = "N")]
     limit: Option<u64>,
+    /// The most jobs the sweep may expand to, in place of its `max_jobs` (default 100,000):
+    /// the way to raise the limit of a bare parameters file.
+    #[arg(long, value_name = "N", value_parser = parse_max_jobs)]
+    max_jobs: Option<NonZeroU64>,
+}
+
+/// `--max-jobs N`: at least 1 (shared by `expand`, `run` and `submit`).
+pub(crate) fn parse_max_jobs(text: &str) -> Result<NonZeroU64, String> {
+    match text.trim().parse::<u64>() {
+        Ok(n) => NonZeroU64::new(n).ok_or_else(|| "must be at least 1".to_owned()),
+        Err(_) => Err(format!("`{text}` is not a number of jobs")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -38,9 +57,12 @@ pub(crate) fn run(args: &ExpandArgs) -> Result<(), Failure> {
     let options = LoadOptions {
         command: args.command.clone(),
     };
-    let loaded = sweep::load_path(&args.sweep, &options).map_err(usage)?;
+    let mut loaded = sweep::load_path(&args.sweep, &options).map_err(usage)?;
     for warning in &loaded.warnings {
         eprintln!("warning: {warning}");
+    }
+    if let Some(n) = args.max_jobs {
+        loaded.sweep.set_max_jobs(n);
     }
     let sweep = &loaded.sweep;
     if args.format == Format::Count {
@@ -57,7 +79,12 @@ pub(crate) fn run(args: &ExpandArgs) -> Result<(), Failure> {
             .map_or(count.jobs, |n| count.jobs.min(u128::from(n)));
         return write_ignoring_broken_pipe(|out| writeln!(out, "{jobs}"));
     }
-    let mut jobs = sweep.expand().map_err(usage)?;
+    // With a limit, the first jobs stream out without the rest being counted or checked.
+    let mut jobs = match args.limit {
+        Some(_) => sweep.expand_unchecked(),
+        None => sweep.expand(),
+    }
+    .map_err(usage)?;
     let limit = args
         .limit
         .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));

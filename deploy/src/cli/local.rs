@@ -49,6 +49,10 @@ pub(crate) struct RunArgs {
     /// Run every job again, even those that succeeded in an earlier run.
     #[arg(long)]
     rerun: bool,
+    /// The most jobs the sweep may expand to, in place of its `max_jobs` (default 100,000):
+    /// the way to raise the limit of a bare parameters file.
+    #[arg(long, value_name = "N", value_parser = super::expand::parse_max_jobs)]
+    max_jobs: Option<std::num::NonZeroU64>,
 }
 
 pub(crate) fn run(args: &RunArgs) -> Result<(), Failure> {
@@ -65,8 +69,11 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), Failure> {
     let options = LoadOptions {
         command: args.command.clone(),
     };
-    let loaded = sweep::load_str(&yaml, &source, &stem, &options)
+    let mut loaded = sweep::load_str(&yaml, &source, &stem, &options)
         .map_err(|e| Failure::Usage(e.to_string()))?;
+    if let Some(n) = args.max_jobs {
+        loaded.sweep.set_max_jobs(n);
+    }
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
@@ -94,6 +101,13 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), Failure> {
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let state_dir = absolute(&args.state_dir).map_err(Failure::Other)?;
+    // Every attempt records the code it ran: here the project as it is now, hashed with the
+    // rules a deploy's sync uses (what git ignores left out).
+    let code = crate::sync::code_version(&project, &crate::sync::SyncOptions::default())
+        .and_then(|code| crate::sync::write_code_version(&project, &code));
+    if let Err(e) = code {
+        eprintln!("warning: the project's code version is not recorded: {e}");
+    }
 
     let given = match &args.broker {
         Some(url) => {
@@ -280,7 +294,7 @@ async fn session(
     );
     let client = Client::new(url, handle.token.to_string());
     let all_ok = tokio::select! {
-        r = client::watch(&client, &name, true) => r?,
+        r = client::watch(&client, &name, true) => r?.all_succeeded(),
         _ = stop.wait_for(|n| *n >= 1) => {
             eprintln!("interrupted: canceling sweep {name}");
             let _ = handle.cancel_sweep(gridq_common::SweepId::new(&name).map_err(anyhow::Error::msg)?).await;

@@ -9,8 +9,10 @@ mod cluster;
 mod context;
 mod exec;
 mod expand;
+mod init;
 mod local;
 mod probe;
+mod pull;
 mod services;
 
 use std::process::ExitCode;
@@ -51,6 +53,8 @@ enum Command {
     Retry(client::RetryArgs),
     /// A sweep's results as CSV or JSON lines.
     Results(client::ResultsArgs),
+    /// Bring a sweep's job outputs (GRIDQ_OUTPUT) to this machine, with its results.csv.
+    Pull(pull::PullArgs),
     /// What each host offers: CPUs, memory, disk, GPUs, Docker (over SSH, in parallel).
     Probe(probe::ProbeArgs),
     /// Run a command once on every host, in parallel (over SSH).
@@ -63,6 +67,9 @@ enum Command {
     Clean(cluster::CleanArgs),
     /// Open an SSH tunnel to the cluster's monitor and print its local URL and token.
     Monitor(cluster::MonitorArgs),
+    /// A container's init: runs a program, reaps orphans, passes signals on.
+    #[command(hide = true)]
+    Init(init::InitArgs),
 }
 
 /// A failure with the exit code it maps to.
@@ -84,8 +91,9 @@ impl From<anyhow::Error> for Failure {
 
 /// Parses the command line, runs the subcommand and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
-    init_tracing();
     let cli = Cli::parse();
+    // init stays single-threaded and logs nothing of its own but warnings.
+    init_tracing();
     let outcome = match &cli.command {
         Command::Expand(args) => expand::run(args),
         Command::Run(args) => local::run(args),
@@ -99,12 +107,14 @@ pub fn main() -> ExitCode {
         Command::Cancel(args) => client::cancel(args),
         Command::Retry(args) => client::retry(args),
         Command::Results(args) => client::results(args),
+        Command::Pull(args) => pull::run(args),
         Command::Probe(args) => probe::run(args),
         Command::Exec(args) => exec::run(args),
         Command::Deploy(args) => cluster::deploy(args),
         Command::Update(args) => cluster::update(args),
         Command::Clean(args) => cluster::clean(args),
         Command::Monitor(args) => cluster::monitor(args),
+        Command::Init(args) => init::run(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

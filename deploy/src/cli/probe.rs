@@ -1,5 +1,8 @@
 //! `gridq probe`: what each host offers (CPUs, memory, disk, GPUs, Docker), in one SSH round
-//! trip per host, all hosts in parallel. Also the SSH flags shared with `gridq exec`.
+//! trip per host, all hosts in parallel. Also the SSH flags shared with `gridq exec`: the
+//! hosts and login come from the flags, or from a cluster file (`-f`: the project's saved
+//! `gridq-cluster.yaml`; `--config FILE`), as for `gridq deploy`; flags given with a cluster
+//! file take precedence over its values.
 //!
 //! The remote side is one fixed script, [`SCRIPT`], run as `sh -c SCRIPT gridq-probe PATH`:
 //! the remote path reaches it as `$1`, never pasted into the script. It prints `key=value`
@@ -13,6 +16,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::Failure;
+use crate::cluster::config::{CLUSTER_FILE, Cluster};
 use crate::hosts::{Host, parse_hosts};
 use crate::ssh::{HostKeyPolicy, SshError, SshOptions};
 
@@ -35,15 +39,25 @@ pub(crate) struct LoginArgs {
     pub(crate) ssh_config: Option<PathBuf>,
 }
 
-/// How to reach the hosts: mlframework's `-a`, the login, timeouts.
+/// How to reach the hosts: mlframework's `-a`, the login, timeouts; or a cluster file.
 #[derive(Debug, Args)]
 pub(crate) struct SshArgs {
     /// The hosts, comma-separated: `[user@]host[:port],...` (IPv6 with a port as
-    /// `[addr]:port`), numbered from 1.
+    /// `[addr]:port`), numbered from 1 (default: the cluster file's, with -f or --config).
     #[arg(short = 'a', long = "hosts", env = "GRIDQ_HOSTS", value_name = "HOSTS")]
-    hosts: String,
+    hosts: Option<String>,
     #[command(flatten)]
     login: LoginArgs,
+    /// Take the hosts and the login from the saved configuration (the project's
+    /// gridq-cluster.yaml, written by `gridq deploy`).
+    #[arg(short = 'f')]
+    saved: bool,
+    /// Take the hosts and the login from this cluster file.
+    #[arg(long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The project directory whose gridq-cluster.yaml -f reads (mlframework's -d).
+    #[arg(short = 'd', long = "project", value_name = "DIR", default_value = ".")]
+    project: PathBuf,
     /// How long connecting to a host may take (e.g. 10s).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
@@ -53,32 +67,105 @@ pub(crate) struct SshArgs {
 }
 
 impl SshArgs {
+    /// The cluster file named by `-f` or `--config`, loaded and checked; `None` without
+    /// either.
+    ///
+    /// # Errors
+    /// A missing or bad file is a usage error naming it.
+    pub(crate) fn cluster(&self) -> Result<Option<(PathBuf, Cluster)>, Failure> {
+        let path = match (&self.config, self.saved) {
+            (Some(p), _) => p.clone(),
+            (None, true) => self.project.join(CLUSTER_FILE),
+            (None, false) => return Ok(None),
+        };
+        if !path.exists() {
+            return Err(Failure::Usage(format!(
+                "{}: no cluster file at {}; deploy first (gridq deploy -a HOSTS -m N -w N,... saves one), or pass --config FILE",
+                if self.config.is_some() {
+                    "--config"
+                } else {
+                    "-f"
+                },
+                path.display()
+            )));
+        }
+        super::cluster::load_cluster(&path).map(|c| Some((path, c)))
+    }
+
     /// The host list and the SSH options, validated: a bad list or a missing key file is a
-    /// usage error.
+    /// usage error. With a cluster file, its hosts, key, known_hosts, host key policy and ssh
+    /// config, each replaced by the flag given for it.
     pub(crate) fn resolve(&self) -> Result<(Vec<Host>, SshOptions), Failure> {
-        let hosts = parse_hosts(&self.hosts).map_err(|e| Failure::Usage(e.to_string()))?;
-        for (flag, path) in [
-            ("--identity", &self.login.identity),
-            ("--known-hosts", &self.login.known_hosts),
+        self.resolve_with(self.cluster()?.as_ref())
+    }
+
+    /// [`SshArgs::resolve`] with the cluster file already loaded.
+    pub(crate) fn resolve_with(
+        &self,
+        file: Option<&(PathBuf, Cluster)>,
+    ) -> Result<(Vec<Host>, SshOptions), Failure> {
+        let cluster = file.map(|(_, c)| c);
+        let hosts = match (&self.hosts, cluster) {
+            (Some(list), _) => parse_hosts(list).map_err(|e| Failure::Usage(e.to_string()))?,
+            (None, Some(c)) if !c.hosts.is_empty() => c.hosts.clone(),
+            (None, Some(c)) => {
+                return Err(Failure::Usage(format!(
+                    "cluster {}: its file lists no hosts (every role runs locally); pass -a HOSTS",
+                    c.name()
+                )));
+            }
+            (None, None) => {
+                return Err(Failure::Usage(
+                    "--hosts: give the hosts (-a [user@]host[:port],...), or a cluster file: -f for the project's gridq-cluster.yaml, or --config FILE".into(),
+                ));
+            }
+        };
+        let base = SshOptions {
+            connect_timeout: self.connect_timeout,
+            parallel: usize::from(self.parallel),
+            ..SshOptions::default()
+        };
+        let mut options = match cluster {
+            Some(c) => crate::cluster::ssh_options(c, &base),
+            None => base,
+        };
+        if let Some(key) = &self.login.identity {
+            options.identity = Some(key.clone());
+        }
+        if let Some(file) = &self.login.known_hosts {
+            options.known_hosts = Some(file.clone());
+        }
+        if let Some(file) = &self.login.ssh_config {
+            options.config_file = Some(file.clone());
+        }
+        if self.login.accept_new_host_keys {
+            options.host_keys = HostKeyPolicy::AcceptNew;
+        }
+        // Named as the user gave them: the flag, or the cluster file's field.
+        let origin = |flag: &str, given: bool, field: &str| match file {
+            Some((path, _)) if !given => format!("{}: {field}", path.display()),
+            _ => flag.to_owned(),
+        };
+        for (what, path) in [
+            (
+                origin("--identity", self.login.identity.is_some(), "ssh.identity"),
+                &options.identity,
+            ),
+            (
+                origin(
+                    "--known-hosts",
+                    self.login.known_hosts.is_some(),
+                    "ssh.known_hosts",
+                ),
+                &options.known_hosts,
+            ),
         ] {
             if let Some(path) = path {
                 if let Err(e) = std::fs::metadata(path) {
-                    return Err(Failure::Usage(format!("{flag}: {}: {e}", path.display())));
+                    return Err(Failure::Usage(format!("{what}: {}: {e}", path.display())));
                 }
             }
         }
-        let options = SshOptions {
-            identity: self.login.identity.clone(),
-            known_hosts: self.login.known_hosts.clone(),
-            host_keys: if self.login.accept_new_host_keys {
-                HostKeyPolicy::AcceptNew
-            } else {
-                HostKeyPolicy::Strict
-            },
-            config_file: self.login.ssh_config.clone(),
-            connect_timeout: self.connect_timeout,
-            parallel: usize::from(self.parallel),
-        };
         Ok((hosts, options))
     }
 }
@@ -89,8 +176,9 @@ pub(crate) struct ProbeArgs {
     ssh: SshArgs,
     /// The remote path whose free disk space is shown, relative to the remote home (as
     /// mlframework's -r); its nearest existing parent is measured when it does not exist yet.
-    #[arg(short = 'r', long, value_name = "PATH", default_value = ".")]
-    remote_path: String,
+    /// Default: the cluster file's remote path with -f or --config, else the home.
+    #[arg(short = 'r', long, value_name = "PATH")]
+    remote_path: Option<String>,
     /// One JSON document instead of the table.
     #[arg(long)]
     json: bool,
@@ -277,8 +365,14 @@ fn parse_gpu(line: &str) -> Option<Gpu> {
 }
 
 pub(crate) fn run(args: &ProbeArgs) -> Result<(), Failure> {
-    let (hosts, options) = args.ssh.resolve()?;
-    let remote_path = remote_path(&args.remote_path);
+    let cluster = args.ssh.cluster()?;
+    let (hosts, options) = args.ssh.resolve_with(cluster.as_ref())?;
+    let remote_path = remote_path(
+        args.remote_path
+            .as_deref()
+            .or(cluster.as_ref().map(|(_, c)| c.file.remote_path.as_str()))
+            .unwrap_or("."),
+    );
     let reports = super::services::runtime()?.block_on(probe(
         &hosts,
         &options,

@@ -21,12 +21,9 @@ use crate::hosts::{Host, parse_hosts};
 /// The file name `gridq deploy` writes into the project.
 pub const CLUSTER_FILE: &str = "gridq-cluster.yaml";
 
-/// The default images: built locally by `scripts/build-images.sh` (gridq, worker), and the
-/// broker image the issue names (RabbitMQ with its management plugin).
-pub const DEFAULT_GRIDQ_IMAGE: &str = "gridq:local";
-/// See [`DEFAULT_GRIDQ_IMAGE`].
-pub const DEFAULT_WORKER_IMAGE: &str = "gridq-worker:local";
-/// See [`DEFAULT_GRIDQ_IMAGE`].
+/// The default broker image: RabbitMQ with its management plugin (`scripts/build-images.sh`
+/// builds `gridq-rabbitmq:local` without a registry). Workers run in the project's own image
+/// ([`ClusterFile::worker_image`]), which has no default; the master needs no image of its own.
 pub const DEFAULT_BROKER_IMAGE: &str = "rabbitmq:3-management";
 
 /// A bad cluster file or bad deploy flags. Messages name the file (and line) or the flag.
@@ -264,12 +261,14 @@ fn is_auto(g: &Gpus) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImagesSection {
-    /// The gridq image (the master).
-    #[serde(default = "default_gridq_image")]
-    pub gridq: String,
-    /// The worker image.
-    #[serde(default = "default_worker_image")]
-    pub worker: String,
+    /// Files written by gridq 0.x before workers ran in the project's image: `gridq` (the
+    /// master image, no longer used) and `worker` (taken as `worker_image` when that is not
+    /// set). Read, never written.
+    #[serde(default, skip_serializing)]
+    pub gridq: Option<String>,
+    /// See `gridq`.
+    #[serde(default, skip_serializing)]
+    pub worker: Option<String>,
     /// The RabbitMQ image.
     #[serde(default = "default_broker_image")]
     pub broker: String,
@@ -281,8 +280,8 @@ pub struct ImagesSection {
 impl Default for ImagesSection {
     fn default() -> Self {
         Self {
-            gridq: default_gridq_image(),
-            worker: default_worker_image(),
+            gridq: None,
+            worker: None,
             broker: default_broker_image(),
             pull: false,
         }
@@ -309,9 +308,47 @@ pub struct ClusterFile {
     pub master: MasterSection,
     /// The worker hosts.
     pub workers: Vec<WorkerSection>,
+    /// The image the workers, and so the jobs, run in: the project's own (say its PyTorch and
+    /// CUDA image), unchanged. Hosts that have it use theirs; otherwise it is pulled
+    /// (`images.pull`) or sent once from this machine. gridq itself comes as one static
+    /// binary mounted read-only into it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_image: Option<String>,
+    /// The static gridq binary that deploy puts on every host (default: the running `gridq`,
+    /// when it is statically linked; `scripts/release.sh` builds one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gridq_binary: Option<PathBuf>,
     /// The images.
     #[serde(default)]
     pub images: ImagesSection,
+    /// How the project is synced, kept so that `update` sends the same selection as deploy.
+    #[serde(default, skip_serializing_if = "SyncSection::is_default")]
+    pub sync: SyncSection,
+}
+
+/// How the project is synced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSection {
+    /// Leave out what `.gitignore` files leave out (deploy's `--no-gitignore` sets false).
+    #[serde(default = "yes")]
+    pub gitignore: bool,
+}
+
+impl Default for SyncSection {
+    fn default() -> Self {
+        Self { gitignore: true }
+    }
+}
+
+impl SyncSection {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn is_default_ssh(s: &SshSection) -> bool {
@@ -341,12 +378,6 @@ fn default_heartbeat_timeout() -> Duration {
 }
 fn default_queues() -> Vec<String> {
     vec!["default".into()]
-}
-fn default_gridq_image() -> String {
-    DEFAULT_GRIDQ_IMAGE.into()
-}
-fn default_worker_image() -> String {
-    DEFAULT_WORKER_IMAGE.into()
 }
 fn default_broker_image() -> String {
     DEFAULT_BROKER_IMAGE.into()
@@ -416,10 +447,15 @@ impl ClusterFile {
     /// # Errors
     /// [`ConfigError::Yaml`].
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
-        serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml {
+        let mut file: Self = serde_yaml::from_str(text).map_err(|e| ConfigError::Yaml {
             path: origin.to_owned(),
             message: e.to_string(),
-        })
+        })?;
+        if let Some(old) = file.images.worker.take() {
+            file.worker_image.get_or_insert(old);
+        }
+        file.images.gridq = None;
+        Ok(file)
     }
 
     /// The YAML text, with a header saying where it came from.
@@ -564,6 +600,7 @@ impl ClusterFile {
             identity: self.ssh.identity.as_deref().map(rel),
             known_hosts: self.ssh.known_hosts.as_deref().map(rel),
             ssh_config: self.ssh.config.as_deref().map(rel),
+            gridq_binary: self.gridq_binary.as_deref().map(rel),
         })
     }
 }
@@ -603,6 +640,8 @@ pub struct Cluster {
     pub known_hosts: Option<PathBuf>,
     /// The ssh config file, resolved.
     pub ssh_config: Option<PathBuf>,
+    /// The static gridq binary to deploy, resolved.
+    pub gridq_binary: Option<PathBuf>,
 }
 
 impl Cluster {

@@ -64,12 +64,14 @@ pub enum Mounted {
         /// Path in the container.
         target: String,
     },
-    /// A directory of the host.
+    /// A directory (or file) of the host.
     Bind {
         /// Absolute path on the host.
         source: String,
         /// Path in the container.
         target: String,
+        /// Mounted read-only.
+        read_only: bool,
     },
 }
 
@@ -115,8 +117,12 @@ pub struct ContainerSpec {
     pub image: String,
     /// The image's ID on the engine, resolved before the spec is hashed.
     pub image_id: String,
-    /// The command (after the image's entrypoint).
+    /// The entrypoint; empty: the image's.
+    pub entrypoint: Vec<String>,
+    /// The command (after the entrypoint).
     pub cmd: Vec<String>,
+    /// The working directory; `None`: the image's.
+    pub workdir: Option<String>,
     /// `NAME=value` pairs (they may hold the broker password: see the module doc of deploy).
     pub env: Vec<String>,
     /// `uid:gid`, or the image's user.
@@ -160,10 +166,15 @@ impl ContainerSpec {
                     typ: Some(MountType::VOLUME),
                     ..Default::default()
                 },
-                Mounted::Bind { source, target } => Mount {
+                Mounted::Bind {
+                    source,
+                    target,
+                    read_only,
+                } => Mount {
                     target: Some(target.clone()),
                     source: Some(source.clone()),
                     typ: Some(MountType::BIND),
+                    read_only: read_only.then_some(true),
                     ..Default::default()
                 },
             })
@@ -198,7 +209,9 @@ impl ContainerSpec {
         });
         ContainerCreateBody {
             image: Some(self.image_id.clone()),
+            entrypoint: (!self.entrypoint.is_empty()).then(|| self.entrypoint.clone()),
             cmd: Some(self.cmd.clone()),
+            working_dir: self.workdir.clone(),
             env: Some(self.env.clone()),
             user: self.user.clone(),
             labels: Some(self.labels()),
@@ -663,7 +676,9 @@ mod tests {
             host: "u@h".into(),
             image: "gridq-worker:local".into(),
             image_id: "sha256:1".into(),
+            entrypoint: vec![],
             cmd: vec!["--slots".into(), "2".into()],
+            workdir: None,
             env: vec!["A=b".into()],
             user: Some("1000:1000".into()),
             network: Network::Host,

@@ -10,6 +10,7 @@
 //! A *place* is where a role runs: a host of the list (over SSH; Docker through
 //! `docker system dial-stdio` on the same multiplexed connection) or this machine.
 
+pub mod binary;
 pub mod config;
 pub mod containers;
 pub mod plan;
@@ -24,8 +25,9 @@ use anyhow::Context as _;
 use serde::Serialize;
 use serde_json::Value;
 
+use self::binary::Binary;
 use self::config::{Cluster, Gpus, HostRef};
-use self::containers::{Found, Outcome, Role};
+use self::containers::{ContainerSpec, Found, Outcome, Role};
 use self::plan::{Keys, Secrets, WorkerFacts};
 use crate::docker::{DockerHost, ImageOutcome};
 use crate::ssh::{HostSession, Sessions, SshOptions};
@@ -218,6 +220,25 @@ pub struct PlaceReport {
     pub steps: Vec<String>,
     /// What failed, naming the host.
     pub error: Option<String>,
+    /// What was sent there, in bytes.
+    pub sent: Sent,
+}
+
+/// Bytes sent to one place by a deploy or an update (the project's own sync aside).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Sent {
+    /// Images streamed from this machine (`docker save`/`load`), the master's runtime image
+    /// included.
+    pub images: u64,
+    /// The static gridq binary.
+    pub binary: u64,
+}
+
+impl Sent {
+    fn add(&mut self, other: Sent) {
+        self.images += other.images;
+        self.binary += other.binary;
+    }
 }
 
 /// The outcome of a deploy.
@@ -250,9 +271,19 @@ pub struct DeployOptions {
     pub health_timeout: Duration,
     /// How the project is synced.
     pub sync: SyncOptions,
-    /// `update` only: drain each worker (no new jobs, running ones finish) before its restart,
-    /// instead of handing its running jobs back.
-    pub drain: bool,
+    /// `update` only: restart each worker at once, handing its running jobs back (they run
+    /// again elsewhere), instead of letting them finish first.
+    pub now: bool,
+    /// The static gridq binary to place on the hosts.
+    pub binary: Option<Arc<Binary>>,
+}
+
+impl DeployOptions {
+    fn binary(&self) -> anyhow::Result<&Binary> {
+        self.binary
+            .as_deref()
+            .context("no gridq binary was located for this deploy")
+    }
 }
 
 /// Checks every place before anything starts: reachable, Docker usable, GPUs where wanted,
@@ -614,19 +645,30 @@ async fn recovered_secrets(fleet: &Fleet) -> Secrets {
 }
 
 /// Makes sure `image` is on a place's engine (streamed from this machine, or pulled) and
-/// returns its ID there.
+/// returns its ID there and the bytes sent.
 async fn image_at(
     fleet: &Fleet,
     conn: &PlaceConn,
     image: &str,
     progress: &Progress,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, u64)> {
     if fleet.cluster.file.images.pull {
         if let Some(id) = conn.docker.image_id(image).await? {
-            return Ok(id);
+            return Ok((id, 0));
         }
         progress(&conn.label, &format!("pulling {image}"));
-        return Ok(crate::docker::pull_image(&conn.docker, image).await?);
+        return Ok((crate::docker::pull_image(&conn.docker, image).await?, 0));
+    }
+    // An image the place has and this machine does not (the team's image, pulled there by
+    // hand): used as it is.
+    let local_has = match &fleet.local {
+        Some(local) => local.image_id(image).await?.is_some(),
+        None => false,
+    };
+    if !local_has {
+        if let Some(id) = conn.docker.image_id(image).await? {
+            return Ok((id, 0));
+        }
     }
     let Some(local) = &fleet.local else {
         anyhow::bail!(
@@ -644,13 +686,74 @@ async fn image_at(
         }
     })
     .await?;
+    let mut sent = 0;
     if let ImageOutcome::Transferred { bytes } = outcome {
         progress(
             &conn.label,
             &format!("image {image} sent ({} MiB)", bytes >> 20),
         );
+        sent = bytes;
     }
-    Ok(id)
+    Ok((id, sent))
+}
+
+/// Where a place keeps gridq binaries: `.gridq/bin` under the project's remote path (this
+/// machine: under the project).
+async fn bin_dir(fleet: &Fleet, conn: &PlaceConn) -> anyhow::Result<String> {
+    let base = match &conn.session {
+        None => std::fs::canonicalize(&fleet.cluster.project)?
+            .to_string_lossy()
+            .into_owned(),
+        Some(session) => remote_abs_path(session, &fleet.cluster.file.remote_path).await?,
+    };
+    Ok(format!("{base}/.gridq/bin"))
+}
+
+/// Places the static binary at a place (once per content); returns its path there.
+async fn binary_at(
+    fleet: &Fleet,
+    conn: &PlaceConn,
+    binary: &Binary,
+    sent: &mut Sent,
+    progress: &Progress,
+) -> anyhow::Result<String> {
+    let dir = bin_dir(fleet, conn).await?;
+    let (path, bytes) = binary::place_binary(conn, &dir, binary).await?;
+    if bytes > 0 {
+        progress(
+            &conn.label,
+            &format!("gridq binary sent to {path} ({} MiB)", bytes >> 20),
+        );
+    }
+    sent.binary += bytes;
+    Ok(path)
+}
+
+/// A worker place's facts for its specs: its image, project, binary, user and GPUs.
+async fn worker_facts(
+    fleet: &Fleet,
+    conn: &PlaceConn,
+    gpus: Vec<u32>,
+    options: &DeployOptions,
+    sent: &mut Sent,
+    progress: &Progress,
+) -> anyhow::Result<WorkerFacts> {
+    let cluster = &fleet.cluster;
+    let image = cluster.file.worker_image.as_deref().context(
+        "worker_image: no image given for the workers (--worker-image IMAGE: the image your jobs run in)",
+    )?;
+    let (image_id, bytes) = image_at(fleet, conn, image, progress).await?;
+    sent.images += bytes;
+    let project_dir = project_at(fleet, conn, &options.sync, progress).await?;
+    let binary = binary_at(fleet, conn, options.binary()?, sent, progress).await?;
+    let user = user_ids(conn).await.map_err(anyhow::Error::msg)?;
+    Ok(WorkerFacts {
+        user: Some(user),
+        project_dir,
+        gpus,
+        image_id,
+        binary,
+    })
 }
 
 /// `uid:gid` of the SSH user (or of this process, locally).
@@ -692,19 +795,21 @@ async fn project_at(
     }
 }
 
-/// Everything deploy puts at one place, in order; returns the steps and how many containers
-/// changed.
+/// Everything deploy puts at one place, in order; returns the steps, how many containers
+/// changed, and what was sent.
 async fn deploy_place(
     fleet: &Fleet,
     conn: &PlaceConn,
     keys: &Keys,
     gpus: &HashMap<HostRef, Vec<u32>>,
     options: &DeployOptions,
+    api: &tokio::sync::OnceCell<Option<MasterApi>>,
     progress: &Progress,
-) -> anyhow::Result<(Vec<String>, usize)> {
+) -> anyhow::Result<(Vec<String>, usize, Sent)> {
     let cluster = &fleet.cluster;
     let mut steps = Vec::new();
     let mut changed = 0;
+    let mut sent = Sent::default();
     let note = |steps: &mut Vec<String>, changed: &mut usize, name: &str, outcome: Outcome| {
         let line = format!("{name}: {}", outcome.verb());
         progress(&conn.label, &line);
@@ -714,12 +819,16 @@ async fn deploy_place(
         steps.push(line);
     };
     if cluster.file.master.host == conn.place {
-        let broker_image = image_at(fleet, conn, &cluster.file.images.broker, progress).await?;
+        let (broker_image, bytes) =
+            image_at(fleet, conn, &cluster.file.images.broker, progress).await?;
+        sent.images += bytes;
         let spec = plan::broker_spec(cluster, keys, &broker_image);
         let outcome = containers::ensure(conn.docker.docker(), &spec).await?;
         note(&mut steps, &mut changed, &spec.name, outcome);
-        let gridq_image = image_at(fleet, conn, &cluster.file.images.gridq, progress).await?;
-        let spec = plan::master_spec(cluster, keys, &gridq_image);
+        let runtime = binary::runtime_image(&conn.docker).await?;
+        sent.images += runtime.sent;
+        let bin = binary_at(fleet, conn, options.binary()?, &mut sent, progress).await?;
+        let spec = plan::master_spec(cluster, keys, (&runtime.reference, &runtime.id), &bin);
         let outcome = containers::ensure(conn.docker.docker(), &spec).await?;
         note(&mut steps, &mut changed, &spec.name, outcome);
     }
@@ -727,17 +836,13 @@ async fn deploy_place(
         if w.host != conn.place {
             continue;
         }
-        let image_id = image_at(fleet, conn, &cluster.file.images.worker, progress).await?;
-        let project_dir = project_at(fleet, conn, &options.sync, progress).await?;
-        let user = user_ids(conn).await.map_err(anyhow::Error::msg)?;
-        let facts = WorkerFacts {
-            user: Some(user),
-            project_dir,
-            gpus: gpus.get(&w.host).cloned().unwrap_or_default(),
-            image_id,
-        };
+        let gpus = gpus.get(&w.host).cloned().unwrap_or_default();
+        let facts = worker_facts(fleet, conn, gpus, options, &mut sent, progress).await?;
         let specs = plan::worker_specs(cluster, keys, i, &facts);
         let wanted: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+        if !options.now {
+            drain_changed(fleet, conn, &specs, w.host, options, api, progress).await?;
+        }
         for spec in &specs {
             let outcome = containers::ensure(conn.docker.docker(), spec).await?;
             note(&mut steps, &mut changed, &spec.name, outcome);
@@ -755,7 +860,63 @@ async fn deploy_place(
             }
         }
     }
-    Ok((steps, changed))
+    Ok((steps, changed, sent))
+}
+
+/// Before a deploy replaces running workers (their spec changed: a new gridq binary, other
+/// slots or GPUs), lets their running jobs finish, as `update` does: the workers of the place
+/// are drained (no new job; Docker will not restart them) and deploy waits until they are
+/// idle. A new worker place, a stopped container or an unreachable master: nothing to wait
+/// for. `--now` skips this (running jobs are handed back).
+async fn drain_changed(
+    fleet: &Fleet,
+    conn: &PlaceConn,
+    specs: &[ContainerSpec],
+    place: HostRef,
+    options: &DeployOptions,
+    api: &tokio::sync::OnceCell<Option<MasterApi>>,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let cluster = &fleet.cluster;
+    let label = cluster.place_label(place);
+    let found = containers::list(conn.docker.docker(), cluster.name(), Some(&label)).await?;
+    let changing: Vec<&ContainerSpec> = specs
+        .iter()
+        .filter(|s| {
+            found
+                .iter()
+                .any(|f| f.name == s.name && f.state == "running" && f.spec != s.hash())
+        })
+        .collect();
+    if changing.is_empty() {
+        return Ok(());
+    }
+    let api = api
+        .get_or_init(|| async {
+            let deadline = Instant::now() + options.health_timeout;
+            match MasterApi::open(fleet, deadline, None).await {
+                Ok(api) => Some(api),
+                Err(e) => {
+                    progress(
+                        "local",
+                        &format!("the master does not answer ({e:#}): changed workers are replaced without waiting for their jobs"),
+                    );
+                    None
+                }
+            }
+        })
+        .await;
+    let Some(api) = api else { return Ok(()) };
+    for spec in &changing {
+        containers::no_restart(conn.docker.docker(), &spec.name).await?;
+    }
+    drain_host(
+        api,
+        &worker_host_name(cluster, place),
+        &conn.label,
+        progress,
+    )
+    .await
 }
 
 /// `gridq deploy`: checks, then images, project, broker, master and workers at every place
@@ -780,12 +941,14 @@ pub async fn deploy(
     };
     let (keys, note) = keys(fleet).await?;
     progress("local", &note);
+    // The master's API, opened on first need: to drain workers about to be replaced.
+    let api = tokio::sync::OnceCell::new();
     let mut tasks = Vec::new();
     for (place, conn) in &fleet.places {
         let Ok(conn) = conn else { continue };
-        let (keys, gpus) = (&keys, &gpus);
+        let (keys, gpus, api) = (&keys, &gpus, &api);
         tasks.push(async move {
-            let result = deploy_place(fleet, conn, keys, gpus, options, progress).await;
+            let result = deploy_place(fleet, conn, keys, gpus, options, api, progress).await;
             (*place, conn.label.clone(), result)
         });
     }
@@ -794,13 +957,14 @@ pub async fn deploy(
     let mut changed = 0;
     for (_, label, result) in outcomes {
         match result {
-            Ok((steps, n)) => {
+            Ok((steps, n, sent)) => {
                 changed += n;
                 places.push(PlaceReport {
                     place: label,
                     ok: true,
                     steps,
                     error: None,
+                    sent,
                 });
             }
             Err(e) => {
@@ -811,6 +975,7 @@ pub async fn deploy(
                     ok: false,
                     steps: Vec::new(),
                     error: Some(error),
+                    sent: Sent::default(),
                 });
             }
         }
@@ -1257,6 +1422,88 @@ pub async fn clean(fleet: &Fleet, purge: bool, progress: &Progress) -> Vec<Clean
     futures_util::future::join_all(tasks).await
 }
 
+/// What `gridq clean --purge` would delete at one place, listed before it asks.
+#[derive(Debug, Clone, Serialize)]
+pub struct PurgePlan {
+    /// `host N ...` or `local`.
+    pub place: String,
+    /// The cluster's containers there.
+    pub containers: Vec<String>,
+    /// Its volumes there (the broker's queues, the master's store and history).
+    pub volumes: Vec<String>,
+    /// The synced project directory, absolute (worker hosts reached over SSH; a local
+    /// worker's project is this machine's and is never deleted).
+    pub project: Option<String>,
+    /// The job outputs in it (`.gridq/out`): files and bytes, when they could be counted.
+    pub outputs: Option<(u64, u64)>,
+    /// Why this place could not be looked at (it will not be cleaned either).
+    pub error: Option<String>,
+}
+
+/// Looks at every place, in parallel, for what `clean(fleet, true, ..)` would delete there.
+pub async fn purge_plan(fleet: &Fleet) -> Vec<PurgePlan> {
+    let cluster = &fleet.cluster;
+    let tasks = fleet.places.iter().map(|(place, conn)| async move {
+        let mut plan = PurgePlan {
+            place: fleet.label(*place),
+            containers: Vec::new(),
+            volumes: Vec::new(),
+            project: None,
+            outputs: None,
+            error: None,
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                plan.error = Some(e.clone());
+                return plan;
+            }
+        };
+        let work = async {
+            let docker = conn.docker.docker();
+            let own = cluster.place_label(*place);
+            plan.containers = containers::list(docker, cluster.name(), Some(&own))
+                .await?
+                .into_iter()
+                .map(|c| c.name)
+                .collect();
+            plan.volumes = containers::list_volumes(docker, cluster.name(), Some(&own)).await?;
+            let is_worker = cluster.file.workers.iter().any(|w| w.host == *place);
+            if let (true, Some(session)) = (is_worker, &conn.session) {
+                let project = remote_abs_path(session, &cluster.file.remote_path).await?;
+                // One line per file, its size: counted here (a directory that is not there
+                // has none).
+                let outputs = format!("{project}/.gridq/out");
+                let listed = session
+                    .run(
+                        &["find", &outputs, "-type", "f", "-printf", "%s\\n"],
+                        Some(Duration::from_secs(60)),
+                    )
+                    .await;
+                plan.outputs = match listed {
+                    Ok(out) if out.success() => {
+                        let text = String::from_utf8_lossy(&out.stdout);
+                        let sizes: Vec<u64> =
+                            text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+                        Some((sizes.len() as u64, sizes.iter().sum()))
+                    }
+                    Ok(out) if String::from_utf8_lossy(&out.stderr).contains("No such file") => {
+                        Some((0, 0))
+                    }
+                    _ => None,
+                };
+                plan.project = Some(project);
+            }
+            anyhow::Ok(())
+        };
+        if let Err(e) = work.await {
+            plan.error = Some(prefixed(&conn.label, &format!("{e:#}")));
+        }
+        plan
+    });
+    futures_util::future::join_all(tasks).await
+}
+
 /// How `update` went.
 #[derive(Debug, Clone, Serialize)]
 pub struct UpdateReport {
@@ -1264,15 +1511,23 @@ pub struct UpdateReport {
     pub restarted: Vec<String>,
     /// Failures, each naming its host.
     pub errors: Vec<String>,
+    /// What was sent to each place.
+    pub sent: BTreeMap<String, Sent>,
 }
 
-/// `gridq update`: syncs the project to every worker place, then restarts the worker
-/// containers one at a time (rolling). A stopped worker hands its running jobs back
-/// (`--on-stop requeue`), so they run again elsewhere as new attempts; each new worker must be
-/// online before the next one stops.
+/// `gridq update`: re-syncs the project and the gridq binary everywhere, then replaces the
+/// workers.
+///
+/// By default no running job is killed: every worker to be replaced is drained at once (it
+/// takes no new job and Docker will not restart it), and each is replaced as soon as its own
+/// running jobs have finished, the places in parallel. So no job starts on the old code once
+/// the update has begun, and a worker idles only until its own last job ends. With
+/// [`DeployOptions::now`], workers are replaced one at a time right away, each handing its
+/// running jobs back (they run again elsewhere as new attempts), each new one online before
+/// the next stops.
 ///
 /// # Errors
-/// Preflight-like failures before anything was restarted.
+/// The master cannot be reached; per-place failures are in the report.
 pub async fn update(
     fleet: &Fleet,
     options: &DeployOptions,
@@ -1288,127 +1543,169 @@ pub async fn update(
     let mut report = UpdateReport {
         restarted: Vec::new(),
         errors: Vec::new(),
+        sent: BTreeMap::new(),
     };
     // Sync everywhere first (in parallel), so every restarted worker sees the new project.
-    let mut facts: HashMap<HostRef, Result<WorkerFacts, String>> = HashMap::new();
     let syncs = cluster.file.workers.iter().map(|w| async {
         let place = w.host;
         let Some(conn) = fleet.conn(place) else {
             return (
                 place,
                 Err(fleet.error(place).unwrap_or("not connected").to_owned()),
+                Sent::default(),
             );
         };
+        let mut sent = Sent::default();
         let work = async {
             let gpus = match gpus.get(&place) {
                 Some(Ok(g)) => g.clone(),
                 Some(Err(e)) => anyhow::bail!("{e}"),
                 None => anyhow::bail!("{}: the GPU check did not finish", conn.label),
             };
-            let image_id = image_at(fleet, conn, &cluster.file.images.worker, progress).await?;
-            let project_dir = project_at(fleet, conn, &options.sync, progress).await?;
-            let user = user_ids(conn).await.map_err(anyhow::Error::msg)?;
-            anyhow::Ok(WorkerFacts {
-                user: Some(user),
-                project_dir,
-                gpus,
-                image_id,
-            })
+            worker_facts(fleet, conn, gpus, options, &mut sent, progress).await
         };
-        (
-            place,
-            work.await
-                .map_err(|e| prefixed(&conn.label, &format!("{e:#}"))),
-        )
+        let facts = work
+            .await
+            .map_err(|e| prefixed(&conn.label, &format!("{e:#}")));
+        (place, facts, sent)
     });
-    for (place, f) in futures_util::future::join_all(syncs).await {
-        facts.insert(place, f);
-    }
-    for (i, w) in cluster.file.workers.iter().enumerate() {
-        let conn = match (fleet.conn(w.host), facts.get(&w.host)) {
-            (Some(conn), Some(Ok(_))) => conn,
-            (_, Some(Err(e))) => {
-                report.errors.push(e.clone());
-                continue;
+    let mut facts: HashMap<HostRef, WorkerFacts> = HashMap::new();
+    for (place, f, sent) in futures_util::future::join_all(syncs).await {
+        if let Some(conn) = fleet.conn(place) {
+            report.sent.entry(conn.label.clone()).or_default().add(sent);
+        }
+        match f {
+            Ok(f) => {
+                facts.insert(place, f);
             }
-            _ => continue,
-        };
-        let Some(Ok(f)) = facts.get(&w.host) else {
-            continue;
-        };
-        let host_name = worker_host_name(cluster, w.host);
-        for spec in plan::worker_specs(cluster, &keys, i, f) {
-            let step = async {
-                if options.drain {
-                    // A drained worker exits once idle; Docker must not start it again (it
-                    // would take new jobs only to be stopped).
-                    containers::no_restart(conn.docker.docker(), &spec.name).await?;
-                    drain_host(&api, &host_name, &spec.name, &conn.label, progress).await?;
+            Err(e) => report.errors.push(e),
+        }
+    }
+    let places: Vec<(Arc<PlaceConn>, Vec<ContainerSpec>, String)> = cluster
+        .file
+        .workers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| {
+            let conn = fleet.conn(w.host)?;
+            let f = facts.get(&w.host)?;
+            Some((
+                Arc::clone(conn),
+                plan::worker_specs(cluster, &keys, i, f),
+                worker_host_name(cluster, w.host),
+            ))
+        })
+        .collect();
+    if options.now {
+        for (conn, specs, host_name) in &places {
+            for spec in specs {
+                let step = replace_worker(&api, conn, spec, host_name, deadline, options, progress);
+                match step.await {
+                    Ok(()) => report.restarted.push(spec.name.clone()),
+                    Err(e) => report.errors.push(prefixed(&conn.label, &format!("{e:#}"))),
                 }
-                let before: Vec<String> = api
-                    .workers()
-                    .await
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(|w| w["id"].as_str().map(str::to_owned))
-                    .collect();
-                progress(
-                    &conn.label,
-                    &format!(
-                        "{}: stopping ({})",
-                        spec.name,
-                        if options.drain {
-                            "drained"
-                        } else {
-                            "jobs handed back"
-                        }
-                    ),
-                );
-                containers::stop_and_remove(conn.docker.docker(), &spec.name, spec.stop_timeout)
-                    .await?;
-                containers::create_and_start(conn.docker.docker(), &spec).await?;
-                // The new worker: online, with an id not seen before the restart.
-                loop {
-                    let rows = api.workers().await.unwrap_or_default();
-                    let fresh = rows.iter().any(|r| {
-                        r["host"].as_str() == Some(host_name.as_str())
-                            && matches!(r["state"].as_str(), Some("online"))
-                            && r["id"]
-                                .as_str()
-                                .is_some_and(|id| !before.iter().any(|b| b == id))
-                    });
-                    if fresh {
-                        break;
-                    }
-                    if Instant::now() >= deadline + options.health_timeout {
-                        anyhow::bail!(
-                            "{}: the restarted worker did not come online; see `docker logs {}`",
-                            spec.name,
-                            spec.name
-                        );
-                    }
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+        return Ok(report);
+    }
+    let drains = places.iter().map(|(conn, specs, host_name)| {
+        let api = &api;
+        async move {
+            let mut restarted = Vec::new();
+            let work = async {
+                // A drained worker exits once idle; Docker must not start it again (it would
+                // take new jobs only to be stopped).
+                for spec in specs {
+                    containers::no_restart(conn.docker.docker(), &spec.name).await?;
+                }
+                drain_host(api, host_name, &conn.label, progress).await?;
+                for spec in specs {
+                    replace_worker(api, conn, spec, host_name, deadline, options, progress).await?;
+                    restarted.push(spec.name.clone());
                 }
                 anyhow::Ok(())
             };
-            match step.await {
-                Ok(()) => {
-                    progress(&conn.label, &format!("{}: restarted, online", spec.name));
-                    report.restarted.push(spec.name.clone());
-                }
-                Err(e) => report.errors.push(prefixed(&conn.label, &format!("{e:#}"))),
-            }
+            let result = work
+                .await
+                .map_err(|e| prefixed(&conn.label, &format!("{e:#}")));
+            (restarted, result)
+        }
+    });
+    for (restarted, result) in futures_util::future::join_all(drains).await {
+        report.restarted.extend(restarted);
+        if let Err(e) = result {
+            report.errors.push(e);
         }
     }
     Ok(report)
 }
 
+/// Replaces one worker container and waits for the new worker to be online (an id not seen
+/// before the restart).
+async fn replace_worker(
+    api: &MasterApi,
+    conn: &PlaceConn,
+    spec: &ContainerSpec,
+    host_name: &str,
+    deadline: Instant,
+    options: &DeployOptions,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let before: Vec<String> = api
+        .workers()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|w| w["id"].as_str().map(str::to_owned))
+        .collect();
+    progress(
+        &conn.label,
+        &format!(
+            "{}: stopping ({})",
+            spec.name,
+            if options.now {
+                "running jobs handed back"
+            } else {
+                "its jobs have finished"
+            }
+        ),
+    );
+    containers::stop_and_remove(conn.docker.docker(), &spec.name, spec.stop_timeout).await?;
+    containers::create_and_start(conn.docker.docker(), spec).await?;
+    // The deadline starts again once the worker is restarted: draining took what it took.
+    let deadline = deadline.max(Instant::now() + options.health_timeout);
+    loop {
+        let rows = api.workers().await.unwrap_or_default();
+        let fresh = rows.iter().any(|r| {
+            r["host"].as_str() == Some(host_name)
+                && matches!(r["state"].as_str(), Some("online"))
+                && r["id"]
+                    .as_str()
+                    .is_some_and(|id| !before.iter().any(|b| b == id))
+        });
+        if fresh {
+            progress(&conn.label, &format!("{}: restarted, online", spec.name));
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "{}: the restarted worker did not come online; see `docker logs {}`",
+                spec.name,
+                spec.name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
 /// Asks the master to drain every online worker of `host` (they take no new job; running
-/// ones finish) and waits until none of them runs a job, as their heartbeats say.
+/// ones finish) and waits until none of them runs a job, as their heartbeats say. Whenever the
+/// set of running jobs changes it says which worker waits on which jobs. No deadline: a
+/// training run takes what it takes (Ctrl-C leaves the workers draining; `update` again
+/// resumes the wait).
 async fn drain_host(
     api: &MasterApi,
     host: &str,
-    container: &str,
     label: &str,
     progress: &Progress,
 ) -> anyhow::Result<()> {
@@ -1416,19 +1713,44 @@ async fn drain_host(
         .workers()
         .await?
         .iter()
-        .filter(|w| w["host"].as_str() == Some(host) && w["state"] == "online")
+        .filter(|w| {
+            w["host"].as_str() == Some(host)
+                && matches!(w["state"].as_str(), Some("online" | "draining"))
+        })
         .filter_map(|w| w["id"].as_str().map(str::to_owned))
         .collect();
     for id in &ids {
-        api.post(&format!("/workers/{id}/drain"), &Value::Null)
+        // Retried for a while: the master may be restarting (a deploy replaces it too).
+        let asked = Instant::now();
+        while let Err(e) = api
+            .post(&format!("/workers/{id}/drain"), &Value::Null)
             .await
-            .with_context(|| format!("asking the master to drain {id}"))?;
+        {
+            if asked.elapsed() > Duration::from_secs(120) {
+                return Err(e.context(format!("asking the master to drain {id}")));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
-    let mut reported = usize::MAX;
+    let mut reported: Option<Vec<String>> = None;
+    let mut failing_since: Option<Instant> = None;
     loop {
-        let busy: usize = api
-            .workers()
-            .await?
+        // The master may be replaced meanwhile (a deploy): it is asked again until it answers.
+        let rows = match api.workers().await {
+            Ok(rows) => {
+                failing_since = None;
+                rows
+            }
+            Err(e) => {
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(120) {
+                    return Err(e.context("waiting for drained workers"));
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let waits: Vec<String> = rows
             .iter()
             .filter(|w| {
                 w["id"]
@@ -1436,20 +1758,37 @@ async fn drain_host(
                     .is_some_and(|id| ids.iter().any(|i| i == id))
                     && matches!(w["state"].as_str(), Some("online" | "draining"))
             })
-            .map(|w| w["info"]["running"].as_array().map_or(0, Vec::len))
-            .sum();
-        if busy == 0 {
+            .filter_map(|w| {
+                let running = w["info"]["running"].as_array()?;
+                if running.is_empty() {
+                    return None;
+                }
+                let jobs: Vec<String> = running
+                    .iter()
+                    .map(|a| {
+                        format!(
+                            "{}/{}",
+                            a["sweep"].as_str().unwrap_or("?"),
+                            a["job"].as_str().unwrap_or("?")
+                        )
+                    })
+                    .collect();
+                Some(format!(
+                    "{} waits on {}",
+                    w["id"].as_str().unwrap_or("?"),
+                    jobs.join(", ")
+                ))
+            })
+            .collect();
+        if waits.is_empty() {
             return Ok(());
         }
-        if busy != reported {
+        if reported.as_ref() != Some(&waits) {
             progress(
                 label,
-                &format!(
-                    "{container}: draining, {busy} running job{} to finish",
-                    if busy == 1 { "" } else { "s" }
-                ),
+                &format!("draining: running jobs finish first: {}", waits.join("; ")),
             );
-            reported = busy;
+            reported = Some(waits);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

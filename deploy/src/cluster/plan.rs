@@ -19,6 +19,7 @@ use gridq_common::topology;
 
 use serde::{Deserialize, Serialize};
 
+use super::binary::{self, MOUNTED, RUNTIME_UID};
 use super::config::{Cluster, HostRef};
 use super::containers::{ContainerSpec, File, Mounted, Network, Role};
 
@@ -40,9 +41,8 @@ pub const CREDENTIALS_DIR: &str = "run/gridq";
 pub const BROKER_FILE: &str = "/run/gridq/broker";
 /// See [`CREDENTIALS_DIR`].
 pub const CA_FILE: &str = "/run/gridq/ca.pem";
-/// The user the gridq image runs the master as (`docker/Dockerfile`): its credentials file is
-/// this user's.
-pub const GRIDQ_IMAGE_UID: u64 = 10001;
+/// The user the master runs as in its runtime image: its credentials file is this user's.
+pub const GRIDQ_IMAGE_UID: u64 = RUNTIME_UID;
 /// The port the broker's TLS listener has inside its container.
 pub const BROKER_TLS_PORT: u16 = 5671;
 
@@ -314,6 +314,17 @@ pub struct WorkerFacts {
     pub gpus: Vec<u32>,
     /// The worker image's ID there.
     pub image_id: String,
+    /// The static gridq binary's absolute path there.
+    pub binary: String,
+}
+
+/// The mount of the static gridq binary into a container.
+fn binary_mount(path: &str) -> Mounted {
+    Mounted::Bind {
+        source: path.to_owned(),
+        target: MOUNTED.to_owned(),
+        read_only: true,
+    }
 }
 
 /// The broker's definitions file, next to its configuration.
@@ -354,7 +365,9 @@ pub fn broker_spec(cluster: &Cluster, keys: &Keys, image_id: &str) -> ContainerS
         host: cluster.place_label(m.host),
         image: cluster.file.images.broker.clone(),
         image_id: image_id.to_owned(),
+        entrypoint: Vec::new(),
         cmd: Vec::new(),
+        workdir: None,
         env: Vec::new(),
         user: None,
         network: Network::Published(vec![
@@ -386,8 +399,14 @@ fn local_broker_addr(cluster: &Cluster) -> String {
     }
 }
 
-/// The master's container.
-pub fn master_spec(cluster: &Cluster, keys: &Keys, image_id: &str) -> ContainerSpec {
+/// The master's container: the runtime image (`image`, `image_id`) with the static binary at
+/// `binary` on the host mounted into it.
+pub fn master_spec(
+    cluster: &Cluster,
+    keys: &Keys,
+    (image, image_id): (&str, &str),
+    binary: &str,
+) -> ContainerSpec {
     let m = &cluster.file.master;
     let url = keys.secrets.url_for(
         MASTER_USER,
@@ -400,8 +419,10 @@ pub fn master_spec(cluster: &Cluster, keys: &Keys, image_id: &str) -> ContainerS
         cluster: cluster.name().to_owned(),
         role: Role::Master,
         host: cluster.place_label(m.host),
-        image: cluster.file.images.gridq.clone(),
+        image: image.to_owned(),
         image_id: image_id.to_owned(),
+        entrypoint: binary::entrypoint(),
+        workdir: None,
         cmd: vec![
             "master".into(),
             "--state-dir".into(),
@@ -414,12 +435,15 @@ pub fn master_spec(cluster: &Cluster, keys: &Keys, image_id: &str) -> ContainerS
             BROKER_FILE.into(),
         ],
         env: Vec::new(),
-        user: None,
+        user: Some(format!("{GRIDQ_IMAGE_UID}:{GRIDQ_IMAGE_UID}")),
         network: Network::Host,
-        mounts: vec![Mounted::Volume {
-            name: format!("gridq-{}-master", cluster.name()),
-            target: MASTER_STATE.to_owned(),
-        }],
+        mounts: vec![
+            Mounted::Volume {
+                name: format!("gridq-{}-master", cluster.name()),
+                target: MASTER_STATE.to_owned(),
+            },
+            binary_mount(binary),
+        ],
         gpus: Vec::new(),
         files: credential_files(
             &format!(
@@ -460,6 +484,9 @@ pub fn worker_specs(
         // The worker runs as root, to read its credentials file; jobs run as the SSH user,
         // so the files they write are theirs and the credentials are out of their reach.
         let mut cmd = vec![
+            "worker".to_owned(),
+            "--project".to_owned(),
+            "/project".to_owned(),
             "--on-stop".to_owned(),
             "requeue".to_owned(),
             "--broker-file".to_owned(),
@@ -495,18 +522,24 @@ pub fn worker_specs(
             cluster: cluster.name().to_owned(),
             role: Role::Worker,
             host: cluster.place_label(w.host),
-            image: cluster.file.images.worker.clone(),
+            image: cluster.file.worker_image.clone().unwrap_or_default(),
             image_id: facts.image_id.clone(),
+            entrypoint: binary::entrypoint(),
             cmd,
+            workdir: Some("/project".to_owned()),
             env: vec![format!("GRIDQ_HOSTNAME={host_name}")],
             // Root whatever the image's default user: to read the credentials and to start
             // jobs as the SSH user.
             user: Some("0:0".to_owned()),
             network: Network::Host,
-            mounts: vec![Mounted::Bind {
-                source: facts.project_dir.clone(),
-                target: "/project".to_owned(),
-            }],
+            mounts: vec![
+                Mounted::Bind {
+                    source: facts.project_dir.clone(),
+                    target: "/project".to_owned(),
+                    read_only: false,
+                },
+                binary_mount(&facts.binary),
+            ],
             gpus,
             files: credential_files(&url, &keys.tls.ca_cert, 0, 0),
             stop_timeout: 30,
@@ -588,6 +621,7 @@ mod tests {
             project_dir: "/home/u/p".into(),
             gpus: vec![2, 3],
             image_id: "sha256:w".into(),
+            binary: "/home/u/p/.gridq/bin/gridq-0123456789abcdef".into(),
         };
         let w = worker_specs(&c, &keys, 0, &facts);
         assert_eq!(
@@ -598,6 +632,9 @@ mod tests {
         assert_eq!(
             w[1].cmd,
             [
+                "worker",
+                "--project",
+                "/project",
                 "--on-stop",
                 "requeue",
                 "--broker-file",
@@ -632,7 +669,25 @@ mod tests {
                 "amqps://gridq-worker-1:{pw}@10.0.0.1:5672/t?cacertfile=%2Frun%2Fgridq%2Fca.pem\n"
             )
         );
-        let m = master_spec(&c, &keys, "sha256:m");
+        // gridq runs from the static binary mounted read-only, as its own init.
+        assert_eq!(
+            w[0].entrypoint,
+            ["/gridq/gridq", "init", "--", "/gridq/gridq"]
+        );
+        assert!(w[0].mounts.contains(&Mounted::Bind {
+            source: facts.binary.clone(),
+            target: "/gridq/gridq".into(),
+            read_only: true
+        }));
+        let m = master_spec(
+            &c,
+            &keys,
+            ("gridq-runtime:1", "sha256:m"),
+            "/home/u/p/.gridq/bin/gridq-0123456789abcdef",
+        );
+        assert_eq!(m.entrypoint, w[0].entrypoint);
+        assert_eq!(m.cmd[0], "master");
+        assert_eq!(m.user.as_deref(), Some("10001:10001"));
         assert!(m.env.is_empty());
         assert!(m.files[0].contents.starts_with("amqps://gridq-master:"));
         assert!(m.files[0].contents.contains("@127.0.0.1:5672/t?"));

@@ -5,7 +5,8 @@
 //! /jobs/{id}` (`/api/task/info`), `GET /jobs/{id}/result` (`/api/task/result`), `POST
 //! /jobs/{id}/cancel` (`/api/task/revoke` with `terminate`: queued jobs never start, running ones
 //! are killed), `GET /queues` (`/api/queues/length`), `POST /sweeps` (`/api/task/async-apply`).
-//! Beyond it: sweeps, retry, results as CSV or JSONL, and live streams (`/events`,
+//! Beyond it: sweeps, retry, results as CSV or JSONL, where each job's outputs are
+//! (`/sweeps/{name}/outputs`, for `gridq pull`), and live streams (`/events`,
 //! `/jobs/{id}/logs/stream`).
 
 use std::collections::BTreeSet;
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiResult, AppError, AppState, read, sweep_id};
 use crate::service;
-use crate::store::{JobQuery, JobRow, JobState, SortKey, SubmitSummary};
+use crate::store::{AttemptRow, JobQuery, JobRow, JobState, SortKey, SubmitSummary, code_label};
 use crate::submit::{self, SubmitError};
 use crate::sweep::{self, LoadOptions};
 
@@ -41,6 +42,7 @@ pub(crate) fn routes() -> Router<AppState> {
         .route("/sweeps/{name}/cancel", post(cancel_sweep))
         .route("/sweeps/{name}/retry", post(retry_sweep))
         .route("/sweeps/{name}/results", get(results))
+        .route("/sweeps/{name}/outputs", get(outputs))
         .route("/jobs", get(list_jobs))
         .route("/jobs/{id}", get(get_job))
         .route("/jobs/{id}/logs", get(job_logs))
@@ -70,6 +72,10 @@ pub struct SubmitRequest {
     /// Run every job again, even those that succeeded.
     #[serde(default)]
     pub rerun: bool,
+    /// The most jobs the sweep may expand to, in place of its file's `max_jobs` (at least 1;
+    /// the master's `max_jobs_per_sweep` still caps it): `gridq submit --max-jobs`.
+    #[serde(default)]
+    pub max_jobs: Option<u64>,
 }
 
 /// The answer to a submission.
@@ -100,9 +106,21 @@ async fn submit(
     let options = LoadOptions {
         command: req.command.clone(),
     };
+    let max_jobs = match req.max_jobs {
+        None => None,
+        Some(n) => Some(std::num::NonZeroU64::new(n).ok_or_else(|| {
+            AppError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "max_jobs: must be at least 1".to_owned(),
+            )
+        })?),
+    };
     let yaml = req.yaml;
     let (sweep, yaml, warnings) = tokio::task::spawn_blocking(move || {
-        let loaded = sweep::load_str(&yaml, &source, &default_name, &options)?;
+        let mut loaded = sweep::load_str(&yaml, &source, &default_name, &options)?;
+        if let Some(n) = max_jobs {
+            loaded.sweep.set_max_jobs(n);
+        }
         let warnings = loaded
             .warnings
             .iter()
@@ -332,9 +350,14 @@ async fn get_job(
         Ok((r.view().attempts(&s, &j)?, r.view().duplicates(&s, &j)?))
     })
     .await?;
-    Ok(Json(
-        serde_json::json!({ "job": job, "attempts": attempts, "duplicate_results": duplicates }),
-    ))
+    let holder = AttemptRow::output_holder(&attempts);
+    Ok(Json(serde_json::json!({
+        "job": job,
+        "attempts": attempts,
+        "duplicate_results": duplicates,
+        "output_host": holder.and_then(|a| a.host.clone()),
+        "output_attempt": holder.map(|a| a.attempt),
+    })))
 }
 
 async fn job_logs(
@@ -495,7 +518,8 @@ async fn results(
 }
 
 /// Writes results as CSV (one row per job: id, state, attempts, host, duration, exit code,
-/// each parameter, each result key; result keys that collide with those get a `result.`
+/// code version, each parameter, each result key; a parameter named like one of the fixed
+/// columns gets a `param.` prefix, and result keys that collide with those a `result.`
 /// prefix) or JSON lines, batch by batch.
 #[derive(Debug)]
 pub struct ResultsExport {
@@ -505,7 +529,17 @@ pub struct ResultsExport {
     header_pending: bool,
 }
 
-const FIXED: [&str; 6] = ["id", "state", "attempts", "host", "duration_s", "exit_code"];
+/// The CSV's first columns. `code` is the job's code version in its compact form (see
+/// [`code_label`]: `TREE12[@COMMIT12[+dirty]]`), empty when its worker reported none.
+const FIXED: [&str; 7] = [
+    "id",
+    "state",
+    "attempts",
+    "host",
+    "duration_s",
+    "exit_code",
+    "code",
+];
 
 impl ResultsExport {
     /// An export with these parameter columns and result keys (CSV only).
@@ -540,7 +574,14 @@ impl ResultsExport {
         if self.header_pending {
             self.header_pending = false;
             let mut header: Vec<String> = FIXED.map(String::from).to_vec();
-            header.extend(self.params.iter().cloned());
+            // A parameter named like a fixed column (`code`, `host`...) gets a `param.` prefix.
+            header.extend(self.params.iter().map(|p| {
+                if FIXED.contains(&p.as_str()) {
+                    format!("param.{p}")
+                } else {
+                    p.clone()
+                }
+            }));
             header.extend(self.keys.iter().map(|k| {
                 if self.params.contains(k) || FIXED.contains(&k.as_str()) {
                     format!("result.{k}")
@@ -562,6 +603,7 @@ impl ResultsExport {
                 j.host.clone().unwrap_or_default(),
                 duration,
                 j.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+                j.code.as_ref().map(code_label).unwrap_or_default(),
             ];
             for p in &self.params {
                 row.push(j.params.get(p).map(plain).unwrap_or_default());
@@ -602,6 +644,86 @@ fn plain(v: &serde_json::Value) -> String {
         serde_json::Value::Null => String::new(),
         other => other.to_string(),
     }
+}
+
+/// `GET /sweeps/{name}/outputs[?state=S&after=CURSOR&limit=N]`: where each job's outputs
+/// are, in expansion order, a page at a time (at most 5,000 jobs, 1,000 by default): the
+/// attempt that holds them (the one that succeeded, else the latest that ran) with its host,
+/// and the size of what it listed (`files` is null when no list came: the attempt has not
+/// ended, or its worker was lost or is older). `state` may repeat. `next` is the cursor of
+/// the following page, null after the last. What `gridq pull` asks.
+async fn outputs(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(params): Query<Vec<(String, String)>>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let mut states = Vec::new();
+    let mut after = None;
+    let mut limit = 1_000u64;
+    for (k, v) in &params {
+        match k.as_str() {
+            "state" => states.push(
+                v.parse::<JobState>()
+                    .map_err(|e| AppError::bad(format!("`state`: {e}")))?,
+            ),
+            "after" => {
+                let parsed = v
+                    .split_once(':')
+                    .and_then(|(i, j)| Some((i.parse::<u64>().ok()?, j.parse::<JobId>().ok()?)));
+                after = Some(parsed.ok_or_else(|| {
+                    AppError::bad(format!(
+                        "`after`: expected the `next` of the previous page, found `{v}`"
+                    ))
+                })?);
+            }
+            "limit" => {
+                limit = v.parse::<u64>().map_err(|_| {
+                    AppError::bad(format!("`limit`: expected a whole number, found `{v}`"))
+                })?;
+            }
+            other => {
+                return Err(AppError::bad(format!(
+                    "unknown query parameter `{other}` (known: state, after, limit)"
+                )));
+            }
+        }
+    }
+    let limit = limit.clamp(1, 5_000);
+    let id = sweep_id(&name)?;
+    let id2 = id.clone();
+    let found = read(&state, move |r| {
+        let v = r.view();
+        if v.sweep_record(&id2)?.is_none() {
+            return Ok(None);
+        }
+        v.job_outputs_after(&id2, &states, after, limit).map(Some)
+    })
+    .await?;
+    let (jobs, next) =
+        found.ok_or_else(|| AppError::not_found(format!("no sweep named `{name}`")))?;
+    let jobs: Vec<serde_json::Value> = jobs
+        .into_iter()
+        .map(|j| {
+            let listing = j.outputs.as_ref();
+            serde_json::json!({
+                "id": j.id,
+                "index": j.index,
+                "state": j.state,
+                "attempt": j.attempt,
+                "host": j.host,
+                "worker": j.worker,
+                "dir": listing.map(|o| o.dir.clone()),
+                "files": listing.map(|o| o.files.len()),
+                "bytes": listing.map(gridq_common::wire::OutputListing::bytes),
+                "truncated": listing.is_some_and(|o| o.truncated),
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({
+        "sweep": id,
+        "jobs": jobs,
+        "next": next.map(|(i, j)| format!("{i}:{j}")),
+    })))
 }
 
 async fn retry_job(
@@ -778,4 +900,64 @@ async fn log_stream(
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gridq_common::code::CodeVersion;
+
+    fn row(params: serde_json::Value, code: Option<CodeVersion>) -> JobRow {
+        JobRow {
+            sweep: gridq_common::SweepId::new("s").unwrap(),
+            id: JobId::from_bytes([0xab; 16]),
+            index: 0,
+            state: JobState::Succeeded,
+            attempt: 1,
+            argv: vec!["true".into()],
+            params: params.as_object().unwrap().clone(),
+            worker: Some("w".into()),
+            host: Some("h".into()),
+            started_ms: Some(1000),
+            finished_ms: Some(3500),
+            exit_code: Some(0),
+            signal: None,
+            reason: None,
+            result: serde_json::json!({"code": 7, "loss": 0.5})
+                .as_object()
+                .cloned(),
+            code,
+        }
+    }
+
+    /// The `code` column holds the compact code version; a parameter and a result key of the
+    /// same name get their prefixes, so no two columns share a name.
+    #[test]
+    fn the_csv_has_a_code_column_and_no_two_columns_of_one_name() {
+        let code = CodeVersion {
+            tree: "3f2a9c1e0b7d55aa".into(),
+            commit: Some("a1b2c3d4e5f60718".into()),
+            dirty: Some(true),
+        };
+        let csv = results_csv(
+            &["code".into(), "lr".into()],
+            &[
+                row(serde_json::json!({"code": 5, "lr": 0.1}), Some(code)),
+                row(serde_json::json!({"code": 6, "lr": 0.2}), None),
+            ],
+        )
+        .unwrap();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "id,state,attempts,host,duration_s,exit_code,code,param.code,lr,result.code,loss",
+                &format!(
+                    "{},succeeded,1,h,2.500,0,3f2a9c1e0b7d@a1b2c3d4e5f6+dirty,5,0.1,7,0.5",
+                    "ab".repeat(16)
+                ),
+                &format!("{},succeeded,1,h,2.500,0,,6,0.2,7,0.5", "ab".repeat(16)),
+            ]
+        );
+    }
 }

@@ -29,7 +29,9 @@ use super::{ApiResult, AppError, AppState, plots, read, sweep_id};
 use gridq_common::rabbit_node::percent_encode as q;
 
 use crate::broker_stats::{self, BrokerStats, ManagementApi};
-use crate::store::{JobQuery, JobRow, JobState, SortKey, SweepSummary, WorkerRow};
+use crate::store::{
+    AttemptRow, JobQuery, JobRow, JobState, SortKey, SweepSummary, WorkerRow, code_label,
+};
 
 /// Jobs per page in the sweep's jobs table.
 pub const PAGE_SIZE: u64 = 50;
@@ -602,6 +604,59 @@ fn exit_text(j: &JobRow) -> String {
     }
 }
 
+/// A size in bytes as people read it: `512 B`, `1.5 KiB`, `3.0 GiB`.
+fn bytes_text(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// Where a job's outputs are and what they are: the host of the attempt that holds them and
+/// the files it listed.
+fn outputs_section(job: &JobRow, attempts: &[AttemptRow]) -> Markup {
+    let pull = format!("gridq pull {} {}", job.sweep, short(&job.id));
+    html! {
+        h2 { "Outputs" }
+        @match AttemptRow::output_holder(attempts) {
+            None => p.muted { "No attempt has run yet." },
+            Some(a) => {
+                p #output-host {
+                    "On host " strong { (a.host.clone().unwrap_or_default()) }
+                    " (attempt " (a.attempt) ")"
+                    @if let Some(o) = &a.outputs { ", in " code { (o.dir) } }
+                }
+                @match &a.outputs {
+                    None => p.muted { "No list of files: the attempt has not ended, its worker was lost before it could say, or the directory could not be made (the worker's log says why)." },
+                    Some(o) if o.files.is_empty() => p.muted { "The job left no files in " code { "$GRIDQ_OUTPUT" } "." },
+                    Some(o) => {
+                        table.outputs {
+                            thead { tr { th { "file" } th.num { "size" } } }
+                            tbody {
+                                @for f in &o.files {
+                                    tr { td { code { (f.name) } } td.num title=(f.size) { (bytes_text(f.size)) } }
+                                }
+                            }
+                        }
+                        p.muted {
+                            (o.files.len()) " file" @if o.files.len() != 1 { "s" } ", " (bytes_text(o.bytes()))
+                            @if o.truncated { " (the list stops there: the job left more)" }
+                            " · fetch them with " code { (pull) }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn duration_of(j: &JobRow) -> String {
     match (j.started_ms, j.finished_ms) {
         (Some(s), Some(f)) if f >= s => span(f - s),
@@ -887,6 +942,7 @@ async fn jobs_section(
                         @for m in &shown_metrics { th.metric { (sort_link(SortKey::Metric((*m).clone()), m)) } }
                         th { (sort_link(SortKey::Duration, "duration")) }
                         th { "host" }
+                        th { "code" }
                         th { "exit" }
                         th { (sort_link(SortKey::Finished, "finished")) }
                     } }
@@ -901,6 +957,7 @@ async fn jobs_section(
                                 @for m in &shown_metrics { td.num { (j.result.as_ref().and_then(|r| r.get(*m)).map(plain).unwrap_or_default()) } }
                                 td { (duration_of(j)) }
                                 td { (j.host.clone().unwrap_or_default()) }
+                                td { code { (j.code.as_ref().map(code_label).unwrap_or_default()) } }
                                 td { (exit_text(j)) }
                                 td { (j.finished_ms.map(when).unwrap_or_default()) }
                             }
@@ -1087,7 +1144,7 @@ pub(crate) async fn job_page(
         section #attempts data-live {
             h2 { "Attempts" }
             table {
-                thead { tr { th.num { "#" } th { "state" } th { "worker" } th { "host" } th { "GPU" } th { "start" } th { "end" } th { "exit" } th { "reason" } } }
+                thead { tr { th.num { "#" } th { "state" } th { "worker" } th { "host" } th { "GPU" } th { "start" } th { "end" } th { "exit" } th { "reason" } th { "code" } } }
                 tbody {
                     @for a in &attempts {
                         tr {
@@ -1100,11 +1157,13 @@ pub(crate) async fn job_page(
                             td { (a.finished_ms.map(when).unwrap_or_default()) }
                             td { (match (a.exit_code, a.signal) { (_, Some(s)) => format!("signal {s}"), (Some(c), None) => c.to_string(), _ => String::new() }) }
                             td.reason { (a.reason.clone().unwrap_or_default()) }
+                            td { code { (a.code.as_ref().map(code_label).unwrap_or_default()) } }
                         }
                     }
                 }
             }
             @if duplicates > 0 { p.muted { (duplicates) " late duplicate result(s) stored apart." } }
+            (outputs_section(&job, &attempts))
             h2 { "Result" }
             @match &job.result {
                 Some(r) => pre.result { (serde_json::to_string_pretty(r).unwrap_or_default()) },

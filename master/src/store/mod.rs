@@ -14,7 +14,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 
-use gridq_common::wire::{AttemptRef, Finished, LogLine, Outcome, Stream};
+use gridq_common::code::CodeVersion;
+use gridq_common::wire::{AttemptRef, Finished, LogLine, Outcome, OutputListing, Stream};
 use gridq_common::{JobId, SweepId, WorkerId};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::{Deserialize, Serialize};
@@ -242,6 +243,9 @@ pub struct JobRow {
     pub signal: Option<i32>,
     pub reason: Option<String>,
     pub result: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The code version of the job's latest attempt that reported one.
+    #[serde(default)]
+    pub code: Option<CodeVersion>,
 }
 
 /// One attempt of a job.
@@ -257,6 +261,62 @@ pub struct AttemptRow {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub reason: Option<String>,
+    /// The version of the project's code it ran, as its worker reported it.
+    #[serde(default)]
+    pub code: Option<CodeVersion>,
+    /// What the job left in its output directory when this attempt ended.
+    #[serde(default)]
+    pub outputs: Option<OutputListing>,
+}
+
+impl AttemptRow {
+    /// The attempt whose host holds a job's outputs: the one that succeeded, else the latest
+    /// that ran somewhere (the output directory belongs to the job, on the host its attempt
+    /// ran on).
+    pub fn output_holder(attempts: &[AttemptRow]) -> Option<&AttemptRow> {
+        attempts
+            .iter()
+            .rev()
+            .find(|a| a.state == "succeeded" && a.host.is_some())
+            .or_else(|| attempts.iter().rev().find(|a| a.host.is_some()))
+    }
+}
+
+/// The compact form of a code version that the results CSV, `gridq jobs` and the monitor show:
+/// the tree hash's first 12 characters (after any `algorithm:` prefix), then `@` and the
+/// commit's first 12 when there is one, then `+dirty` when the tree differed from it. For
+/// example `3f2a9c1e0b7d@a1b2c3d4e5f6+dirty`.
+pub fn code_label(code: &CodeVersion) -> String {
+    fn short(s: &str) -> &str {
+        let s = s.rsplit_once(':').map_or(s, |(_, h)| h);
+        s.char_indices().nth(12).map_or(s, |(i, _)| &s[..i])
+    }
+    let mut label = short(&code.tree).to_owned();
+    if let Some(commit) = &code.commit {
+        label.push('@');
+        label.push_str(short(commit));
+        if code.dirty == Some(true) {
+            label.push_str("+dirty");
+        }
+    }
+    label
+}
+
+/// A place in a sweep's jobs in expansion order: an index and the id that breaks its ties.
+pub type JobCursor = (u64, JobId);
+
+/// Where one job's outputs are: the attempt that holds them ([`AttemptRow::output_holder`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobOutputs {
+    pub id: JobId,
+    pub index: u64,
+    pub state: JobState,
+    /// The holding attempt and where it ran; `None` when no attempt ran yet.
+    pub attempt: Option<u32>,
+    pub host: Option<String>,
+    pub worker: Option<String>,
+    /// What it listed; `None` when no list came.
+    pub outputs: Option<OutputListing>,
 }
 
 /// A sweep with its progress.
@@ -431,6 +491,8 @@ CREATE TABLE IF NOT EXISTS attempts(
     exit_code INTEGER,
     signal INTEGER,
     reason TEXT,
+    code_json TEXT,
+    outputs_json TEXT,
     PRIMARY KEY(sweep, job, attempt)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS results(
@@ -551,6 +613,39 @@ fn rekey_jobs(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
+/// Columns added to existing tables after their first release: `(table, column, declaration)`.
+/// `CREATE TABLE IF NOT EXISTS` leaves an existing table as it is, so [`add_columns`] adds
+/// those a store made by an older gridq lacks.
+const ADDED_COLUMNS: [(&str, &str, &str); 2] = [
+    // The code version an attempt ran (issue 17), JSON.
+    ("attempts", "code_json", "TEXT"),
+    // What the job left in its output directory when the attempt ended, JSON.
+    ("attempts", "outputs_json", "TEXT"),
+];
+
+/// Adds the [`ADDED_COLUMNS`] a table lacks (`ALTER TABLE ... ADD COLUMN`: only the schema
+/// changes, no row is rewritten), in one transaction.
+fn add_columns(conn: &mut Connection) -> Result<()> {
+    let tx = conn.transaction()?;
+    for (table, column, decl) in ADDED_COLUMNS {
+        let has: bool = tx
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
+            .exists([column])?;
+        if !has {
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+            tracing::info!(
+                table,
+                column,
+                "added a column (a store made by an older gridq)"
+            );
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
 /// The writing side of the store.
 #[derive(Debug)]
 pub struct Store {
@@ -609,6 +704,24 @@ fn attempts_with_worker(
     Ok(out)
 }
 
+/// An attempt's code version as stored, or NULL.
+fn code_json(f: &Finished) -> Option<String> {
+    f.code.as_ref().and_then(|c| serde_json::to_string(c).ok())
+}
+
+/// An attempt's output listing as stored, or NULL.
+fn outputs_json(f: &Finished) -> Option<String> {
+    f.outputs
+        .as_ref()
+        .and_then(|o| serde_json::to_string(o).ok())
+}
+
+/// A stored JSON column that the master wrote from a worker's report: one it cannot read
+/// (written by another version) reads as absent rather than failing the whole listing.
+fn parse_reported<T: serde::de::DeserializeOwned>(s: Option<String>) -> Option<T> {
+    s.and_then(|s| serde_json::from_str(&s).ok())
+}
+
 fn parse_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{e}")))
 }
@@ -623,6 +736,7 @@ impl Store {
         rekey_jobs(&mut conn)?;
         conn.execute_batch(JOBS_TABLE)?;
         conn.execute_batch(SCHEMA)?;
+        add_columns(&mut conn)?;
         let store = Self { conn };
         store.refresh_statistics()?;
         Ok(store)
@@ -651,6 +765,31 @@ impl Store {
         let conn = open_connection(path)?;
         // Readers come several to a master: 16 MiB of page cache each.
         conn.pragma_update(None, "cache_size", -16_384)?;
+        Ok(Reader { conn })
+    }
+
+    /// A reader that can only read, for tools that look at the store of a master that is not
+    /// running (`gridq pull` after `gridq run --local`): it changes nothing in the file, not
+    /// even its schema. A store of an older gridq, whose tables lack later columns, reads as
+    /// if those were empty.
+    ///
+    /// # Errors
+    /// When the file is missing or cannot be opened.
+    pub fn read_only(path: &Path) -> Result<Reader> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        let has: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('attempts') WHERE name = 'code_json'")?
+            .exists([])?;
+        if !has {
+            return Err(StoreError::Corrupt(format!(
+                "{} was made by an older gridq; open it once with `gridq master` (or `gridq run`) to update it",
+                path.display()
+            )));
+        }
         Ok(Reader { conn })
     }
 
@@ -1135,9 +1274,13 @@ impl Tx<'_> {
                 }
             }
         };
+        // The host is the one the worker reports (deploy sets it to the host's address): the
+        // claim only knew the worker's id, which may start with its broker user, and the
+        // job's outputs are on the host the worker is on.
         self.tx.prepare_cached(
             "UPDATE attempts SET state = ?4, finished_ms = ?5, exit_code = ?6, signal = ?7, reason = ?8, gpus_json = ?9,
-             started_ms = COALESCE(started_ms, ?10)
+             started_ms = COALESCE(started_ms, ?10), code_json = ?11, outputs_json = ?12,
+             host = COALESCE(NULLIF(?13, ''), host)
              WHERE sweep = ?1 AND job = ?2 AND attempt = ?3",
         )?
         .execute(params![
@@ -1150,13 +1293,17 @@ impl Tx<'_> {
             f.signal,
             f.reason,
             serde_json::to_string(&f.gpus).unwrap_or_else(|_| "[]".into()),
-            to_i64(f.started_ms)
+            to_i64(f.started_ms),
+            code_json(f),
+            outputs_json(f),
+            f.host
         ])?;
         match &effect {
             FinishEffect::Applied(new_state) => {
                 self.tx.prepare_cached(
                     "UPDATE jobs SET state = ?3, finished_ms = ?4, exit_code = ?5, signal = ?6, reason = ?7,
-                     started_ms = COALESCE(started_ms, ?8), updated_ms = ?9 WHERE sweep = ?1 AND id = ?2",
+                     started_ms = COALESCE(started_ms, ?8), updated_ms = ?9, host = COALESCE(NULLIF(?10, ''), host)
+                     WHERE sweep = ?1 AND id = ?2",
                 )?
                 .execute(params![
                     a.sweep.as_str(),
@@ -1167,7 +1314,8 @@ impl Tx<'_> {
                     f.signal,
                     f.reason,
                     to_i64(f.started_ms),
-                    to_i64(now_ms)
+                    to_i64(now_ms),
+                    f.host
                 ])?;
                 if *new_state != JobState::Canceled {
                     self.replace_metrics(a, f.result.as_ref())?;
@@ -1264,6 +1412,26 @@ impl Tx<'_> {
             serde_json::to_string(f).unwrap_or_default(),
             to_i64(now_ms)
         ])?;
+        // A late report of an attempt that ran (a worker thought lost): its outputs are on
+        // that worker's host all the same, so the attempt keeps their listing and code
+        // version (its first report's, never a later one's).
+        if f.code.is_some() || f.outputs.is_some() {
+            self.tx
+                .prepare_cached(
+                    "UPDATE attempts SET code_json = COALESCE(code_json, ?5), outputs_json = COALESCE(outputs_json, ?6),
+                     host = COALESCE(NULLIF(?7, ''), host)
+                     WHERE sweep = ?1 AND job = ?2 AND attempt = ?3 AND worker = ?4 AND outputs_json IS NULL",
+                )?
+                .execute(params![
+                    f.attempt.sweep.as_str(),
+                    f.attempt.job.to_string(),
+                    f.attempt.attempt,
+                    f.worker.as_str(),
+                    code_json(f),
+                    outputs_json(f),
+                    f.host
+                ])?;
+        }
         Ok(())
     }
 
@@ -1693,6 +1861,7 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRowRaw, Option<String>
             exit_code: r.get(11)?,
             signal: r.get(12)?,
             reason: r.get(13)?,
+            code: r.get(15)?,
         },
         r.get(14)?,
     ))
@@ -1713,6 +1882,7 @@ struct JobRowRaw {
     exit_code: Option<i32>,
     signal: Option<i32>,
     reason: Option<String>,
+    code: Option<String>,
 }
 
 impl JobRowRaw {
@@ -1733,13 +1903,18 @@ impl JobRowRaw {
             signal: self.signal,
             reason: self.reason,
             result: result.map(|r| parse_json(&r)).transpose()?,
+            code: parse_reported(self.code),
         })
     }
 }
 
+/// The columns of a [`JobRow`]. The code version is the latest attempt's that has one (a
+/// backwards step on the attempts' primary key).
 const JOB_COLUMNS: &str =
     "j.sweep, j.id, j.idx, j.state, j.attempt, j.argv_json, j.params_json, j.worker, j.host,
-    j.started_ms, j.finished_ms, j.exit_code, j.signal, j.reason, r.result_json";
+    j.started_ms, j.finished_ms, j.exit_code, j.signal, j.reason, r.result_json,
+    (SELECT a.code_json FROM attempts a WHERE a.sweep = j.sweep AND a.job = j.id
+     AND a.code_json IS NOT NULL ORDER BY a.attempt DESC LIMIT 1)";
 
 impl ReadView<'_> {
     /// Every sweep with its counts by state, newest first.
@@ -1893,7 +2068,8 @@ impl ReadView<'_> {
     /// SQLite's.
     pub fn attempts(&self, sweep: &SweepId, id: &JobId) -> Result<Vec<AttemptRow>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT attempt, worker, host, gpus_json, state, started_ms, finished_ms, exit_code, signal, reason
+            "SELECT attempt, worker, host, gpus_json, state, started_ms, finished_ms, exit_code, signal, reason,
+             code_json, outputs_json
              FROM attempts WHERE sweep = ?1 AND job = ?2 ORDER BY attempt",
         )?;
         let rows = stmt.query_map(params![sweep.as_str(), id.to_string()], |r| {
@@ -1908,12 +2084,26 @@ impl ReadView<'_> {
                 r.get::<_, Option<i32>>(7)?,
                 r.get::<_, Option<i32>>(8)?,
                 r.get::<_, Option<String>>(9)?,
+                r.get::<_, Option<String>>(10)?,
+                r.get::<_, Option<String>>(11)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (attempt, worker, host, gpus, state, started, finished, exit_code, signal, reason) =
-                row?;
+            let (
+                attempt,
+                worker,
+                host,
+                gpus,
+                state,
+                started,
+                finished,
+                exit_code,
+                signal,
+                reason,
+                code,
+                outputs,
+            ) = row?;
             out.push(AttemptRow {
                 attempt,
                 worker,
@@ -1925,9 +2115,67 @@ impl ReadView<'_> {
                 exit_code,
                 signal,
                 reason,
+                code: parse_reported(code),
+                outputs: parse_reported(outputs),
             });
         }
         Ok(out)
+    }
+
+    /// Where the outputs of a sweep's jobs are, in expansion order after the `(index, id)`
+    /// cursor: at most `limit` jobs are looked at, of which those in `states` (any, when
+    /// empty) are returned, with the cursor of the next page (`None` after the last).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn job_outputs_after(
+        &self,
+        sweep: &SweepId,
+        states: &[JobState],
+        after: Option<JobCursor>,
+        limit: u64,
+    ) -> Result<(Vec<JobOutputs>, Option<JobCursor>)> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, idx, state FROM jobs
+             WHERE sweep = ?1 AND (?2 IS NULL OR (idx, id) > (?2, ?3)) ORDER BY idx, id LIMIT ?4",
+        )?;
+        let rows: Vec<(String, i64, String)> = stmt
+            .query_map(
+                params![
+                    sweep.as_str(),
+                    after.map(|(i, _)| to_i64(i)),
+                    after.map(|(_, id)| id.to_string()),
+                    to_i64(limit)
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?
+            .collect::<Result<_, _>>()?;
+        let mut next = None;
+        let mut out = Vec::new();
+        for (id, idx, state) in &rows {
+            let id = parse_id(id)?;
+            let index = u64::try_from(*idx).unwrap_or(0);
+            next = Some((index, id));
+            let state = JobState::from_str(state).map_err(StoreError::Corrupt)?;
+            if !states.is_empty() && !states.contains(&state) {
+                continue;
+            }
+            let attempts = self.attempts(sweep, &id)?;
+            let holder = AttemptRow::output_holder(&attempts);
+            out.push(JobOutputs {
+                id,
+                index,
+                state,
+                attempt: holder.map(|a| a.attempt),
+                host: holder.and_then(|a| a.host.clone()),
+                worker: holder.and_then(|a| a.worker.clone()),
+                outputs: holder.and_then(|a| a.outputs.clone()),
+            });
+        }
+        if (rows.len() as u64) < limit {
+            next = None;
+        }
+        Ok((out, next))
     }
 
     /// Log lines of a job (all attempts, or one), from `after_seq` on.
@@ -2196,6 +2444,8 @@ mod tests {
             reason: None,
             gpus: vec![],
             lines: 0,
+            code: None,
+            outputs: None,
         }
     }
 
@@ -2276,6 +2526,8 @@ mod tests {
             reason: None,
             gpus: vec![],
             lines: 0,
+            code: None,
+            outputs: None,
         };
         assert_eq!(
             store
@@ -2340,6 +2592,8 @@ mod tests {
                             reason: None,
                             gpus: vec![],
                             lines: 0,
+                            code: None,
+                            outputs: None,
                         },
                         1000,
                         at + 1,
@@ -2861,6 +3115,8 @@ mod tests {
                         reason: None,
                         gpus: vec![],
                         lines: 0,
+                        code: None,
+                        outputs: None,
                     },
                     1000,
                     61,
@@ -2904,5 +3160,265 @@ mod tests {
             ]
         );
         assert_eq!(b.len(), 2);
+    }
+
+    fn listing(dir: &str, files: &[(&str, u64)]) -> OutputListing {
+        OutputListing {
+            dir: dir.into(),
+            files: files
+                .iter()
+                .map(|(n, size)| gridq_common::wire::OutputFile {
+                    name: (*n).into(),
+                    size: *size,
+                })
+                .collect(),
+            truncated: false,
+        }
+    }
+
+    fn code(tree: &str) -> CodeVersion {
+        CodeVersion {
+            tree: tree.into(),
+            commit: Some("0123456789abcdef0123".into()),
+            dirty: Some(true),
+        }
+    }
+
+    #[test]
+    fn the_code_label_is_short_and_says_commit_and_dirtiness() {
+        assert_eq!(
+            code_label(&code("blake3:3f2a9c1e0b7d55aa")),
+            "3f2a9c1e0b7d@0123456789ab+dirty"
+        );
+        let clean = CodeVersion {
+            tree: "abc".into(),
+            commit: Some("def".into()),
+            dirty: Some(false),
+        };
+        assert_eq!(code_label(&clean), "abc@def");
+        let no_git = CodeVersion {
+            tree: "3f2a9c1e0b7d55aa".into(),
+            commit: None,
+            dirty: None,
+        };
+        assert_eq!(code_label(&no_git), "3f2a9c1e0b7d");
+    }
+
+    /// An attempt's code version and output listing are stored with its end; the job's
+    /// outputs are on the host of the attempt that succeeded, else of the latest that ran; a
+    /// late report of a lost attempt still records what that attempt left.
+    #[test]
+    fn attempts_keep_their_code_and_outputs_and_the_output_host_is_the_successful_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("db")).unwrap();
+        let sweep = SweepId::new("s").unwrap();
+        let mut rec = record("s");
+        rec.retries = 3;
+        let (_, publish) = store
+            .transaction(|tx| tx.submit(&rec, (0..2).map(job), false, 1))
+            .unwrap();
+        store.transaction(|tx| tx.confirmed(&publish, 2)).unwrap();
+        let (w1, w2) = (WorkerId::new("w1").unwrap(), WorkerId::new("w2").unwrap());
+        let a = |i: u8, n: u32| AttemptRef {
+            sweep: sweep.clone(),
+            job: JobId::from_bytes([i; 16]),
+            attempt: n,
+        };
+        // Job 0: attempt 1 fails on h1, attempt 2 succeeds on h2.
+        store
+            .transaction(|tx| tx.claim(&a(0, 1), &w1, "h1", 3))
+            .unwrap();
+        let mut failed = finished(&w1, a(0, 1), Outcome::Failed);
+        failed.host = "h1".into();
+        failed.code = Some(code("aaaa"));
+        failed.outputs = Some(listing("/p/.gridq/out/s/00", &[("partial.txt", 1)]));
+        assert!(matches!(
+            store.transaction(|tx| tx.finish(&failed, 1000, 4)).unwrap(),
+            FinishEffect::Retry { .. }
+        ));
+        store
+            .transaction(|tx| tx.retry_due(&a(0, 1), 10_000))
+            .unwrap()
+            .unwrap();
+        store
+            .transaction(|tx| tx.confirmed(&[store_publish(&sweep, 0, 2)], 10_001))
+            .unwrap();
+        assert_eq!(
+            store
+                .transaction(|tx| tx.claim(&a(0, 2), &w2, "user.h2", 10_002))
+                .unwrap(),
+            ClaimVerdict::Grant
+        );
+        let mut ok = finished(&w2, a(0, 2), Outcome::Succeeded);
+        ok.host = "h2".into();
+        ok.code = Some(code("bbbb"));
+        ok.outputs = Some(listing("/p/.gridq/out/s/00", &[("out.txt", 5), ("m/x", 7)]));
+        store
+            .transaction(|tx| tx.finish(&ok, 1000, 10_003))
+            .unwrap();
+        let view = store.read();
+        let attempts = view.attempts(&sweep, &a(0, 1).job).unwrap();
+        assert_eq!(attempts.len(), 2);
+        assert_eq!(attempts[0].code, Some(code("aaaa")));
+        assert_eq!(attempts[1].outputs, ok.outputs);
+        let holder = AttemptRow::output_holder(&attempts).unwrap();
+        assert_eq!((holder.attempt, holder.host.as_deref()), (2, Some("h2")));
+        // The job row (listings, the CSV) carries the latest attempt's code.
+        let row = view.job(&sweep, &a(0, 1).job).unwrap().unwrap();
+        assert_eq!(row.code, Some(code("bbbb")));
+        // The host is the one the worker reported, not the one its id suggested at the claim.
+        assert_eq!(row.host.as_deref(), Some("h2"));
+
+        // Job 1: its worker is lost, then its late report comes: a duplicate, whose listing
+        // the lost attempt keeps.
+        store
+            .transaction(|tx| tx.claim(&a(1, 1), &w1, "h1", 3))
+            .unwrap();
+        store
+            .transaction(|tx| tx.worker_lost("w1", "test", 3, 20_000))
+            .unwrap();
+        let mut late = finished(&w1, a(1, 1), Outcome::Succeeded);
+        late.host = "h1".into();
+        late.outputs = Some(listing("/p/.gridq/out/s/01", &[("late.txt", 2)]));
+        assert_eq!(
+            store
+                .transaction(|tx| tx.finish(&late, 1000, 20_001))
+                .unwrap(),
+            FinishEffect::Duplicate
+        );
+        let (all, next) = store
+            .read()
+            .job_outputs_after(&sweep, &[], None, 10)
+            .unwrap();
+        assert_eq!(next, None);
+        assert_eq!(all.len(), 2);
+        assert_eq!(
+            (
+                all[0].attempt,
+                all[0].host.as_deref(),
+                all[0].outputs.as_ref().map(|o| o.files.len())
+            ),
+            (Some(2), Some("h2"), Some(2))
+        );
+        assert_eq!(
+            (
+                all[1].attempt,
+                all[1].host.as_deref(),
+                all[1].outputs.as_ref().map(|o| o.files[0].name.as_str())
+            ),
+            (Some(1), Some("h1"), Some("late.txt"))
+        );
+        // Paged, and filtered by state.
+        let (page, next) = store
+            .read()
+            .job_outputs_after(&sweep, &[], None, 1)
+            .unwrap();
+        assert_eq!((page.len(), next), (1, Some((0, a(0, 1).job))));
+        let (page, next) = store
+            .read()
+            .job_outputs_after(&sweep, &[], next, 1)
+            .unwrap();
+        assert_eq!((page[0].id, next), (a(1, 1).job, Some((1, a(1, 1).job))));
+        let (page, next) = store
+            .read()
+            .job_outputs_after(&sweep, &[], next, 1)
+            .unwrap();
+        assert_eq!((page.len(), next), (0, None));
+        let (succeeded, _) = store
+            .read()
+            .job_outputs_after(&sweep, &[JobState::Succeeded], None, 10)
+            .unwrap();
+        assert_eq!(succeeded.len(), 1);
+    }
+
+    fn store_publish(sweep: &SweepId, i: u8, attempt: u32) -> Publish {
+        Publish {
+            sweep: sweep.clone(),
+            job: JobId::from_bytes([i; 16]),
+            attempt,
+            queue: "default".into(),
+        }
+    }
+
+    /// A store made before attempts had `code_json` and `outputs_json` gains them when it is
+    /// opened, keeps its rows, and records both from then on; a read-only open of it before
+    /// that says what to do.
+    #[test]
+    fn a_store_of_the_older_schema_gains_the_new_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let old_schema = SCHEMA.replace("    code_json TEXT,\n    outputs_json TEXT,\n", "");
+        assert_ne!(old_schema, SCHEMA);
+        {
+            let mut store = Store::open(&path).unwrap();
+            let (_, publish) = store
+                .transaction(|tx| tx.submit(&record("s"), (0..1).map(job), false, 1))
+                .unwrap();
+            store.transaction(|tx| tx.confirmed(&publish, 2)).unwrap();
+            let a = AttemptRef {
+                sweep: SweepId::new("s").unwrap(),
+                job: JobId::from_bytes([0; 16]),
+                attempt: 1,
+            };
+            store
+                .transaction(|tx| tx.claim(&a, &WorkerId::new("w").unwrap(), "h", 3))
+                .unwrap();
+            // Back to the old table: the same rows without the two columns.
+            store
+                .conn
+                .execute_batch(&format!(
+                    "ALTER TABLE attempts RENAME TO attempts_new;
+                     {}
+                     INSERT INTO attempts SELECT sweep, job, attempt, worker, host, gpus_json, state,
+                         started_ms, finished_ms, exit_code, signal, reason FROM attempts_new;
+                     DROP TABLE attempts_new;",
+                    old_schema
+                        .split(";\n")
+                        .find(|stmt| stmt.contains("CREATE TABLE IF NOT EXISTS attempts("))
+                        .unwrap()
+                        .to_owned()
+                        + ";"
+                ))
+                .unwrap();
+        }
+        let columns = |conn: &Connection| -> Vec<String> {
+            conn.prepare("SELECT name FROM pragma_table_info('attempts')")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        assert!(!columns(&Connection::open(&path).unwrap()).contains(&"code_json".to_owned()));
+        let err = Store::read_only(&path).unwrap_err().to_string();
+        assert!(err.contains("made by an older gridq"), "{err}");
+
+        let mut store = Store::open(&path).unwrap();
+        let cols = columns(&store.conn);
+        assert!(
+            cols.ends_with(&["code_json".to_owned(), "outputs_json".to_owned()]),
+            "{cols:?}"
+        );
+        let sweep = SweepId::new("s").unwrap();
+        let a = AttemptRef {
+            sweep: sweep.clone(),
+            job: JobId::from_bytes([0; 16]),
+            attempt: 1,
+        };
+        let before = store.read().attempts(&sweep, &a.job).unwrap();
+        assert_eq!(
+            (before.len(), &before[0].code, &before[0].outputs),
+            (1, &None, &None)
+        );
+        let mut f = finished(&WorkerId::new("w").unwrap(), a.clone(), Outcome::Succeeded);
+        f.code = Some(code("cccc"));
+        f.outputs = Some(listing("/d", &[("a", 1)]));
+        store.transaction(|tx| tx.finish(&f, 1000, 5)).unwrap();
+        drop(store);
+        // Opening again changes nothing more; a read-only reader sees what was recorded.
+        drop(Store::open(&path).unwrap());
+        let reader = Store::read_only(&path).unwrap();
+        let after = reader.view().attempts(&sweep, &a.job).unwrap();
+        assert_eq!((&after[0].code, &after[0].outputs), (&f.code, &f.outputs));
     }
 }

@@ -220,12 +220,30 @@ impl Sweep {
     /// Starts the lazy expansion, after checking the job count against `max_jobs`.
     ///
     /// # Errors
-    /// When the sweep would produce more than `max_jobs` jobs; the message gives the count and
-    /// how to raise the limit.
+    /// When the command is missing, or the sweep would produce more than `max_jobs` jobs; the
+    /// message gives the count and how to raise the limit (`--max-jobs N` for a bare file,
+    /// that or `max_jobs: N` in the file for a full one).
     pub fn expand(&self) -> Result<Jobs<'_>> {
+        let jobs = self.expand_unchecked()?;
+        self.check_max_jobs()?;
+        Ok(jobs)
+    }
+
+    /// Starts the lazy expansion without counting the jobs or checking `max_jobs`: for reading
+    /// the first jobs of a sweep of any size (`gridq expand --limit N` takes N of them; the
+    /// rest are never computed). Never use it to store or submit a sweep.
+    ///
+    /// # Errors
+    /// When the command is missing.
+    pub fn expand_unchecked(&self) -> Result<Jobs<'_>> {
         if let Some(missing) = &self.missing_command {
             return Err(super::SweepError::Invalid(missing.clone()));
         }
+        Ok(Jobs::new(self))
+    }
+
+    /// Checks the job count against `max_jobs`.
+    fn check_max_jobs(&self) -> Result<()> {
         let count = self.count();
         if count.jobs > u128::from(self.max_jobs) {
             let rep = Reporter {
@@ -243,16 +261,24 @@ impl Sweep {
             } else {
                 "N".into()
             };
+            let max = self.max_jobs;
+            // A bare parameters file has no place for `max_jobs:` (it would be a parameter).
+            let message = if self.bare {
+                format!(
+                    "this sweep would produce {jobs} jobs, more than the limit of {max}; pass `--max-jobs {suggestion}` to allow it (a bare parameters file cannot set `max_jobs`: it would be a parameter), or narrow the parameters"
+                )
+            } else {
+                format!(
+                    "this sweep would produce {jobs} jobs, more than max_jobs ({max}); add `max_jobs: {suggestion}` to the sweep file or pass `--max-jobs {suggestion}` to allow it, or narrow the parameters"
+                )
+            };
             return Err(super::SweepError::Invalid(Box::new(rep.diag(
                 self.params.first().map(|p| p.pos),
                 None,
-                format!(
-                    "this sweep would produce {jobs} jobs, more than max_jobs ({}); add `max_jobs: {suggestion}` to the sweep file to allow it, or narrow the parameters",
-                    self.max_jobs
-                ),
+                message,
             ))));
         }
-        Ok(Jobs::new(self))
+        Ok(())
     }
 }
 

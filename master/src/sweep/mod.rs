@@ -85,6 +85,8 @@ pub struct Sweep {
     axes: Vec<Axis>,
     exclude: Vec<ExcludeBox>,
     max_jobs: u64,
+    /// A bare parameters file (no `parameters:` key), which cannot say `max_jobs` itself.
+    bare: bool,
     repeat: u32,
     options: JobOptions,
     /// Whether two different combinations can render the same argv (see [`expand`]).
@@ -112,9 +114,22 @@ impl Sweep {
         self.arg_style
     }
 
-    /// The job count limit.
+    /// The job count limit: the file's `max_jobs` ([`DEFAULT_MAX_JOBS`] without one), or
+    /// what [`Sweep::set_max_jobs`] made it.
     pub fn max_jobs(&self) -> u64 {
         self.max_jobs
+    }
+
+    /// Sets the job count limit from outside the file (`--max-jobs`), in place of the file's
+    /// `max_jobs`: the way to allow a bare parameters file more than [`DEFAULT_MAX_JOBS`] jobs.
+    /// A master's own cap still applies on submission.
+    pub fn set_max_jobs(&mut self, limit: std::num::NonZeroU64) {
+        self.max_jobs = limit.get();
+    }
+
+    /// Whether the sweep came from a bare parameters file (every top-level key a parameter).
+    pub fn is_bare(&self) -> bool {
+        self.bare
     }
 
     /// How many times each job runs (each repetition is its own job).
