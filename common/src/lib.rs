@@ -12,6 +12,7 @@
 
 pub mod amqp;
 pub mod code;
+pub mod human;
 pub mod ids;
 pub mod management;
 pub mod rabbit_node;

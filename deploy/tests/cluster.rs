@@ -25,54 +25,12 @@ fn gridq() -> Command {
 /// The images and the static binary to deploy: scripts/test.sh names them in
 /// GRIDQ_TEST_IMAGES_ENV. The workers run in `gridq-python`, a Debian image with python3 and
 /// no gridq (the stand-in for a team's own image), with the static binary mounted.
-fn images() -> [(String, String); 3] {
-    let mut found: BTreeMap<String, String> = BTreeMap::new();
-    if let Ok(path) = std::env::var("GRIDQ_TEST_IMAGES_ENV") {
-        let text = std::fs::read_to_string(&path).expect("images env file");
-        for line in text.lines() {
-            if let Some((k, v)) = line.split_once('=') {
-                found.insert(k.trim().to_owned(), v.trim().trim_matches('"').to_owned());
-            }
-        }
-    }
-    let get = |k: &str, d: &str| found.get(k).cloned().unwrap_or_else(|| d.to_owned());
-    let binary = found
-        .get("GRIDQ_BINARY")
-        .cloned()
-        .expect("GRIDQ_BINARY in GRIDQ_TEST_IMAGES_ENV: run scripts/build-images.sh --env-file FILE (scripts/test.sh does)");
-    assert!(Path::new(&binary).is_file(), "{binary} is missing");
-    let list = [
-        (
-            "--worker-image".to_owned(),
-            get("GRIDQ_USER_IMAGE", "gridq-python:bookworm"),
-        ),
-        (
-            "--broker-image".to_owned(),
-            get("GRIDQ_RABBITMQ_IMAGE", "gridq-rabbitmq:local"),
-        ),
-        ("--gridq-binary".to_owned(), binary),
-    ];
-    for (_, image) in &list[..2] {
-        let ok = Command::new("docker")
-            .args(["image", "inspect", "--format", "{{.Id}}", image])
-            .output()
-            .expect("docker")
-            .status
-            .success();
-        assert!(
-            ok,
-            "image {image} is missing: build it with scripts/build-images.sh (scripts/test.sh does)"
-        );
-    }
-    list
+fn images() -> Vec<(String, String)> {
+    hosts::deploy_image_flags()
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    hosts::free_port()
 }
 
 fn text(out: &Output) -> String {
@@ -310,23 +268,7 @@ impl TestCluster {
 impl Drop for TestCluster {
     fn drop(&mut self) {
         // Whatever the test did, nothing of this cluster stays behind.
-        for (name, _, _) in self.containers() {
-            let _ = Command::new("docker")
-                .args(["rm", "-f", "-v", &name])
-                .output();
-        }
-        for v in self.volumes() {
-            let _ = Command::new("docker")
-                .args(["volume", "rm", "-f", &v])
-                .output();
-        }
-        for h in &hosts::hosts().docker {
-            let _ = h.run(
-                ["rm", "-rf", "--", &format!("gridq/{}", self.name)],
-                b"",
-                Duration::from_secs(30),
-            );
-        }
+        hosts::remove_cluster(&self.name);
     }
 }
 

@@ -234,34 +234,16 @@ async fn status_lists_live_workers_and_counts_lost_and_stopped_ones() {
 // ---------------------------------------------------------------------------------------------
 // A deployed cluster: one test host with the broker, the master and a worker.
 
-/// The deploy flags for the images and the gridq binary, from GRIDQ_TEST_IMAGES_ENV (see
-/// `cluster.rs`).
+/// The deploy flags for the images and the gridq binary.
 fn image_flags() -> Vec<String> {
-    let path = std::env::var("GRIDQ_TEST_IMAGES_ENV")
-        .expect("GRIDQ_TEST_IMAGES_ENV: run scripts/build-images.sh --env-file FILE");
-    let text = std::fs::read_to_string(&path).expect("images env file");
-    let get = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k}=")))
-            .map(|v| v.trim().trim_matches('"').to_owned())
-            .unwrap_or_else(|| panic!("{k} in {path}"))
-    };
-    vec![
-        "--worker-image".into(),
-        get("GRIDQ_USER_IMAGE"),
-        "--broker-image".into(),
-        get("GRIDQ_RABBITMQ_IMAGE"),
-        "--gridq-binary".into(),
-        get("GRIDQ_BINARY"),
-    ]
+    hosts::deploy_image_flags()
+        .into_iter()
+        .flat_map(|(flag, value)| [flag, value])
+        .collect()
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    hosts::free_port()
 }
 
 /// A cluster deployed from a copy of projects/echo, with its own name, ports, CLI context and
@@ -381,21 +363,6 @@ impl Deployed {
         args
     }
 
-    fn containers(&self) -> Vec<String> {
-        let out = std::process::Command::new("docker")
-            .args([
-                "ps",
-                "-a",
-                "--filter",
-                &format!("label=gridq.cluster={}", self.name),
-                "--format",
-                "{{.Names}}",
-            ])
-            .output()
-            .unwrap();
-        text(&out.stdout).lines().map(str::to_owned).collect()
-    }
-
     /// Nothing of gridq's SSH left: no ssh process naming the private `$TMPDIR` (its control
     /// sockets are there), and nothing in that directory. Waits up to `limit` for it.
     fn assert_no_ssh_left(&self, after: &str, limit: Duration) {
@@ -422,33 +389,7 @@ impl Deployed {
 
 impl Drop for Deployed {
     fn drop(&mut self) {
-        for name in self.containers() {
-            let _ = std::process::Command::new("docker")
-                .args(["rm", "-f", "-v", &name])
-                .output();
-        }
-        let out = std::process::Command::new("docker")
-            .args([
-                "volume",
-                "ls",
-                "-q",
-                "--filter",
-                &format!("label=gridq.cluster={}", self.name),
-            ])
-            .output()
-            .unwrap();
-        for v in text(&out.stdout).lines() {
-            let _ = std::process::Command::new("docker")
-                .args(["volume", "rm", "-f", v])
-                .output();
-        }
-        for h in &hosts::hosts().docker {
-            let _ = h.run(
-                ["rm", "-rf", "--", &format!("gridq/{}", self.name)],
-                b"",
-                Duration::from_secs(30),
-            );
-        }
+        hosts::remove_cluster(&self.name);
     }
 }
 

@@ -29,6 +29,18 @@ fn bearer(c: &Cluster) -> String {
 }
 
 /// Logs in through the form; returns the cookie header value and the page's CSRF token.
+/// A page fetched with the session cookie; it must answer 200.
+async fn page_text(http: &reqwest::Client, cookie: &str, path: String) -> String {
+    let r = http
+        .get(path)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    r.text().await.unwrap()
+}
+
 async fn login(c: &Cluster) -> (String, String) {
     let http = client();
     let r = http
@@ -225,20 +237,7 @@ async fn hostile_values_and_output_are_escaped_everywhere() {
     let http = client();
     let b = base(&c);
     let (cookie, _) = login(&c).await;
-    let get = |path: String| {
-        let http = http.clone();
-        let cookie = cookie.clone();
-        async move {
-            let r = http
-                .get(path)
-                .header("cookie", cookie)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), StatusCode::OK);
-            r.text().await.unwrap()
-        }
-    };
+    let get = |path: String| page_text(&http, &cookie, path);
     let hostile_job = jobs
         .iter()
         .find(|j| j.params["w"] == HOSTILE)
@@ -791,20 +790,7 @@ async fn a_jobs_outputs_and_code_version_are_recorded_and_shown() {
 
     // The job page: the files with their sizes, the host, the code version.
     let (cookie, _) = login(&c).await;
-    let page = |path: String| {
-        let http = http.clone();
-        let cookie = cookie.clone();
-        async move {
-            let r = http
-                .get(path)
-                .header("cookie", cookie)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), StatusCode::OK);
-            r.text().await.unwrap()
-        }
-    };
+    let page = |path: String| page_text(&http, &cookie, path);
     let html = page(format!("{b}/jobs/{}?sweep=outs", by_n(7).id)).await;
     for expected in [
         "<h2>Outputs</h2>",

@@ -254,39 +254,12 @@ fn pull_after_run_local_copies_every_jobs_outputs_once_and_says_what_is_missing(
 
 // ---------------------------------------------------------------- a deployed cluster
 
-/// The images and the static binary to deploy, from GRIDQ_TEST_IMAGES_ENV (as in cluster.rs).
 fn images() -> Vec<(String, String)> {
-    let mut found: BTreeMap<String, String> = BTreeMap::new();
-    let path = std::env::var("GRIDQ_TEST_IMAGES_ENV").expect(
-        "GRIDQ_TEST_IMAGES_ENV: run scripts/build-images.sh --env-file FILE (scripts/test.sh does)",
-    );
-    for line in std::fs::read_to_string(&path)
-        .expect("images env file")
-        .lines()
-    {
-        if let Some((k, v)) = line.split_once('=') {
-            found.insert(k.trim().to_owned(), v.trim().trim_matches('"').to_owned());
-        }
-    }
-    let get = |k: &str| {
-        found
-            .get(k)
-            .cloned()
-            .unwrap_or_else(|| panic!("{k} in {path}"))
-    };
-    vec![
-        ("--worker-image".to_owned(), get("GRIDQ_USER_IMAGE")),
-        ("--broker-image".to_owned(), get("GRIDQ_RABBITMQ_IMAGE")),
-        ("--gridq-binary".to_owned(), get("GRIDQ_BINARY")),
-    ]
+    hosts::deploy_image_flags()
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    hosts::free_port()
 }
 
 /// A deployed test cluster, removed (containers, volumes, remote files) when dropped.
@@ -319,40 +292,7 @@ impl Deployed {
 impl Drop for Deployed {
     fn drop(&mut self) {
         let _ = self.run(&["clean", "--purge", "--yes"]);
-        let names = Command::new("docker")
-            .args([
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=gridq.cluster={}", self.name),
-            ])
-            .output()
-            .unwrap();
-        for id in String::from_utf8_lossy(&names.stdout).split_whitespace() {
-            let _ = Command::new("docker").args(["rm", "-f", "-v", id]).output();
-        }
-        let vols = Command::new("docker")
-            .args([
-                "volume",
-                "ls",
-                "-q",
-                "--filter",
-                &format!("label=gridq.cluster={}", self.name),
-            ])
-            .output()
-            .unwrap();
-        for v in String::from_utf8_lossy(&vols.stdout).split_whitespace() {
-            let _ = Command::new("docker")
-                .args(["volume", "rm", "-f", v])
-                .output();
-        }
-        for h in &hosts::hosts().docker {
-            let _ = h.run(
-                ["rm", "-rf", "--", &format!("gridq/{}", self.name)],
-                b"",
-                Duration::from_secs(30),
-            );
-        }
+        hosts::remove_cluster(&self.name);
     }
 }
 

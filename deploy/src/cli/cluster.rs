@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 
+use gridq_common::human;
+
 use super::Failure;
 use super::client::MasterConn;
 use super::context;
@@ -28,20 +30,20 @@ use crate::sync::{SyncMethod, SyncOptions};
 pub(crate) struct ClusterSel {
     /// The cluster file (default: gridq-cluster.yaml in the project directory).
     #[arg(long = "config", value_name = "FILE")]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// The project directory (mlframework's -d).
     #[arg(short = 'd', long = "project", value_name = "DIR", default_value = ".")]
-    project: PathBuf,
+    pub(crate) project: PathBuf,
     /// How long connecting to a host may take.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
-    connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Machine-readable JSON on stdout.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 impl ClusterSel {
-    fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.config
             .clone()
             .unwrap_or_else(|| self.project.join(CLUSTER_FILE))
@@ -334,20 +336,6 @@ impl DeployArgs {
     }
 }
 
-/// A byte count for people: `0 B`, `812 KiB`, `41.3 MiB`.
-fn bytes(n: u64) -> String {
-    #[allow(clippy::cast_precision_loss)]
-    let f = n as f64;
-    if n < 1024 {
-        format!("{n} B")
-    } else if n < 1024 * 1024 {
-        format!("{:.0} KiB", f / 1024.0)
-    } else if n < 1024 * 1024 * 1024 {
-        format!("{:.1} MiB", f / 1048576.0)
-    } else {
-        format!("{:.2} GiB", f / 1073741824.0)
-    }
-}
 
 /// Prints `[place] message` lines on stderr.
 fn printer() -> Progress {
@@ -500,9 +488,9 @@ pub(crate) fn deploy(args: &DeployArgs) -> Result<(), Failure> {
             println!(
                 "  {}: sent {} (images {}, gridq binary {})",
                 p.place,
-                bytes(p.sent.images + p.sent.binary),
-                bytes(p.sent.images),
-                bytes(p.sent.binary)
+                human::bytes(p.sent.images + p.sent.binary),
+                human::bytes(p.sent.images),
+                human::bytes(p.sent.binary)
             );
         }
         let online: usize = report.workers_online.values().sum();
@@ -608,9 +596,9 @@ pub(crate) fn update(args: &UpdateArgs) -> Result<(), Failure> {
         for (place, sent) in &report.sent {
             println!(
                 "  {place}: sent {} (images {}, gridq binary {})",
-                bytes(sent.images + sent.binary),
-                bytes(sent.images),
-                bytes(sent.binary)
+                human::bytes(sent.images + sent.binary),
+                human::bytes(sent.images),
+                human::bytes(sent.binary)
             );
         }
     }

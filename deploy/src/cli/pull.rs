@@ -43,6 +43,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::Failure;
 use super::services::runtime;
+use super::cluster::ClusterSel;
 use crate::cluster::config::{CLUSTER_FILE, HostRef};
 use crate::cluster::{self as lib, Fleet, MasterApi};
 use crate::ssh::{HostSession, SshOptions};
@@ -82,18 +83,8 @@ pub(crate) struct PullArgs {
         value_name = "DIR"
     )]
     state_dir: PathBuf,
-    /// The cluster file (default: gridq-cluster.yaml in the project directory).
-    #[arg(long = "config", value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// The project directory.
-    #[arg(short = 'd', long = "project", value_name = "DIR", default_value = ".")]
-    project: PathBuf,
-    /// How long connecting to a host may take.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
-    connect_timeout: Duration,
-    /// Machine-readable JSON on stdout.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    sel: ClusterSel,
 }
 
 fn parse_state(s: &str) -> Result<JobState, String> {
@@ -169,14 +160,11 @@ pub(crate) fn run(args: &PullArgs) -> Result<(), Failure> {
         }
     }
     let include = Include::new(&args.include)?;
-    let cluster_file = args
-        .config
-        .clone()
-        .unwrap_or_else(|| args.project.join(CLUSTER_FILE));
+    let cluster_file = args.sel.path();
     let store = args.state_dir.join(gridq_master::state_dir::DB_FILE);
     let report = if args.local {
         local(args, &store, &include)?
-    } else if args.config.is_some() || cluster_file.exists() {
+    } else if args.sel.config.is_some() || cluster_file.exists() {
         if !cluster_file.exists() {
             return Err(Failure::Usage(format!(
                 "--config: no cluster file at {}",
@@ -196,7 +184,7 @@ pub(crate) fn run(args: &PullArgs) -> Result<(), Failure> {
     let Some(report) = report else {
         return Ok(());
     };
-    if args.json {
+    if args.sel.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&report).unwrap_or_default()
@@ -222,7 +210,7 @@ fn print_summary(r: &Report) {
             plural(fetched),
             dest.display(),
             plural_u(files),
-            bytes_text(bytes)
+            gridq_common::human::bytes(bytes)
         );
     }
     if let Some(csv) = &r.results_csv {
@@ -271,19 +259,6 @@ fn plural_u(n: u64) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-fn bytes_text(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
-}
 
 /// The jobs named on the command line (by prefix), or all; and the prefixes that name none.
 fn select(all: Vec<Found>, prefixes: &[String]) -> (Vec<Found>, Vec<String>) {
@@ -386,7 +361,7 @@ fn local(args: &PullArgs, db: &Path, include: &Include) -> Result<Option<Report>
                 })
             })
             .collect();
-        if args.json {
+        if args.sel.json {
             println!(
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({
@@ -411,7 +386,7 @@ fn local(args: &PullArgs, db: &Path, include: &Include) -> Result<Option<Report>
                     j["id"].as_str().unwrap_or_default(),
                     j["files"].as_u64().unwrap_or(0),
                     plural_u(j["files"].as_u64().unwrap_or(0)),
-                    bytes_text(j["bytes"].as_u64().unwrap_or(0)),
+                    gridq_common::human::bytes(j["bytes"].as_u64().unwrap_or(0)),
                 );
             }
         }
@@ -621,7 +596,7 @@ fn cluster(args: &PullArgs, file: &Path, include: &Include) -> Result<Option<Rep
     let ssh = lib::ssh_options(
         &cluster,
         &SshOptions {
-            connect_timeout: args.connect_timeout,
+            connect_timeout: args.sel.connect_timeout,
             ..SshOptions::default()
         },
     );
@@ -785,7 +760,7 @@ async fn pull_cluster(
     });
     let hosts: Vec<HostReport> = futures_util::future::join_all(tasks).await;
     // Per host as it went; failures are said once, in the summary.
-    for h in hosts.iter().filter(|h| h.error.is_none() && !args.json) {
+    for h in hosts.iter().filter(|h| h.error.is_none() && !args.sel.json) {
         eprintln!(
             "[{}] {} job{}: {} file{} ({}) received",
             h.host,
@@ -793,7 +768,7 @@ async fn pull_cluster(
             plural(h.jobs),
             h.files,
             plural_u(h.files),
-            bytes_text(h.bytes)
+            gridq_common::human::bytes(h.bytes)
         );
     }
     // The results, from the master's export.

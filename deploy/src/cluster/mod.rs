@@ -1709,9 +1709,18 @@ async fn drain_host(
     label: &str,
     progress: &Progress,
 ) -> anyhow::Result<()> {
-    let ids: Vec<String> = api
-        .workers()
-        .await?
+    // The master may be restarting (a deploy replaces it too): asked again for a while.
+    let asked = Instant::now();
+    let rows = loop {
+        match api.workers().await {
+            Ok(rows) => break rows,
+            Err(e) if asked.elapsed() > Duration::from_secs(120) => {
+                return Err(e.context("asking the master for its workers"));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    };
+    let ids: Vec<String> = rows
         .iter()
         .filter(|w| {
             w["host"].as_str() == Some(host)

@@ -306,3 +306,77 @@ where
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// The deploy flags for the images and the static gridq binary, from GRIDQ_TEST_IMAGES_ENV
+/// (written by `scripts/build-images.sh --env-file`): the workers run in `gridq-python`, a
+/// Debian image with python3 and no gridq (the stand-in for a team's own image), with the
+/// binary mounted. The images must be present.
+pub fn deploy_image_flags() -> Vec<(String, String)> {
+    let path = std::env::var("GRIDQ_TEST_IMAGES_ENV").expect(
+        "GRIDQ_TEST_IMAGES_ENV: run scripts/build-images.sh --env-file FILE (scripts/test.sh does)",
+    );
+    let found = parse_env(&std::fs::read_to_string(&path).expect("images env file"));
+    let get = |k: &str| {
+        found
+            .get(k)
+            .map(|v| v.trim().trim_matches('"').to_owned())
+            .unwrap_or_else(|| panic!("{k} in {path}"))
+    };
+    let flags = vec![
+        ("--worker-image".to_owned(), get("GRIDQ_USER_IMAGE")),
+        ("--broker-image".to_owned(), get("GRIDQ_RABBITMQ_IMAGE")),
+        ("--gridq-binary".to_owned(), get("GRIDQ_BINARY")),
+    ];
+    for (_, image) in &flags[..2] {
+        let ok = Command::new("docker")
+            .args(["image", "inspect", "--format", "{{.Id}}", image])
+            .output()
+            .expect("docker")
+            .status
+            .success();
+        assert!(
+            ok,
+            "image {image} is missing: build it with scripts/build-images.sh (scripts/test.sh does)"
+        );
+    }
+    assert!(Path::new(&flags[2].1).is_file(), "{} is missing", flags[2].1);
+    flags
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Removes whatever a test cluster left: every container and volume labelled with it, and its
+/// remote path (`gridq/NAME`) on the Docker hosts.
+pub fn remove_cluster(name: &str) {
+    let label = format!("label=gridq.cluster={name}");
+    for what in [
+        &["ps", "-aq", "--filter", &label][..],
+        &["volume", "ls", "-q", "--filter", &label][..],
+    ] {
+        let Ok(out) = Command::new("docker").args(what).output() else {
+            continue;
+        };
+        for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            let rm: &[&str] = if what[0] == "ps" {
+                &["rm", "-f", "-v", id]
+            } else {
+                &["volume", "rm", "-f", id]
+            };
+            let _ = Command::new("docker").args(rm).output();
+        }
+    }
+    for h in &hosts().docker {
+        let _ = h.run(
+            ["rm", "-rf", "--", &format!("gridq/{name}")],
+            b"",
+            Duration::from_secs(30),
+        );
+    }
+}
