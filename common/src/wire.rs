@@ -116,6 +116,10 @@ impl FromWorker {
 pub struct Claims {
     pub worker: WorkerId,
     pub claims: Vec<Claim>,
+    /// The tree hash of the code the worker's project holds now (its `.gridq/code.json`), so
+    /// the master can keep a sweep bound to its code (`same_code`) off other code.
+    #[serde(default)]
+    pub code: Option<String>,
 }
 
 /// A request to run one delivered attempt.
@@ -310,6 +314,9 @@ pub struct Heartbeat {
     pub ts_ms: u64,
     /// Seconds between heartbeats, so the master can judge when one is missed.
     pub interval_ms: u64,
+    /// The tree hash of the code the worker's project holds now (see [`Claims::code`]).
+    #[serde(default)]
+    pub code: Option<String>,
 }
 
 /// A worker's clean stop.
@@ -540,6 +547,7 @@ mod tests {
                 attempt: attempt(),
                 token: 9,
             }],
+            code: Some("ab".repeat(32)),
         });
         let enc = encode(&msg);
         assert_eq!(kind_of(&enc.properties).unwrap(), "claim");

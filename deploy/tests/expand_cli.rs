@@ -577,7 +577,7 @@ fn bad_cases() -> Vec<Bad> {
             "command: x\nparametrs:\n  a: 1\nparameters:\n  lr: [1, 2]\n",
             NO_ARGS,
             Line(
-                "error: typo.yaml:2:1: unknown field `parametrs`, expected one of `name`, `command`, `parameters`, `zip`, `exclude`, `max_jobs`, `repeat`, `arg_style`, `retries`, `timeout`, `gpus`, `queue`, `env`, `workdir`",
+                "error: typo.yaml:2:1: unknown field `parametrs`, expected one of `name`, `command`, `parameters`, `zip`, `exclude`, `max_jobs`, `repeat`, `arg_style`, `retries`, `timeout`, `gpus`, `queue`, `env`, `workdir`, `same_code`",
             ),
         ),
         bad(

@@ -673,6 +673,7 @@ async fn a_lease_whose_grant_never_arrived_is_recovered() {
             },
             token: 1,
         }],
+        code: None,
     }));
     publish_raw(
         &conn,
@@ -705,6 +706,7 @@ async fn a_lease_whose_grant_never_arrived_is_recovered() {
                 short_jobs: false,
                 ts_ms: 0,
                 interval_ms: 250,
+                code: None,
             })));
             publish_raw(
                 &conn,

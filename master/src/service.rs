@@ -10,6 +10,9 @@
 //! 2. A worker with a free slot receives it and sends a `claim`.
 //! 3. The master decides in one transaction: it grants the attempt (recording the lease: job
 //!    `running` on that worker) or denies it (canceled, superseded, already running or done).
+//!    A job of a sweep bound to its code (`same_code`) is also denied to a worker whose claim
+//!    names another code tree (or none): it waits in `retrying` and goes out again for a
+//!    worker with that code, or fails when no online worker has it (see [`deny_wrong_code`]).
 //! 4. On a grant the worker stops consuming on that slot, acks the delivery and runs the job.
 //!    On a denial it acks and drops the message. Either way the delivery is held for one round
 //!    trip, not for the job.
@@ -381,6 +384,12 @@ struct Live {
     last_seen: Instant,
     /// Its last heartbeat said it reads several jobs per message and holds short jobs ahead.
     batches: bool,
+    /// The code tree its project holds, as its last heartbeat or claim said.
+    code: Option<String>,
+    /// The queues it reads, as its last heartbeat said (empty before one).
+    queues: Vec<String>,
+    /// Whether its last heartbeat showed a free slot (`true` before one).
+    free: bool,
 }
 
 /// Jobs per message when every online worker takes batches (see [`Core::per_message`]): small
@@ -406,6 +415,9 @@ struct Core {
     /// Submissions in progress, by sweep.
     submitting: Submitting,
     pump: Pump,
+    /// Claims denied per job because its sweep is bound to other code than the claiming
+    /// worker's (see [`deny_wrong_code`]).
+    code_denials: HashMap<(SweepId, JobId), u32>,
 }
 
 /// Submissions in progress: each sweep's submission number, and whether the sweep was
@@ -522,6 +534,9 @@ impl Core {
                 Live {
                     last_seen: Instant::now(),
                     batches: false,
+                    code: None,
+                    queues: Vec::new(),
+                    free: true,
                 },
             );
         }
@@ -539,6 +554,7 @@ impl Core {
             secrets: Arc::new(secrets),
             submitting: Submitting::default(),
             pump: Pump::default(),
+            code_denials: HashMap::new(),
         })
     }
 
@@ -726,13 +742,15 @@ impl Core {
         let mut workers = self.workers.clone();
         let mut submitting = self.submitting.clone();
         let queues = &mut self.queues;
+        let code_denials = &mut self.code_denials;
         let out = &self.out;
         let done = self.store.transaction(|tx| {
             for m in inbound {
                 match m {
                     Inbound::Event(mut event, _) => {
                         secrets.redact_event(&mut event);
-                        handle_event(tx, event, &config, &mut workers, &activity, &mut effects, now)?;
+                        let core = Known { config: &config, activity: &activity, code_denials: &mut *code_denials };
+                        handle_event(tx, event, core, &mut workers, &mut effects, now)?;
                     }
                     Inbound::Dead { properties, body, .. } => {
                         let (queue, reason) = broker::dead_reason(&properties);
@@ -939,15 +957,107 @@ impl Core {
     }
 }
 
+/// What the core knows that an event's handling reads or keeps.
+struct Known<'a> {
+    config: &'a MasterConfig,
+    activity: &'a Activity,
+    code_denials: &'a mut HashMap<(SweepId, JobId), u32>,
+}
+
+/// Denials of one job for other code, while a worker with its code had a free slot, after
+/// which the job fails (that worker does not take it: it reads other queues, say).
+const MAX_CODE_DENIALS: u32 = 20;
+/// How long a job denied for other code waits before it goes out again while every worker
+/// with its code is busy (such denials are not counted: the job waits for as long as needed,
+/// sent out again at this pace, never in a tight loop).
+const CODE_BUSY_WAIT_MS: u64 = 5_000;
+
+/// Decides a claim of a job bound to the code tree `tree` (a `same_code` sweep) from a worker
+/// that holds other code (`theirs`): the claim is denied, and the job waits a while in
+/// `retrying` and goes out again (as its next attempt), for a worker with that code: 0.25 s,
+/// doubling up to 2 s while such a worker has a free slot (counted), [`CODE_BUSY_WAIT_MS`]
+/// while all of them are busy (not counted). It fails instead when no online worker reading
+/// its queue holds that code, or after [`MAX_CODE_DENIALS`] counted denials. Returns the deny
+/// reason, or `None` when the job is not waiting to start (the ordinary claim answers it).
+#[allow(clippy::too_many_arguments)]
+fn deny_wrong_code(
+    tx: &crate::store::Tx<'_>,
+    a: &AttemptRef,
+    (tree, queue): (&str, &str),
+    theirs: Option<&str>,
+    worker: &WorkerId,
+    workers: &HashMap<String, Live>,
+    code_denials: &mut HashMap<(SweepId, JobId), u32>,
+    now: u64,
+) -> Result<Option<String>, StoreError> {
+    let short = |t: &str| t.chars().take(12).collect::<String>();
+    let holders: Vec<&Live> = workers
+        .iter()
+        .filter(|(id, live)| {
+            id.as_str() != worker.as_str()
+                && live.code.as_deref() == Some(tree)
+                && (live.queues.is_empty() || live.queues.iter().any(|q| q == queue))
+        })
+        .map(|(_, live)| live)
+        .collect();
+    let held = !holders.is_empty();
+    let busy = holders.iter().all(|live| !live.free);
+    let key = (a.sweep.clone(), a.job);
+    let counted = code_denials.get(&key).copied().unwrap_or(0);
+    let denials = if busy { counted } else { counted + 1 };
+    let theirs = theirs.map_or_else(
+        || "no code version".to_owned(),
+        |t| format!("tree {}", short(t)),
+    );
+    if held && denials < MAX_CODE_DENIALS {
+        let delay = if busy {
+            CODE_BUSY_WAIT_MS
+        } else {
+            250u64 << (denials - 1).min(3)
+        };
+        let reason = format!(
+            "code mismatch: this sweep runs only on the code it was submitted with (tree {}); this worker's project holds {theirs}: left for a worker that holds it",
+            short(tree)
+        );
+        if !tx.wrong_code(a, Some(delay), &reason, now)? {
+            return Ok(None);
+        }
+        code_denials.insert(key, denials);
+        return Ok(Some(reason));
+    }
+    let why = if held {
+        format!(
+            "denied {denials} times on workers with other code, while the worker(s) with it had a free slot and did not take it"
+        )
+    } else {
+        "no online worker runs the code this sweep was submitted with".to_owned()
+    };
+    let reason = format!(
+        "code mismatch: {why} (tree {}; the last claim came from a worker with {theirs}); sync that code to the workers' project (`gridq update`), or submit the sweep again from the code they run, then `gridq retry {} --failed`",
+        short(tree),
+        a.sweep
+    );
+    if !tx.wrong_code(a, None, &reason, now)? {
+        return Ok(None);
+    }
+    code_denials.remove(&key);
+    warn!(sweep = %a.sweep, job = %a.job, tree = %short(tree), "job failed: no worker runs its sweep's code");
+    Ok(Some(reason))
+}
+
 fn handle_event(
     tx: &crate::store::Tx<'_>,
     event: FromWorker,
-    config: &MasterConfig,
+    known: Known<'_>,
     workers: &mut HashMap<String, Live>,
-    activity: &Activity,
     effects: &mut Effects,
     now: u64,
 ) -> Result<(), StoreError> {
+    let Known {
+        config,
+        activity,
+        code_denials,
+    } = known;
     fn seen(workers: &mut HashMap<String, Live>, w: &WorkerId) {
         workers
             .entry(w.as_str().to_owned())
@@ -955,6 +1065,9 @@ fn handle_event(
             .or_insert(Live {
                 last_seen: Instant::now(),
                 batches: false,
+                code: None,
+                queues: Vec::new(),
+                free: true,
             });
     }
     match event {
@@ -973,17 +1086,54 @@ fn handle_event(
                 )?;
             }
             seen(workers, &worker);
+            if let Some(live) = workers.get_mut(worker.as_str()) {
+                live.code.clone_from(&claims.code);
+            }
             let answers = effects
                 .verdicts
                 .entry(topology::worker_queue(&worker))
                 .or_default();
+            // Each sweep's code binding, read once per message.
+            let mut bindings: HashMap<SweepId, Option<(String, String)>> = HashMap::new();
             for claim in claims.claims {
-                let deny = match tx.claim(&claim.attempt, &worker, &host, now)? {
-                    ClaimVerdict::Grant => {
-                        effects.changed = true;
-                        None
+                let a = &claim.attempt;
+                let binding = match bindings.get(&a.sweep) {
+                    Some(b) => b.clone(),
+                    None => {
+                        let b = tx.code_binding(&a.sweep)?;
+                        bindings.insert(a.sweep.clone(), b.clone());
+                        b
                     }
-                    ClaimVerdict::Deny(reason) => Some(reason),
+                };
+                let wrong = match &binding {
+                    Some((tree, queue)) if claims.code.as_deref() != Some(tree.as_str()) => {
+                        deny_wrong_code(
+                            tx,
+                            a,
+                            (tree, queue),
+                            claims.code.as_deref(),
+                            &worker,
+                            workers,
+                            code_denials,
+                            now,
+                        )?
+                    }
+                    _ => None,
+                };
+                let deny = if let Some(reason) = wrong {
+                    effects.changed = true;
+                    Some(reason)
+                } else {
+                    match tx.claim(a, &worker, &host, now)? {
+                        ClaimVerdict::Grant => {
+                            effects.changed = true;
+                            if binding.is_some() {
+                                code_denials.remove(&(a.sweep.clone(), a.job));
+                            }
+                            None
+                        }
+                        ClaimVerdict::Deny(reason) => Some(reason),
+                    }
                 };
                 answers.push(Verdict {
                     attempt: claim.attempt,
@@ -1028,6 +1178,9 @@ fn handle_event(
             seen(workers, &hb.worker);
             if let Some(live) = workers.get_mut(hb.worker.as_str()) {
                 live.batches = hb.reads_batches && hb.short_jobs;
+                live.code.clone_from(&hb.code);
+                live.queues.clone_from(&hb.queues);
+                live.free = hb.running.len() < usize::try_from(hb.slots).unwrap_or(usize::MAX);
             }
             let info = serde_json::to_value(&*hb).unwrap_or(serde_json::Value::Null);
             let state = if hb.draining { "draining" } else { "online" };

@@ -190,6 +190,7 @@ pub fn check_count(sweep: &Sweep, cap: u64) -> Result<(), SweepError> {
 /// When its name is not a valid sweep name.
 pub fn plan_record(sweep: &Sweep, yaml: String) -> Result<SweepRecord, SweepError> {
     let options = sweep.options();
+    check_code(sweep)?;
     Ok(SweepRecord {
         name: SweepId::new(sweep.name()).map_err(|e| invalid(sweep, e.to_string()))?,
         source: sweep.source().to_owned(),
@@ -205,6 +206,8 @@ pub fn plan_record(sweep: &Sweep, yaml: String) -> Result<SweepRecord, SweepErro
             .clone()
             .unwrap_or_else(|| gridq_common::topology::DEFAULT_QUEUE.to_owned()),
         workdir: options.workdir.clone(),
+        code: sweep.code().cloned(),
+        same_code: options.same_code,
     })
 }
 
@@ -262,6 +265,30 @@ fn produce(
         let _ = tx.blocking_send(chunk);
     }
     Ok(())
+}
+
+/// The code version at submission must look like one (`code.tree`: hex digits, as
+/// `gridq deploy` writes them), and a sweep bound to its code (`same_code`) must carry one.
+fn check_code(sweep: &Sweep) -> Result<(), SweepError> {
+    let hex = |s: &str, max: usize| {
+        !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_hexdigit())
+    };
+    match sweep.code() {
+        Some(code) if !hex(&code.tree, 128) => Err(invalid(
+            sweep,
+            "code.tree: must be 1 to 128 hex digits (the tree hash `.gridq/code.json` holds)"
+                .to_owned(),
+        )),
+        Some(code) if code.commit.as_deref().is_some_and(|c| !hex(c, 64)) => Err(invalid(
+            sweep,
+            "code.commit: must be 1 to 64 hex digits (a git commit id)".to_owned(),
+        )),
+        None if sweep.options().same_code => Err(invalid(
+            sweep,
+            "same_code: the sweep is bound to the code it was submitted with, but the submission carries no `code` (submit it with `gridq submit`, which computes the project's code version)".to_owned(),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn invalid(sweep: &Sweep, message: String) -> SweepError {
@@ -331,5 +358,54 @@ impl Drop for Submission {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gridq_common::code::CodeVersion;
+
+    use super::*;
+    use crate::sweep::{LoadOptions, load_str};
+
+    fn load(yaml: &str) -> Sweep {
+        load_str(yaml, "s.yaml", "s", &LoadOptions::default())
+            .expect("valid sweep")
+            .sweep
+    }
+
+    /// A sweep bound to its code (`same_code: true` in the file, or set as `--same-code`
+    /// does) needs the code version; with one, the record keeps both.
+    #[test]
+    fn a_bound_sweep_needs_its_code_version() {
+        let yaml = "same_code: true\ncommand: [true]\nparameters:\n  x: [1]\n";
+        let err = plan_record(&load(yaml), String::new()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "s.yaml: same_code: the sweep is bound to the code it was submitted with, but the submission carries no `code` (submit it with `gridq submit`, which computes the project's code version)"
+        );
+        let mut flagged = load("command: [true]\nparameters:\n  x: [1]\n");
+        assert!(!plan_record(&flagged, String::new()).unwrap().same_code);
+        flagged.set_same_code();
+        assert!(plan_record(&flagged, String::new()).is_err());
+        let code = CodeVersion {
+            tree: "3f2a91c0e4b2".repeat(4),
+            commit: None,
+            dirty: None,
+        };
+        let mut sweep = load(yaml);
+        sweep.set_code(Some(code.clone()));
+        let record = plan_record(&sweep, String::new()).unwrap();
+        assert!(record.same_code);
+        assert_eq!(record.code, Some(code));
+        sweep.set_code(Some(CodeVersion {
+            tree: "../x".into(),
+            commit: None,
+            dirty: None,
+        }));
+        assert_eq!(
+            plan_record(&sweep, String::new()).unwrap_err().to_string(),
+            "s.yaml: code.tree: must be 1 to 128 hex digits (the tree hash `.gridq/code.json` holds)"
+        );
     }
 }

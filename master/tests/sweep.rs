@@ -981,7 +981,7 @@ fn a_byte_order_mark_is_ignored() {
         ),
         (
             "parametrs: 1\ncommand: run\nparameters:\n  lr: 1\n",
-            "sweep.yaml:1:1: unknown field `parametrs`, expected one of `name`, `command`, `parameters`, `zip`, `exclude`, `max_jobs`, `repeat`, `arg_style`, `retries`, `timeout`, `gpus`, `queue`, `env`, `workdir`",
+            "sweep.yaml:1:1: unknown field `parametrs`, expected one of `name`, `command`, `parameters`, `zip`, `exclude`, `max_jobs`, `repeat`, `arg_style`, `retries`, `timeout`, `gpus`, `queue`, `env`, `workdir`, `same_code`",
         ),
         (
             "lr: ~\n",

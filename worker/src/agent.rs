@@ -208,8 +208,9 @@ pub(crate) struct Shared {
     pub(crate) master_user: String,
     /// Where result files go, and the job user's home.
     scratch: Arc<Scratch>,
-    /// The project's code version (`.gridq/code.json`), read as each job starts.
-    code: CodeFile,
+    /// The project's code version (`.gridq/code.json`), read as each job starts and sent
+    /// with each claim and heartbeat.
+    pub(crate) code: CodeFile,
 }
 
 impl Shared {
@@ -702,6 +703,7 @@ async fn heartbeat_loop(shared: Arc<Shared>) {
             ts_ms: now_ms(),
             interval_ms: u64::try_from(shared.config.heartbeat_interval.as_millis())
                 .unwrap_or(u64::MAX),
+            code: shared.code.read().map(|c| c.tree),
         };
         let _ = shared.outbox.try_send(Out {
             message: FromWorker::Heartbeat(Box::new(hb)),

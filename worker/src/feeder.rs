@@ -721,6 +721,7 @@ impl Intake<'_> {
         let enc = wire::encode(&FromWorker::Claim(Claims {
             worker: self.shared.id.clone(),
             claims,
+            code: self.shared.code.read().map(|c| c.tree),
         }));
         self.ch
             .basic_publish(

@@ -175,6 +175,13 @@ pub(crate) struct SubmitArgs {
     /// (`--max-jobs-per-sweep`) still applies.
     #[arg(long, value_name = "N", value_parser = super::expand::parse_max_jobs)]
     max_jobs: Option<std::num::NonZeroU64>,
+    /// Start each job only on a worker whose project holds the code the project has now (its
+    /// `.gridq/code.json`, as `gridq deploy` writes it): a job that no online worker can run
+    /// fails with the reason. The project is the cluster's (through a cluster file or
+    /// context), else the sweep file's directory. The sweep file's `same_code: true` does the
+    /// same.
+    #[arg(long)]
+    same_code: bool,
     #[command(flatten)]
     conn: MasterConn,
 }
@@ -293,6 +300,9 @@ fn print_json(v: &Value) {
 pub(crate) fn submit(args: &SubmitArgs) -> Result<(), Failure> {
     let yaml = gridq_master::sweep::read_sweep_file(&args.sweep)
         .map_err(|e| Failure::Usage(e.to_string()))?;
+    // The code version is computed (the project hashed) only for a sweep bound to it.
+    let binds = args.same_code || yaml.lines().any(|l| l.starts_with("same_code:"));
+    let code = binds.then(|| submission_code(args)).transpose()?;
     let client = Client::from_conn(&args.conn)?;
     block_on(async {
         let mut body = serde_json::json!({
@@ -303,6 +313,10 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<(), Failure> {
         });
         if let Some(n) = args.max_jobs {
             body["max_jobs"] = serde_json::json!(n.get());
+        }
+        if let Some(code) = code {
+            body["code"] = serde_json::json!(code);
+            body["same_code"] = serde_json::json!(args.same_code);
         }
         let resp = client.post("/sweeps", &body).await.map_err(classify)?;
         for w in resp["warnings"].as_array().into_iter().flatten() {
@@ -331,6 +345,40 @@ pub(crate) fn submit(args: &SubmitArgs) -> Result<(), Failure> {
             }
         }
         Ok(())
+    })
+}
+
+/// The project's code version now, as `gridq deploy` would sync it: the cluster's project
+/// with its file's `sync.gitignore` when the client works through a cluster, else the sweep
+/// file's directory.
+fn submission_code(args: &SubmitArgs) -> Result<gridq_common::code::CodeVersion, Failure> {
+    let cluster = if args.conn.master.is_none() {
+        super::cluster::cluster_for(&args.conn)
+    } else {
+        None
+    };
+    let (project, gitignore) = match cluster {
+        Some(file) => {
+            let cluster = super::cluster::load_cluster(&file)?;
+            (cluster.project, cluster.file.sync.gitignore)
+        }
+        None => (
+            args.sweep
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), std::path::Path::to_path_buf),
+            true,
+        ),
+    };
+    let options = crate::sync::SyncOptions {
+        gitignore,
+        ..crate::sync::SyncOptions::default()
+    };
+    crate::sync::code_version(&project, &options).map_err(|e| {
+        Failure::Usage(format!(
+            "same_code: cannot compute the code version of the project {}: {e}",
+            project.display()
+        ))
     })
 }
 

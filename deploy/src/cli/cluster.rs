@@ -336,7 +336,6 @@ impl DeployArgs {
     }
 }
 
-
 /// Prints `[place] message` lines on stderr.
 fn printer() -> Progress {
     Arc::new(|place: &str, message: &str| eprintln!("[{place}] {message}"))

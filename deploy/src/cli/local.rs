@@ -53,6 +53,10 @@ pub(crate) struct RunArgs {
     /// the way to raise the limit of a bare parameters file.
     #[arg(long, value_name = "N", value_parser = super::expand::parse_max_jobs)]
     max_jobs: Option<std::num::NonZeroU64>,
+    /// Bind the sweep to the project's code as it is now, as `gridq submit --same-code` does
+    /// (local workers run this very directory, so their code always matches).
+    #[arg(long)]
+    same_code: bool,
 }
 
 pub(crate) fn run(args: &RunArgs) -> Result<(), Failure> {
@@ -74,13 +78,13 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), Failure> {
     if let Some(n) = args.max_jobs {
         loaded.sweep.set_max_jobs(n);
     }
+    if args.same_code {
+        loaded.sweep.set_same_code();
+    }
     for w in &loaded.warnings {
         eprintln!("warning: {w}");
     }
-    submit::plan_record(&loaded.sweep, String::new())
-        .and_then(|_| submit::check_count(&loaded.sweep, service::DEFAULT_MAX_JOBS_PER_SWEEP))
-        .map_err(|e| Failure::Usage(e.to_string()))?;
-    let sweep = loaded.sweep;
+    let mut sweep = loaded.sweep;
     let project = args
         .sweep
         .parent()
@@ -103,9 +107,14 @@ pub(crate) fn run(args: &RunArgs) -> Result<(), Failure> {
     let state_dir = absolute(&args.state_dir).map_err(Failure::Other)?;
     // Every attempt records the code it ran: here the project as it is now, hashed with the
     // rules a deploy's sync uses (what git ignores left out).
-    let code = crate::sync::code_version(&project, &crate::sync::SyncOptions::default())
-        .and_then(|code| crate::sync::write_code_version(&project, &code));
-    if let Err(e) = code {
+    // The sweep records it too (and `--same-code` binds it to it); it is written once the
+    // sweep is found valid.
+    let code = crate::sync::code_version(&project, &crate::sync::SyncOptions::default());
+    sweep.set_code(code.as_ref().ok().cloned());
+    submit::plan_record(&sweep, String::new())
+        .and_then(|_| submit::check_count(&sweep, service::DEFAULT_MAX_JOBS_PER_SWEEP))
+        .map_err(|e| Failure::Usage(e.to_string()))?;
+    if let Err(e) = code.and_then(|code| crate::sync::write_code_version(&project, &code)) {
         eprintln!("warning: the project's code version is not recorded: {e}");
     }
 

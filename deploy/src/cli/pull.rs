@@ -42,8 +42,8 @@ use serde::Serialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::Failure;
-use super::services::runtime;
 use super::cluster::ClusterSel;
+use super::services::runtime;
 use crate::cluster::config::{CLUSTER_FILE, HostRef};
 use crate::cluster::{self as lib, Fleet, MasterApi};
 use crate::ssh::{HostSession, SshOptions};
@@ -258,7 +258,6 @@ fn plural(n: usize) -> &'static str {
 fn plural_u(n: u64) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
-
 
 /// The jobs named on the command line (by prefix), or all; and the prefixes that name none.
 fn select(all: Vec<Found>, prefixes: &[String]) -> (Vec<Found>, Vec<String>) {

@@ -339,7 +339,11 @@ pub fn deploy_image_flags() -> Vec<(String, String)> {
             "image {image} is missing: build it with scripts/build-images.sh (scripts/test.sh does)"
         );
     }
-    assert!(Path::new(&flags[2].1).is_file(), "{} is missing", flags[2].1);
+    assert!(
+        Path::new(&flags[2].1).is_file(),
+        "{} is missing",
+        flags[2].1
+    );
     flags
 }
 

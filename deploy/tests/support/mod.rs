@@ -431,6 +431,17 @@ impl Cluster {
 
     /// Starts a worker process that connects with `url` (another broker user, say).
     pub fn spawn_worker_on(&mut self, url: &str, extra: &[&str]) -> usize {
+        let project = self.project.clone();
+        self.spawn_worker_in(url, &project, extra)
+    }
+
+    /// Starts a worker process that connects with `url` and runs jobs in `project`.
+    pub fn spawn_worker_in(
+        &mut self,
+        url: &str,
+        project: &std::path::Path,
+        extra: &[&str],
+    ) -> usize {
         self.worker_seq += 1;
         let log = self
             .dir
@@ -440,7 +451,7 @@ impl Cluster {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gridq"));
         cmd.arg("worker")
             .arg("--project")
-            .arg(&self.project)
+            .arg(project)
             .arg("--heartbeat")
             .arg("250ms")
             .arg("--grace")
@@ -501,8 +512,24 @@ impl Cluster {
     }
 
     pub async fn submit_opts(&self, yaml: &str, rerun: bool) -> gridq_master::store::SubmitSummary {
-        let loaded =
+        self.submit_with_code(yaml, rerun, None, false).await
+    }
+
+    /// Submits a sweep with the code version at submission, bound to it with `same_code`
+    /// (as `gridq submit --same-code` does).
+    pub async fn submit_with_code(
+        &self,
+        yaml: &str,
+        rerun: bool,
+        code: Option<gridq_common::code::CodeVersion>,
+        same_code: bool,
+    ) -> gridq_master::store::SubmitSummary {
+        let mut loaded =
             load_str(yaml, "sweep.yaml", "sweep", &LoadOptions::default()).expect("valid sweep");
+        loaded.sweep.set_code(code);
+        if same_code {
+            loaded.sweep.set_same_code();
+        }
         gridq_master::submit::submit_sweep(&self.handle, loaded.sweep, yaml.to_owned(), rerun)
             .await
             .expect("submit")

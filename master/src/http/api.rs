@@ -76,6 +76,13 @@ pub struct SubmitRequest {
     /// the master's `max_jobs_per_sweep` still caps it): `gridq submit --max-jobs`.
     #[serde(default)]
     pub max_jobs: Option<u64>,
+    /// The project's code version at submission (`gridq submit` computes it as a sync would).
+    #[serde(default)]
+    pub code: Option<gridq_common::code::CodeVersion>,
+    /// Start jobs only on workers whose project holds `code` (`gridq submit --same-code`;
+    /// the sweep file's `same_code: true` does the same). Needs `code`.
+    #[serde(default)]
+    pub same_code: bool,
 }
 
 /// The answer to a submission.
@@ -116,10 +123,15 @@ async fn submit(
         })?),
     };
     let yaml = req.yaml;
+    let (code, same_code) = (req.code, req.same_code);
     let (sweep, yaml, warnings) = tokio::task::spawn_blocking(move || {
         let mut loaded = sweep::load_str(&yaml, &source, &default_name, &options)?;
         if let Some(n) = max_jobs {
             loaded.sweep.set_max_jobs(n);
+        }
+        loaded.sweep.set_code(code);
+        if same_code {
+            loaded.sweep.set_same_code();
         }
         let warnings = loaded
             .warnings

@@ -604,21 +604,6 @@ fn exit_text(j: &JobRow) -> String {
     }
 }
 
-/// A size in bytes as people read it: `512 B`, `1.5 KiB`, `3.0 GiB`.
-fn bytes_text(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
-}
-
 /// Where a job's outputs are and what they are: the host of the attempt that holds them and
 /// the files it listed.
 fn outputs_section(job: &JobRow, attempts: &[AttemptRow]) -> Markup {
@@ -641,12 +626,12 @@ fn outputs_section(job: &JobRow, attempts: &[AttemptRow]) -> Markup {
                             thead { tr { th { "file" } th.num { "size" } } }
                             tbody {
                                 @for f in &o.files {
-                                    tr { td { code { (f.name) } } td.num title=(f.size) { (bytes_text(f.size)) } }
+                                    tr { td { code { (f.name) } } td.num title=(f.size) { (gridq_common::human::bytes(f.size)) } }
                                 }
                             }
                         }
                         p.muted {
-                            (o.files.len()) " file" @if o.files.len() != 1 { "s" } ", " (bytes_text(o.bytes()))
+                            (o.files.len()) " file" @if o.files.len() != 1 { "s" } ", " (gridq_common::human::bytes(o.bytes()))
                             @if o.truncated { " (the list stops there: the job left more)" }
                             " · fetch them with " code { (pull) }
                         }
@@ -827,6 +812,10 @@ pub(crate) async fn sweep_page(
                 " · queue " code { (record.queue) }
                 @if record.retries > 0 { " · retries " (record.retries) }
                 @if let Some(t) = record.timeout_ms { " · timeout " (span(t)) }
+                @if let Some(c) = &summary.code {
+                    " · code " code title=(c.tree) { (c.short()) }
+                    @if summary.same_code { " (same code: runs only on workers with it)" }
+                }
             }
         }
         div.actions {

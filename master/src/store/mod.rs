@@ -170,6 +170,12 @@ pub struct SweepRecord {
     pub gpus: u32,
     pub queue: String,
     pub workdir: Option<String>,
+    /// The project's code version at submission, when the client sent it.
+    #[serde(default)]
+    pub code: Option<gridq_common::code::CodeVersion>,
+    /// Jobs start only on workers whose project holds `code` (`same_code`).
+    #[serde(default)]
+    pub same_code: bool,
 }
 
 /// What a submission did.
@@ -331,6 +337,12 @@ pub struct SweepSummary {
     /// When its last job finished (ms since the epoch).
     #[serde(default)]
     pub last_finished_ms: Option<u64>,
+    /// The project's code version at submission, when the client sent it.
+    #[serde(default)]
+    pub code: Option<gridq_common::code::CodeVersion>,
+    /// Its jobs start only on workers whose project holds `code`.
+    #[serde(default)]
+    pub same_code: bool,
 }
 
 impl SweepSummary {
@@ -427,7 +439,9 @@ CREATE TABLE IF NOT EXISTS sweeps(
     spec_json TEXT NOT NULL,
     canceled INTEGER NOT NULL DEFAULT 0,
     created_ms INTEGER NOT NULL,
-    updated_ms INTEGER NOT NULL
+    updated_ms INTEGER NOT NULL,
+    code_json TEXT,
+    same_code INTEGER NOT NULL DEFAULT 0
 );
 -- The state indexes end in the expansion order: jobs change state roughly in that order, so
 -- each change removes an entry near the head of its old state's run and appends one to its new
@@ -616,11 +630,15 @@ fn rekey_jobs(conn: &mut Connection) -> Result<()> {
 /// Columns added to existing tables after their first release: `(table, column, declaration)`.
 /// `CREATE TABLE IF NOT EXISTS` leaves an existing table as it is, so [`add_columns`] adds
 /// those a store made by an older gridq lacks.
-const ADDED_COLUMNS: [(&str, &str, &str); 2] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
     // The code version an attempt ran (issue 17), JSON.
     ("attempts", "code_json", "TEXT"),
     // What the job left in its output directory when the attempt ended, JSON.
     ("attempts", "outputs_json", "TEXT"),
+    // The sweep's code version at submission, JSON, and whether its jobs are bound to it
+    // (issue 17): read at each claim, so kept out of `spec_json`'s large text.
+    ("sweeps", "code_json", "TEXT"),
+    ("sweeps", "same_code", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// Adds the [`ADDED_COLUMNS`] a table lacks (`ALTER TABLE ... ADD COLUMN`: only the schema
@@ -781,9 +799,14 @@ impl Store {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        let has: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('attempts') WHERE name = 'code_json'")?
-            .exists([])?;
+        let mut has = true;
+        for (table, column, _) in ADDED_COLUMNS {
+            has &= conn
+                .prepare(&format!(
+                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+                ))?
+                .exists([column])?;
+        }
         if !has {
             return Err(StoreError::Corrupt(format!(
                 "{} was made by an older gridq; open it once with `gridq master` (or `gridq run`) to update it",
@@ -987,11 +1010,16 @@ impl Tx<'_> {
     pub fn put_sweep(&self, sweep: &SweepRecord, now_ms: u64) -> Result<()> {
         let spec_json =
             serde_json::to_string(sweep).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let code_json = sweep
+            .code
+            .as_ref()
+            .map(|c| serde_json::to_string(c).unwrap_or_default());
         self.tx.execute(
-            "INSERT INTO sweeps(name, source, yaml, spec_json, canceled, created_ms, updated_ms)
-             VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5)
-             ON CONFLICT(name) DO UPDATE SET source = ?2, yaml = ?3, spec_json = ?4, canceled = 0, updated_ms = ?5",
-            params![sweep.name.as_str(), sweep.source, sweep.yaml, spec_json, to_i64(now_ms)],
+            "INSERT INTO sweeps(name, source, yaml, spec_json, canceled, created_ms, updated_ms, code_json, same_code)
+             VALUES (?1, ?2, ?3, ?4, 0, ?5, ?5, ?6, ?7)
+             ON CONFLICT(name) DO UPDATE SET source = ?2, yaml = ?3, spec_json = ?4, canceled = 0, updated_ms = ?5,
+             code_json = ?6, same_code = ?7",
+            params![sweep.name.as_str(), sweep.source, sweep.yaml, spec_json, to_i64(now_ms), code_json, sweep.same_code],
         )?;
         Ok(())
     }
@@ -1157,6 +1185,77 @@ impl Tx<'_> {
         )?
         .execute(params![a.sweep.as_str(), a.job.to_string(), a.attempt, worker.as_str(), host, to_i64(now_ms)])?;
         Ok(ClaimVerdict::Grant)
+    }
+
+    /// The code tree a sweep's jobs are bound to (`same_code`) and the sweep's queue; `None`
+    /// for an unbound (or unknown) sweep.
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn code_binding(&self, sweep: &SweepId) -> Result<Option<(String, String)>> {
+        let row: Option<(bool, Option<String>)> = self
+            .tx
+            .prepare_cached("SELECT same_code, code_json FROM sweeps WHERE name = ?1")?
+            .query_row(params![sweep.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((true, code)) = row else {
+            return Ok(None);
+        };
+        let code: gridq_common::code::CodeVersion = parse_json(code.as_deref().unwrap_or(""))?;
+        let queue = self
+            .view()
+            .sweep_record(sweep)?
+            .map(|r| r.queue)
+            .unwrap_or_default();
+        Ok(Some((code.tree, queue)))
+    }
+
+    /// A claim of a job bound to other code than its worker's (see [`Tx::code_binding`]),
+    /// for a job still waiting to start (`pending` or `queued`, attempt `a`): with
+    /// `Some(delay)` it waits `delay_ms` in `retrying` (then goes out again as the next
+    /// attempt, for a worker that holds its code), with `None` it fails with `reason`; neither
+    /// counts as a failure or records an attempt. `false` when the job is not waiting (the
+    /// ordinary claim answers it).
+    ///
+    /// # Errors
+    /// SQLite's.
+    pub fn wrong_code(
+        &self,
+        a: &AttemptRef,
+        delay_ms: Option<u64>,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<bool> {
+        let (sweep, id) = (a.sweep.as_str(), a.job.to_string());
+        let n = match delay_ms {
+            Some(delay) => self
+                .tx
+                .prepare_cached(
+                    "UPDATE jobs SET state = 'retrying', retry_at_ms = ?4, reason = ?5, worker = NULL, host = NULL,
+                     started_ms = NULL, updated_ms = ?6
+                     WHERE sweep = ?1 AND id = ?2 AND attempt = ?3 AND state IN ('pending', 'queued')",
+                )?
+                .execute(params![sweep, id, a.attempt, to_i64(now_ms.saturating_add(delay)), reason, to_i64(now_ms)])?,
+            None => {
+                let n = self
+                    .tx
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'failed', finished_ms = ?4, reason = ?5, worker = NULL, host = NULL,
+                         started_ms = NULL, exit_code = NULL, signal = NULL, retry_at_ms = NULL, updated_ms = ?4
+                         WHERE sweep = ?1 AND id = ?2 AND attempt = ?3 AND state IN ('pending', 'queued')",
+                    )?
+                    .execute(params![sweep, id, a.attempt, to_i64(now_ms), reason])?;
+                if n > 0 {
+                    self.tx
+                        .prepare_cached(
+                            "INSERT OR REPLACE INTO results(sweep, job, attempt, result_json, stored_ms) VALUES (?1, ?2, ?3, NULL, ?4)",
+                        )?
+                        .execute(params![sweep, id, a.attempt, to_i64(now_ms)])?;
+                }
+                n
+            }
+        };
+        Ok(n > 0)
     }
 
     /// A granted attempt its worker gives back unstarted: the lease ends and the same attempt
@@ -1924,12 +2023,22 @@ impl ReadView<'_> {
     pub fn sweeps(&self) -> Result<Vec<SweepSummary>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT name, created_ms, updated_ms, canceled FROM sweeps ORDER BY created_ms DESC, name")?;
-        let rows: Vec<(String, i64, i64, bool)> = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .prepare("SELECT name, created_ms, updated_ms, canceled, code_json, same_code FROM sweeps ORDER BY created_ms DESC, name")?;
+        type Row = (String, i64, i64, bool, Option<String>, bool);
+        let rows: Vec<Row> = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })?
             .collect::<Result<_, _>>()?;
         let mut out = Vec::with_capacity(rows.len());
-        for (name, created, updated, canceled) in rows {
+        for (name, created, updated, canceled, code, same_code) in rows {
             let id = parse_sweep(&name)?;
             let counts = self.counts(&id)?;
             out.push(SweepSummary {
@@ -1940,6 +2049,8 @@ impl ReadView<'_> {
                 updated_ms: opt_u64(Some(updated)).unwrap_or(0),
                 counts,
                 canceled,
+                code: code.as_deref().map(parse_json).transpose()?,
+                same_code,
             });
         }
         Ok(out)
@@ -1950,12 +2061,14 @@ impl ReadView<'_> {
     /// # Errors
     /// SQLite's.
     pub fn sweep(&self, name: &SweepId) -> Result<Option<SweepSummary>> {
-        let row: Option<(i64, i64, bool)> = self
+        let row: Option<(i64, i64, bool, Option<String>, bool)> = self
             .conn
-            .prepare_cached("SELECT created_ms, updated_ms, canceled FROM sweeps WHERE name = ?1")?
-            .query_row([name.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .prepare_cached("SELECT created_ms, updated_ms, canceled, code_json, same_code FROM sweeps WHERE name = ?1")?
+            .query_row([name.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
             .optional()?;
-        let Some((created, updated, canceled)) = row else {
+        let Some((created, updated, canceled, code, same_code)) = row else {
             return Ok(None);
         };
         let counts = self.counts(name)?;
@@ -1967,6 +2080,8 @@ impl ReadView<'_> {
             updated_ms: opt_u64(Some(updated)).unwrap_or(0),
             counts,
             canceled,
+            code: code.as_deref().map(parse_json).transpose()?,
+            same_code,
         }))
     }
 
@@ -2416,6 +2531,8 @@ mod tests {
             gpus: 0,
             queue: "default".into(),
             workdir: None,
+            code: None,
+            same_code: false,
         }
     }
 
@@ -3340,6 +3457,60 @@ mod tests {
         }
     }
 
+    /// A sweep bound to its code names its tree; a job refused for other code waits in
+    /// `retrying` and goes out again as its next attempt, or fails with the reason; neither
+    /// records an attempt, and only a waiting job is touched.
+    #[test]
+    fn a_job_refused_for_other_code_waits_or_fails_without_an_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("db")).unwrap();
+        let mut bound = record("s");
+        bound.code = Some(code("abcd"));
+        bound.same_code = true;
+        let (_, publish) = store
+            .transaction(|tx| tx.submit(&bound, (0..2).map(job), false, 1))
+            .unwrap();
+        store.transaction(|tx| tx.confirmed(&publish, 2)).unwrap();
+        let sweep = SweepId::new("s").unwrap();
+        let (a, b) = (publish[0].clone(), publish[1].clone());
+        let at = |p: &Publish| AttemptRef {
+            sweep: sweep.clone(),
+            job: p.job,
+            attempt: p.attempt,
+        };
+        store
+            .transaction(|tx| {
+                assert_eq!(
+                    tx.code_binding(&sweep)?,
+                    Some(("abcd".to_owned(), "default".to_owned()))
+                );
+                assert!(tx.wrong_code(&at(&a), Some(500), "wait", 10)?);
+                assert!(tx.wrong_code(&at(&b), None, "code mismatch: gone", 10)?);
+                // Neither waits any more: a repeat changes nothing.
+                assert!(!tx.wrong_code(&at(&b), Some(500), "wait", 11)?);
+                Ok(())
+            })
+            .unwrap();
+        let row = |id: &JobId| store.read().job(&sweep, id).unwrap().unwrap();
+        let waiting = row(&a.job);
+        assert_eq!(
+            (waiting.state, waiting.reason.as_deref()),
+            (JobState::Retrying, Some("wait"))
+        );
+        let failed = row(&b.job);
+        assert_eq!(
+            (failed.state, failed.reason.as_deref(), failed.worker),
+            (JobState::Failed, Some("code mismatch: gone"), None)
+        );
+        assert!(store.due_retries(509).unwrap().is_empty());
+        assert_eq!(store.due_retries(510).unwrap(), [at(&a)]);
+        let again = store.transaction(|tx| tx.retry_due(&at(&a), 510)).unwrap();
+        assert_eq!(again.map(|p| p.attempt), Some(a.attempt + 1));
+        for p in [&a, &b] {
+            assert!(store.read().attempts(&sweep, &p.job).unwrap().is_empty());
+        }
+    }
+
     /// A store made before attempts had `code_json` and `outputs_json` gains them when it is
     /// opened, keeps its rows, and records both from then on; a read-only open of it before
     /// that says what to do.
@@ -3349,6 +3520,11 @@ mod tests {
         let path = dir.path().join("db");
         let old_schema = SCHEMA.replace("    code_json TEXT,\n    outputs_json TEXT,\n", "");
         assert_ne!(old_schema, SCHEMA);
+        let old_sweeps = SCHEMA.replace(
+            ",\n    code_json TEXT,\n    same_code INTEGER NOT NULL DEFAULT 0\n);",
+            "\n);",
+        );
+        assert_ne!(old_sweeps, SCHEMA);
         {
             let mut store = Store::open(&path).unwrap();
             let (_, publish) = store
@@ -3375,6 +3551,23 @@ mod tests {
                     old_schema
                         .split(";\n")
                         .find(|stmt| stmt.contains("CREATE TABLE IF NOT EXISTS attempts("))
+                        .unwrap()
+                        .to_owned()
+                        + ";"
+                ))
+                .unwrap();
+            // And the old sweeps table, without the sweep's code columns.
+            store
+                .conn
+                .execute_batch(&format!(
+                    "ALTER TABLE sweeps RENAME TO sweeps_new;
+                     {}
+                     INSERT INTO sweeps SELECT name, source, yaml, spec_json, canceled, created_ms,
+                         updated_ms FROM sweeps_new;
+                     DROP TABLE sweeps_new;",
+                    old_sweeps
+                        .split(";\n")
+                        .find(|stmt| stmt.contains("CREATE TABLE IF NOT EXISTS sweeps("))
                         .unwrap()
                         .to_owned()
                         + ";"
@@ -3420,5 +3613,13 @@ mod tests {
         let reader = Store::read_only(&path).unwrap();
         let after = reader.view().attempts(&sweep, &a.job).unwrap();
         assert_eq!((&after[0].code, &after[0].outputs), (&f.code, &f.outputs));
+        // The old sweep reads as unbound, with no code at submission.
+        let summary = reader.view().sweep(&sweep).unwrap().unwrap();
+        assert_eq!((summary.code, summary.same_code), (None, false));
+        let mut store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.transaction(|tx| tx.code_binding(&sweep)).unwrap(),
+            None
+        );
     }
 }

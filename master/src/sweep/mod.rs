@@ -69,6 +69,9 @@ pub struct JobOptions {
     pub env: Vec<(String, String)>,
     /// Working directory, relative to the project directory unless absolute.
     pub workdir: Option<String>,
+    /// `same_code: true`: a job starts only on a worker whose project holds the code version
+    /// the sweep was submitted with (see [`Sweep::set_code`]).
+    pub same_code: bool,
 }
 
 /// A validated sweep, ready to count and expand.
@@ -91,6 +94,8 @@ pub struct Sweep {
     options: JobOptions,
     /// Whether two different combinations can render the same argv (see [`expand`]).
     collision_prone: bool,
+    /// The project's code version at submission, as the client computed it.
+    code: Option<gridq_common::code::CodeVersion>,
 }
 
 impl Sweep {
@@ -140,6 +145,22 @@ impl Sweep {
     /// The per-job options.
     pub fn options(&self) -> &JobOptions {
         &self.options
+    }
+
+    /// The project's code version at submission (`gridq submit` computes it), if given.
+    pub fn code(&self) -> Option<&gridq_common::code::CodeVersion> {
+        self.code.as_ref()
+    }
+
+    /// Sets the code version at submission.
+    pub fn set_code(&mut self, code: Option<gridq_common::code::CodeVersion>) {
+        self.code = code;
+    }
+
+    /// Binds the sweep to its code at submission (`gridq submit --same-code`), as the file's
+    /// `same_code: true` does.
+    pub fn set_same_code(&mut self) {
+        self.options.same_code = true;
     }
 }
 

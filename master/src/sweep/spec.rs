@@ -88,6 +88,7 @@ struct FileOptions {
     #[serde(rename = "env")]
     _env: Option<IgnoredAny>,
     workdir: Option<String>,
+    same_code: Option<bool>,
 }
 
 /// Reads and loads a sweep file.
@@ -342,6 +343,7 @@ impl Loader {
                 }
                 other => other,
             },
+            same_code: typed.same_code.unwrap_or(false),
         };
         self.build(Parts {
             name,
@@ -633,6 +635,7 @@ impl Loader {
             repeat: parts.repeat,
             options: parts.options,
             collision_prone,
+            code: None,
         };
         Ok(sweep)
     }
