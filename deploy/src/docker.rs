@@ -120,7 +120,7 @@ pub enum DockerError {
     Ssh(#[from] SshError),
     /// The image to hand over is not on the source engine.
     #[error(
-        "{host}: there is no image {image} to copy; build it first (`scripts/build-images.sh` builds gridq:local, gridq-worker:local and gridq-rabbitmq:local)"
+        "{host}: there is no image {image} to copy; load or build it here first (`docker load`; `scripts/build-images.sh` builds gridq-python, gridq:local and gridq-rabbitmq:local), or let the hosts pull it (--pull)"
     )]
     ImageMissing {
         /// The source's label.

@@ -319,7 +319,7 @@ async fn images_are_handed_over_without_a_registry() {
         assert_eq!(
             err.to_string(),
             format!(
-                "local: there is no image {missing} to copy; build it first (`scripts/build-images.sh` builds gridq:local, gridq-worker:local and gridq-rabbitmq:local)"
+                "local: there is no image {missing} to copy; load or build it here first (`docker load`; `scripts/build-images.sh` builds gridq-python, gridq:local and gridq-rabbitmq:local), or let the hosts pull it (--pull)"
             )
         );
 
