@@ -1526,17 +1526,24 @@ fn rsync_hint(code: Option<i32>) -> &'static str {
     }
 }
 
+/// A line of `--out-format=%i %l %n` split into the update type and file type of `%i` (its
+/// first two characters: `<` sent, `>` received, `c` created, ...; `f` file, `L` link, ...) and
+/// the length `%l`.
+pub(crate) fn itemized(line: &[u8]) -> Option<(u8, u8, u64)> {
+    let (&update, rest) = line.split_first()?;
+    let (&kind, rest) = rest.split_first()?;
+    // `%i` is 11 characters; a space and the length follow.
+    let after = rest.get(9..)?.strip_prefix(b" ")?;
+    let len_end = after.iter().position(|&b| b == b' ')?;
+    let len = std::str::from_utf8(&after[..len_end]).ok()?.parse().ok()?;
+    Some((update, kind, len))
+}
+
 /// From a line of `--out-format=%i %l %n`: the size when it reports a file or link sent (0
 /// for a link), `None` for anything else (a directory, a change of attributes only, a
 /// message).
 fn rsync_transfer(line: &[u8]) -> Option<u64> {
-    let (&update, rest) = line.split_first()?;
-    let (&kind, rest) = rest.split_first()?;
-    // `%i` is 11 characters; a space and the length follow.
-    let after = rest.get(9..)?;
-    let after = after.strip_prefix(b" ")?;
-    let len_end = after.iter().position(|&b| b == b' ')?;
-    let len: u64 = std::str::from_utf8(&after[..len_end]).ok()?.parse().ok()?;
+    let (update, kind, len) = itemized(line)?;
     match (update, kind) {
         (b'<', b'f') => Some(len),
         (b'<' | b'c', b'L') => Some(0),

@@ -972,10 +972,10 @@ async fn rsync_from(
 /// From a line of `--out-format=%i %l %n`: the size of a file received, `None` for anything
 /// else (a directory, a message).
 fn received(line: &[u8]) -> Option<u64> {
-    let rest = line.strip_prefix(b">f")?;
-    let after = rest.get(9..)?.strip_prefix(b" ")?;
-    let end = after.iter().position(|&b| b == b' ')?;
-    std::str::from_utf8(&after[..end]).ok()?.parse().ok()
+    match crate::sync::itemized(line)? {
+        (b'>', b'f', len) => Some(len),
+        _ => None,
+    }
 }
 
 /// rsync's error lines split into the job directories it could not find on the host
